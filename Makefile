@@ -1,0 +1,34 @@
+# Parley: `make serve` serves the bundled default model; `make test` runs the tests.
+# Both set up a virtual environment with pinned packages on first use.
+
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+READY := $(VENV)/.ready
+MODEL_DIR := model/default
+REPOSITORY := models
+PACKAGE := $(REPOSITORY)/multi30k-en-de
+DATA_DIR ?= ../shared/data/multi30k
+
+.PHONY: setup test serve eval train export bench proto clean
+
+$(READY): requirements/serve.txt requirements/dev.txt pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -r requirements/dev.txt
+	$(BIN)/pip install --quiet --no-deps --no-build-isolation -e .
+	touch $@
+
+setup: $(READY)
+
+test: setup
+	$(BIN)/python -m pytest
+
+eval: setup
+	$(BIN)/python -m model.evaluate $(MODEL_DIR) --data-dir $(DATA_DIR)
+
+train: setup
+	$(BIN)/python -m model.train --data-dir $(DATA_DIR) --out-dir runs/en-de --dropout 0.3
+
+clean:
+	rm -rf $(VENV) $(REPOSITORY) runs

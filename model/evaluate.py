@@ -1,0 +1,81 @@
+"""Translate with the PyTorch reference and score with sacreBLEU (cased, 13a, detokenized).
+
+`python -m model.evaluate MODEL_DIR` is what `make eval` runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Sequence
+
+import sacrebleu
+import torch
+
+from decoding import DecodingParams
+from decoding.tokenizer import Tokenizer
+from model.checkpoint import TOKENIZER_FILE, load_model
+from model.data import read_parallel
+from model.generate import generate
+from model.transformer import Transformer
+
+
+def output_length_cap(source_tokens: int, max_positions: int) -> int:
+    """Output budget relative to the source, capped by the model's positions."""
+    return min(2 * source_tokens + 10, max_positions - 1)
+
+
+def translate(
+    model: Transformer, tokenizer: Tokenizer, texts: Sequence[str], beam_size: int = 1, batch_size: int = 128
+) -> list[str]:
+    """Translate texts in length-sorted batches (less padding), returned in input order."""
+    encoded = tokenizer.encode(texts)
+    order = sorted(range(len(texts)), key=lambda i: len(encoded[i]))
+    translations = [""] * len(texts)
+    for start in range(0, len(order), batch_size):
+        chunk = order[start : start + batch_size]
+        sources = [encoded[i] for i in chunk]
+        params = [
+            DecodingParams(beam_size=beam_size, max_length=output_length_cap(len(s), model.config.max_positions))
+            for s in sources
+        ]
+        best = [hyps[0].tokens for hyps in generate(model, sources, params)]
+        for i, text in zip(chunk, tokenizer.decode(best)):
+            translations[i] = text
+    return translations
+
+
+def bleu(hypotheses: Sequence[str], references: Sequence[str]) -> sacrebleu.metrics.bleu.BLEUScore:
+    return sacrebleu.corpus_bleu(list(hypotheses), [list(references)])
+
+
+def bleu_line(hypotheses: Sequence[str], references: Sequence[str]) -> str:
+    """sacreBLEU's own text format: 'signature = score details'."""
+    metric = sacrebleu.metrics.BLEU()
+    score = metric.corpus_score(list(hypotheses), [list(references)])
+    return f"{metric.get_signature()} = {score.format()}"
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("model_dir", type=Path)
+    parser.add_argument("--data-dir", type=Path, default=Path("../shared/data/multi30k"))
+    parser.add_argument("--split", default="test_2016_flickr")
+    parser.add_argument("--beams", default="1,4", help="comma-separated beam sizes; 1 is greedy")
+    parser.add_argument("--limit", type=int, default=0, help="first N sentences only (0: all)")
+    args = parser.parse_args(argv)
+
+    torch.set_num_threads(max(torch.get_num_threads(), 1))
+    model = load_model(args.model_dir)
+    tokenizer = Tokenizer(args.model_dir / TOKENIZER_FILE)
+    src, ref = read_parallel(args.data_dir, args.split, model.config.source_language, model.config.target_language)
+    if args.limit:
+        src, ref = src[: args.limit], ref[: args.limit]
+    for beam in (int(b) for b in args.beams.split(",")):
+        hyps = translate(model, tokenizer, src, beam_size=beam)
+        label = "greedy" if beam == 1 else f"beam {beam}"
+        print(f"{args.split} {label}: {bleu_line(hyps, ref)}", flush=True)
+
+
+if __name__ == "__main__":
+    main()

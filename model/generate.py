@@ -1,0 +1,77 @@
+"""The PyTorch reference for incremental decoding: a step backend over a preallocated KV cache.
+
+The ONNX engine is held to this token for token; both use decoding.search.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from decoding import DecodingParams, Hypothesis, search
+from decoding.padding import pad_batch
+from model.transformer import Transformer
+
+
+class TorchStepBackend:
+    """Decoder rows for one source batch; the self-attention cache has one slot per step."""
+
+    def __init__(self, model: Transformer, src: torch.Tensor, capacity: int):
+        self.model = model
+        memory, self.src_mask = model.encode(src)
+        cross = model.cross_kv(memory)
+        self.cross_k = [k for k, _ in cross]
+        self.cross_v = [v for _, v in cross]
+        c = model.config
+        rows = src.size(0)
+        shape = (rows, c.num_heads, capacity, c.head_dim)
+        self.cache_k = [memory.new_zeros(shape) for _ in range(c.decoder_layers)]
+        self.cache_v = [memory.new_zeros(shape) for _ in range(c.decoder_layers)]
+        self.cache_mask = torch.zeros(rows, capacity, dtype=torch.bool, device=src.device)
+        self.positions = torch.zeros(rows, dtype=torch.long, device=src.device)
+
+    def step(self, tokens: np.ndarray) -> np.ndarray:
+        device = self.positions.device
+        log_probs, new_k, new_v = self.model.decode_step(
+            torch.from_numpy(tokens).to(device), self.positions, self.cache_k, self.cache_v, self.cache_mask,
+            self.cross_k, self.cross_v, self.src_mask,
+        )
+        # Every row of one search call is the same age, so the new slot is the same column for all.
+        slot = int(self.positions[0]) if len(self.positions) else 0
+        for layer in range(len(self.cache_k)):
+            self.cache_k[layer][:, :, slot] = new_k[layer][:, :, 0]
+            self.cache_v[layer][:, :, slot] = new_v[layer][:, :, 0]
+        self.cache_mask[:, slot] = True
+        self.positions += 1
+        return log_probs.cpu().numpy()
+
+    def select(self, rows: np.ndarray) -> None:
+        index = torch.from_numpy(rows).to(self.positions.device)
+        self.cache_k = [k.index_select(0, index) for k in self.cache_k]
+        self.cache_v = [v.index_select(0, index) for v in self.cache_v]
+        self.cross_k = [k.index_select(0, index) for k in self.cross_k]
+        self.cross_v = [v.index_select(0, index) for v in self.cross_v]
+        self.src_mask = self.src_mask.index_select(0, index)
+        self.cache_mask = self.cache_mask.index_select(0, index)
+        self.positions = self.positions.index_select(0, index)
+
+
+@torch.no_grad()
+def generate(
+    model: Transformer, sources: Sequence[Sequence[int]], params: Sequence[DecodingParams] | DecodingParams
+) -> list[list[Hypothesis]]:
+    """Decode token-id sources (EOS appended here) with greedy or beam search."""
+    if isinstance(params, DecodingParams):
+        params = [params] * len(sources)
+    c = model.config
+    device = next(model.parameters()).device
+    src = torch.from_numpy(pad_batch([list(s) + [c.eos_id] for s in sources], c.pad_id)).to(device)
+    capacity = max(p.max_length for p in params) + 1
+    if capacity > c.max_positions or src.size(1) > c.max_positions:
+        raise ValueError(
+            f"source length {src.size(1)} and max_length + 1 = {capacity} must not exceed max_positions {c.max_positions}"
+        )
+    backend = TorchStepBackend(model, src, capacity)
+    return search(backend, params, c.bos_id, c.eos_id)

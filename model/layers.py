@@ -1,0 +1,162 @@
+"""The Transformer's building blocks, written like the paper and kept export-friendly.
+
+Masks are boolean with True = may attend; masked scores are filled with the dtype's
+minimum (never -1e9, which overflows in fp16), so a masked position gets exactly zero weight.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+
+def sinusoidal_table(max_positions: int, d_model: int) -> torch.Tensor:
+    """PE[pos, 2i] = sin(pos / 10000^(2i/d)), PE[pos, 2i+1] = cos(pos / 10000^(2i/d))."""
+    positions = torch.arange(max_positions, dtype=torch.float64).unsqueeze(1)  # (P, 1)
+    inverse_freq = torch.pow(10000.0, -torch.arange(0, d_model, 2, dtype=torch.float64) / d_model)  # (D/2,)
+    table = torch.zeros(max_positions, d_model, dtype=torch.float64)
+    table[:, 0::2] = torch.sin(positions * inverse_freq)
+    table[:, 1::2] = torch.cos(positions * inverse_freq)
+    return table.float()
+
+
+def scaled_dot_product(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """softmax(q k^T / sqrt(d_k)) v with q (B,H,Tq,dk), k/v (B,H,Tk,dk), mask broadcastable to (B,H,Tq,Tk)."""
+    scores = q @ k.transpose(-2, -1) / math.sqrt(q.size(-1))  # (B, H, Tq, Tk)
+    scores = scores.masked_fill(~mask, torch.finfo(scores.dtype).min)
+    return torch.softmax(scores, dim=-1) @ v  # (B, H, Tq, dk)
+
+
+class MultiHeadAttention(nn.Module):
+    def __init__(self, d_model: int, num_heads: int):
+        super().__init__()
+        self.num_heads = num_heads
+        self.head_dim = d_model // num_heads
+        self.q_proj = nn.Linear(d_model, d_model)
+        self.k_proj = nn.Linear(d_model, d_model)
+        self.v_proj = nn.Linear(d_model, d_model)
+        self.out_proj = nn.Linear(d_model, d_model)
+
+    def split_heads(self, x: torch.Tensor) -> torch.Tensor:
+        batch, length, _ = x.shape
+        return x.view(batch, length, self.num_heads, self.head_dim).transpose(1, 2)  # (B, H, T, dk)
+
+    def merge_heads(self, x: torch.Tensor) -> torch.Tensor:
+        batch, _, length, _ = x.shape
+        return x.transpose(1, 2).reshape(batch, length, self.num_heads * self.head_dim)  # (B, T, D)
+
+    def project_kv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys and values of x, split into heads: what a cache holds."""
+        return self.split_heads(self.k_proj(x)), self.split_heads(self.v_proj(x))
+
+    def forward(self, query: torch.Tensor, context: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        k, v = self.project_kv(context)
+        return self.attend(query, k, v, mask)
+
+    def attend(self, query: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Attention of query (B,Tq,D) over keys/values already split into heads."""
+        q = self.split_heads(self.q_proj(query))
+        return self.out_proj(self.merge_heads(scaled_dot_product(q, k, v, mask)))
+
+    def step(
+        self, query: torch.Tensor, cache_k: torch.Tensor, cache_v: torch.Tensor, cache_mask: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """One decoding step of self-attention over a preallocated cache.
+
+        query (B,1,D); cache_k/v (B,H,C,dk), valid where cache_mask (B,C) is True. The new
+        token attends to the valid slots and to itself. Scores for the cache and for the new
+        key are computed apart and only the (B,H,1,C+1) score row is concatenated, so the
+        cache is never copied; the caller writes the returned new key/value into its slot.
+        """
+        q = self.split_heads(self.q_proj(query))  # (B, H, 1, dk)
+        k_new, v_new = self.project_kv(query)  # (B, H, 1, dk)
+        scale = 1.0 / math.sqrt(self.head_dim)
+        cache_scores = (q @ cache_k.transpose(-2, -1)) * scale  # (B, H, 1, C)
+        cache_scores = cache_scores.masked_fill(~cache_mask[:, None, None, :], torch.finfo(q.dtype).min)
+        self_score = (q * k_new).sum(-1, keepdim=True) * scale  # (B, H, 1, 1)
+        weights = torch.softmax(torch.cat([cache_scores, self_score], dim=-1), dim=-1)  # (B, H, 1, C+1)
+        capacity = cache_k.size(2)
+        out = weights[..., :capacity] @ cache_v + weights[..., capacity:] * v_new  # (B, H, 1, dk)
+        return self.out_proj(self.merge_heads(out)), k_new, v_new
+
+
+class FeedForward(nn.Module):
+    def __init__(self, d_model: int, d_ff: int, dropout: float, activation: str):
+        super().__init__()
+        self.linear1 = nn.Linear(d_model, d_ff)
+        self.linear2 = nn.Linear(d_ff, d_model)
+        self.dropout = nn.Dropout(dropout)
+        self.activation = F.relu if activation == "relu" else F.gelu
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.linear2(self.dropout(self.activation(self.linear1(x))))
+
+
+class Residual(nn.Module):
+    """A residual connection with LayerNorm, post-LN (the paper) or pre-LN.
+
+    Split into enter/leave so a sublayer that returns more than its output (a decoding
+    step returns the new key/value too) fits the same wrapper.
+    """
+
+    def __init__(self, d_model: int, dropout: float, pre_norm: bool):
+        super().__init__()
+        self.norm = nn.LayerNorm(d_model)
+        self.dropout = nn.Dropout(dropout)
+        self.pre_norm = pre_norm
+
+    def enter(self, x: torch.Tensor) -> torch.Tensor:
+        return self.norm(x) if self.pre_norm else x
+
+    def leave(self, x: torch.Tensor, sublayer_out: torch.Tensor) -> torch.Tensor:
+        if self.pre_norm:
+            return x + self.dropout(sublayer_out)
+        return self.norm(x + self.dropout(sublayer_out))
+
+
+class EncoderLayer(nn.Module):
+    def __init__(self, d_model: int, num_heads: int, d_ff: int, dropout: float, activation: str, pre_norm: bool):
+        super().__init__()
+        self.self_attn = MultiHeadAttention(d_model, num_heads)
+        self.feed_forward = FeedForward(d_model, d_ff, dropout, activation)
+        self.attn_block = Residual(d_model, dropout, pre_norm)
+        self.ff_block = Residual(d_model, dropout, pre_norm)
+
+    def forward(self, x: torch.Tensor, src_mask: torch.Tensor) -> torch.Tensor:
+        h = self.attn_block.enter(x)
+        x = self.attn_block.leave(x, self.self_attn(h, h, src_mask))
+        return self.ff_block.leave(x, self.feed_forward(self.ff_block.enter(x)))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, d_model: int, num_heads: int, d_ff: int, dropout: float, activation: str, pre_norm: bool):
+        super().__init__()
+        self.self_attn = MultiHeadAttention(d_model, num_heads)
+        self.cross_attn = MultiHeadAttention(d_model, num_heads)
+        self.feed_forward = FeedForward(d_model, d_ff, dropout, activation)
+        self.self_block = Residual(d_model, dropout, pre_norm)
+        self.cross_block = Residual(d_model, dropout, pre_norm)
+        self.ff_block = Residual(d_model, dropout, pre_norm)
+
+    def forward(
+        self, x: torch.Tensor, cross_k: torch.Tensor, cross_v: torch.Tensor, self_mask: torch.Tensor,
+        src_mask: torch.Tensor,
+    ) -> torch.Tensor:
+        h = self.self_block.enter(x)
+        x = self.self_block.leave(x, self.self_attn(h, h, self_mask))
+        return self._cross_and_ff(x, cross_k, cross_v, src_mask)
+
+    def step(
+        self, x: torch.Tensor, cache_k: torch.Tensor, cache_v: torch.Tensor, cache_mask: torch.Tensor,
+        cross_k: torch.Tensor, cross_v: torch.Tensor, src_mask: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        out, k_new, v_new = self.self_attn.step(self.self_block.enter(x), cache_k, cache_v, cache_mask)
+        x = self.self_block.leave(x, out)
+        return self._cross_and_ff(x, cross_k, cross_v, src_mask), k_new, v_new
+
+    def _cross_and_ff(self, x, cross_k, cross_v, src_mask):
+        x = self.cross_block.leave(x, self.cross_attn.attend(self.cross_block.enter(x), cross_k, cross_v, src_mask))
+        return self.ff_block.leave(x, self.feed_forward(self.ff_block.enter(x)))
