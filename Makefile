@@ -30,5 +30,12 @@ eval: setup
 train: setup
 	$(BIN)/python -m model.train --data-dir $(DATA_DIR) --out-dir runs/en-de --dropout 0.3
 
+export: $(PACKAGE)/manifest.json
+
+# The default model's package: built from the committed checkpoint, verified on Multi30k val.
+$(PACKAGE)/manifest.json: $(READY) $(wildcard $(MODEL_DIR)/*)
+	$(BIN)/python -m export $(MODEL_DIR) $(PACKAGE) --name multi30k-en-de --precision fp32,int8 --force \
+		--sample $(DATA_DIR)/val.en.gz --sample-references $(DATA_DIR)/val.de.gz
+
 clean:
 	rm -rf $(VENV) $(REPOSITORY) runs

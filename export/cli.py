@@ -1,0 +1,68 @@
+"""python -m export CHECKPOINT_DIR OUT_DIR [--precision fp32,int8,fp16] ..."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Sequence
+
+from export.convert import ExportError, ExportOptions, cpu_has_vnni, export_package
+from export.package import PRECISIONS
+
+
+def read_sample(path: Path | None) -> list[str] | None:
+    if path is None:
+        return None
+    from model.data import read_lines
+
+    if not path.is_file():
+        raise ExportError(f"sample file {path} does not exist")
+    return [line for line in read_lines(path)]
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        prog="parley-export",
+        description="Export a trained Parley checkpoint (config.json, model.safetensors, spm.model) to a "
+                    "verified model package: ONNX encoder + decoder-step graphs per precision, and a manifest.")
+    p.add_argument("checkpoint_dir", type=Path)
+    p.add_argument("out_dir", type=Path)
+    p.add_argument("--precision", default="fp32,int8",
+                   help=f"comma-separated variants to write, of {', '.join(PRECISIONS)} (default: fp32,int8)")
+    p.add_argument("--name", help="model name in the manifest (default: SRC-TGT)")
+    p.add_argument("--sample", type=Path, help="source sentences (plain or .gz, one a line) for verification")
+    p.add_argument("--sample-references", type=Path, help="their reference translations, for BLEU")
+    p.add_argument("--sample-size", type=int, default=200)
+    p.add_argument("--int8-weight-bits", default="auto", choices=["auto", "7", "8"],
+                   help="8 is safe only on CPUs with VNNI; 7 avoids int16 saturation elsewhere "
+                        "(auto: 8 if this CPU has VNNI)")
+    p.add_argument("--min-bleu-vs-pytorch", type=float, default=60.0,
+                   help="int8/fp16 fail verification below this BLEU against PyTorch's greedy output")
+    p.add_argument("--verify-fp16-on-cpu", action="store_true",
+                   help="check fp16 on the CPU execution provider when no CUDA one is present (slow)")
+    p.add_argument("--force", action="store_true", help="replace OUT_DIR if it exists")
+    return p.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    args = parse_args(argv)
+    precisions = [p.strip() for p in args.precision.split(",") if p.strip()]
+    unknown = [p for p in precisions if p not in PRECISIONS]
+    if unknown or not precisions:
+        sys.exit(f"error: unknown precision {', '.join(unknown) or '(none given)'}; choose from {', '.join(PRECISIONS)}")
+    bits = (8 if cpu_has_vnni() else 7) if args.int8_weight_bits == "auto" else int(args.int8_weight_bits)
+    try:
+        options = ExportOptions(
+            precisions=precisions, name=args.name, sample=read_sample(args.sample),
+            references=read_sample(args.sample_references), sample_size=args.sample_size, int8_weight_bits=bits,
+            min_bleu_vs_pytorch=args.min_bleu_vs_pytorch, verify_fp16_on_cpu=args.verify_fp16_on_cpu,
+            force=args.force,
+        )
+        export_package(args.checkpoint_dir, args.out_dir, options, log=lambda m: print(m, flush=True))
+    except ExportError as error:
+        sys.exit(f"error: {error}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,198 @@
+"""Checkpoint -> verified model package: load, build graphs, make variants, verify, save.
+
+Nothing is written to OUT_DIR unless every requested variant passes verification: the
+package is assembled in a staging directory beside it and moved into place at the end.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+import onnx
+import onnxruntime
+import torch
+
+from decoding.tokenizer import Tokenizer
+from export import EXPORTER_VERSION
+from export.graphs import OPSET, export_graphs
+from export.package import FORMAT_VERSION, GRAPHS, MANIFEST_FILE, ModelPackage, file_record
+from export.quantize import convert_fp16, quantize_int8
+from export.verify import Parity, check_variant, pytorch_greedy
+from model.checkpoint import TOKENIZER_FILE, load_model
+from model.transformer import Transformer
+from server.engine.session import cuda_available, open_sessions
+
+
+class ExportError(Exception):
+    """The export cannot go on; the message says what to do."""
+
+
+@dataclass
+class ExportOptions:
+    precisions: Sequence[str] = ("fp32", "int8")
+    name: str | None = None
+    sample: Sequence[str] | None = None
+    references: Sequence[str] | None = None
+    sample_size: int = 200
+    int8_weight_bits: int = 8
+    max_fp32_logprob_diff: float = 1e-4
+    min_bleu_vs_pytorch: float = 60.0  # int8 / fp16 greedy output scored against PyTorch's
+    verify_fp16_on_cpu: bool = False
+    force: bool = False
+
+
+def cpu_has_vnni() -> bool:
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "avx512_vnni" in flags or "avx_vnni" in flags
+
+
+def export_package(checkpoint_dir: Path, out_dir: Path, options: ExportOptions,
+                   log: Callable[[str], None] = print) -> ModelPackage:
+    checkpoint_dir, out_dir = Path(checkpoint_dir), Path(out_dir)
+    if out_dir.exists() and not options.force:
+        raise ExportError(f"{out_dir} already exists; pass --force to replace it")
+    model, tokenizer = load_checkpoint(checkpoint_dir)
+    sample, references = sample_sentences(model, tokenizer, options)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.staging-", dir=out_dir.parent))
+    try:
+        variants = build_variants(model, staging, options, log)
+        shutil.copyfile(checkpoint_dir / TOKENIZER_FILE, staging / TOKENIZER_FILE)
+        records = {
+            precision: {"device": "cuda" if precision == "fp16" else "cpu", "settings": settings,
+                        "files": {g: file_record(staging, staging / precision / f"{g}.onnx") for g in GRAPHS}}
+            for precision, settings in variants.items()
+        }
+        package = ModelPackage(staging, manifest(model, staging, options, records))
+        log(f"PyTorch reference: greedy on {len(sample)} sample sentences")
+        expected = pytorch_greedy(model, tokenizer.encode(sample))
+        for precision in variants:
+            records[precision]["parity"] = verify_variant(
+                model, tokenizer, package, precision, sample, references, expected, options, log)
+        for precision in set(variants) - set(options.precisions):
+            shutil.rmtree(staging / precision)
+            records.pop(precision)
+        document = manifest(model, staging, options, records)
+        (staging / MANIFEST_FILE).write_text(json.dumps(document, indent=2) + "\n")
+        staging.chmod(0o755)  # mkdtemp made it private
+        if out_dir.exists():
+            shutil.rmtree(out_dir)
+        staging.rename(out_dir)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    log(f"wrote {out_dir}")
+    return ModelPackage.load(out_dir)
+
+
+def load_checkpoint(checkpoint_dir: Path) -> tuple[Transformer, Tokenizer]:
+    try:
+        model = load_model(checkpoint_dir)
+        tokenizer = Tokenizer(checkpoint_dir / TOKENIZER_FILE)
+    except (FileNotFoundError, ValueError, TypeError, json.JSONDecodeError) as error:
+        raise ExportError(f"cannot load the checkpoint: {error}") from None
+    except Exception as error:  # e.g. a truncated safetensors file
+        raise ExportError(f"cannot load the checkpoint {checkpoint_dir}: {type(error).__name__}: {error}") from None
+    c = model.config
+    ids = (tokenizer.pad_id, tokenizer.unk_id, tokenizer.bos_id, tokenizer.eos_id)
+    problems = []
+    if tokenizer.vocab_size != c.vocab_size:
+        problems.append(f"the tokenizer has {tokenizer.vocab_size} pieces but the model {c.vocab_size}")
+    if ids != (c.pad_id, c.unk_id, c.bos_id, c.eos_id):
+        problems.append(f"tokenizer ids pad/unk/bos/eos {ids} differ from the config's "
+                        f"{(c.pad_id, c.unk_id, c.bos_id, c.eos_id)}")
+    if problems:
+        raise ExportError(f"{checkpoint_dir}: " + "; ".join(problems) + ". Use the spm.model the model was trained with.")
+    return model, tokenizer
+
+
+def sample_sentences(model: Transformer, tokenizer: Tokenizer, options: ExportOptions):
+    """The user's sample, or pseudo-sentences decoded from random token ids when none is given."""
+    if options.sample:
+        sample = list(options.sample[: options.sample_size])
+        references = list(options.references[: len(sample)]) if options.references else None
+        return sample, references
+    rng = np.random.default_rng(0)
+    c = model.config
+    ordinary = [t for t in range(c.vocab_size) if t not in (c.pad_id, c.unk_id, c.bos_id, c.eos_id)]
+    token_lists = [list(rng.choice(ordinary, rng.integers(3, 20))) for _ in range(min(options.sample_size, 64))]
+    return [t for t in tokenizer.decode(token_lists)], None
+
+
+def build_variants(model: Transformer, staging: Path, options: ExportOptions, log) -> dict[str, dict]:
+    """fp32 graphs always (the others derive from them); returns precision -> build settings."""
+    (staging / "fp32").mkdir()
+    log("exporting fp32 graphs")
+    export_graphs(model, staging / "fp32")
+    variants = {"fp32": {}}
+    for precision in options.precisions:
+        if precision == "fp32":
+            continue
+        (staging / precision).mkdir()
+        for graph in GRAPHS:
+            source = onnx.load(str(staging / "fp32" / f"{graph}.onnx"))
+            if precision == "int8":
+                converted = quantize_int8(source, options.int8_weight_bits)
+            else:
+                converted = convert_fp16(source, fp32_outputs=["log_probs"])
+            onnx.checker.check_model(converted)
+            onnx.save(converted, str(staging / precision / f"{graph}.onnx"))
+        variants[precision] = {"int8_weight_bits": options.int8_weight_bits,
+                               "activation_scales": "per row"} if precision == "int8" else {}
+        log(f"built {precision} graphs")
+    return variants
+
+
+def verify_variant(model, tokenizer, package, precision, sample, references, expected, options, log) -> dict:
+    if precision == "fp16" and not cuda_available() and not options.verify_fp16_on_cpu:
+        log("fp16: parity check SKIPPED: no CUDA execution provider here (install onnxruntime-gpu on a GPU "
+            "machine and re-export, or pass --verify-fp16-on-cpu for a slow CPU check)")
+        return {"skipped": "no CUDA execution provider on the exporting machine"}
+    device = "cuda" if precision == "fp16" and cuda_available() else "cpu"
+    sessions = open_sessions(package, precision, device)
+    parity: Parity = check_variant(model, sessions, tokenizer, sample, references, expected)
+    log(f"{precision}: {json.dumps(parity.as_record())}")
+    failures = []
+    if precision == "fp32":
+        if parity.max_abs_logprob_diff > options.max_fp32_logprob_diff:
+            failures.append(f"max |log-prob difference| {parity.max_abs_logprob_diff:.2e} exceeds "
+                            f"{options.max_fp32_logprob_diff:.0e}")
+        if parity.exact_match_rate < 1.0:
+            failures.append(f"greedy output differs from PyTorch on {1 - parity.exact_match_rate:.1%} of the sample")
+    elif parity.bleu_vs_pytorch < options.min_bleu_vs_pytorch:
+        failures.append(f"BLEU against PyTorch's output is {parity.bleu_vs_pytorch:.1f}, below "
+                        f"{options.min_bleu_vs_pytorch:.1f}")
+    if failures:
+        raise ExportError(f"{precision} variant does not match PyTorch: " + "; ".join(failures) +
+                          ". Nothing was written. Check that the model uses only supported layers; for int8 try "
+                          "--int8-weight-bits 8, or lower the threshold if this accuracy is acceptable.")
+    return parity.as_record()
+
+
+def manifest(model: Transformer, staging: Path, options: ExportOptions, variants: dict) -> dict:
+    c = model.config
+    return {
+        "format_version": FORMAT_VERSION,
+        "name": options.name or f"{c.source_language}-{c.target_language}",
+        "source_language": c.source_language,
+        "target_language": c.target_language,
+        "tokenizer": file_record(staging, staging / TOKENIZER_FILE),
+        "special_tokens": {"pad": c.pad_id, "unk": c.unk_id, "bos": c.bos_id, "eos": c.eos_id},
+        "max_source_tokens": c.max_positions,
+        "max_output_tokens": c.max_positions - 1,
+        "architecture": {"vocab_size": c.vocab_size, "d_model": c.d_model, "num_heads": c.num_heads,
+                         "head_dim": c.head_dim, "d_ff": c.d_ff, "encoder_layers": c.encoder_layers,
+                         "decoder_layers": c.decoder_layers, "pre_norm": c.pre_norm, "activation": c.activation},
+        "opset": OPSET,
+        "exporter": {"parley": EXPORTER_VERSION, "torch": torch.__version__, "onnx": onnx.__version__,
+                     "onnxruntime": onnxruntime.__version__},
+        "variants": variants,
+    }

@@ -1,0 +1,120 @@
+"""The two ONNX graphs of a model package, as thin wrappers with flat, named inputs and outputs.
+
+Encoder graph, once per source batch:
+    src_tokens (B, S) int64  ->  src_mask (B, S) bool, cross_k_i / cross_v_i (B, H, S, dk)
+Decoder-step graph, once per generated token:
+    tokens (B,), positions (B,) int64; cache_mask (B, C) bool; src_mask (B, S) bool;
+    cache_k_i / cache_v_i (B, H, C, dk); cross_k_i / cross_v_i (B, H, S, dk)
+    ->  log_probs (B, V) float32, new_k_i / new_v_i (B, H, 1, dk)
+
+The self-attention cache is preallocated by the engine and written in place there: the
+graph reads it and returns only the new token's key/value (B, H, 1, dk). Growing the
+cache by concatenation inside the graph would copy all of it at every step; here a step
+copies nothing of the cache (see MultiHeadAttention.step), and C may exceed what is
+valid: cache_mask says which slots hold keys, so rows of different ages share a batch.
+"""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from model.transformer import Transformer
+
+OPSET = 18
+
+
+def encoder_output_names(layers: int) -> list[str]:
+    return ["src_mask"] + [f"cross_{kv}_{i}" for i in range(layers) for kv in ("k", "v")]
+
+
+def decoder_input_names(layers: int) -> list[str]:
+    names = ["tokens", "positions", "cache_mask", "src_mask"]
+    names += [f"cache_{kv}_{i}" for i in range(layers) for kv in ("k", "v")]
+    names += [f"cross_{kv}_{i}" for i in range(layers) for kv in ("k", "v")]
+    return names
+
+
+def decoder_output_names(layers: int) -> list[str]:
+    return ["log_probs"] + [f"new_{kv}_{i}" for i in range(layers) for kv in ("k", "v")]
+
+
+class EncoderGraph(nn.Module):
+    def __init__(self, model: Transformer):
+        super().__init__()
+        self.model = model
+
+    def forward(self, src_tokens: torch.Tensor):
+        memory, src_mask = self.model.encode(src_tokens)
+        outputs = [src_mask]
+        for k, v in self.model.cross_kv(memory):
+            outputs += [k, v]
+        return tuple(outputs)
+
+
+class DecoderStepGraph(nn.Module):
+    def __init__(self, model: Transformer):
+        super().__init__()
+        self.model = model
+        self.layers = model.config.decoder_layers
+
+    def forward(self, tokens, positions, cache_mask, src_mask, *kv):
+        n = self.layers
+        cache, cross = kv[: 2 * n], kv[2 * n :]
+        log_probs, new_k, new_v = self.model.decode_step(
+            tokens, positions, list(cache[0::2]), list(cache[1::2]), cache_mask, list(cross[0::2]), list(cross[1::2]),
+            src_mask,
+        )
+        outputs = [log_probs]
+        for k, v in zip(new_k, new_v):
+            outputs += [k, v]
+        return tuple(outputs)
+
+
+def example_inputs(model: Transformer, batch: int = 2, src_len: int = 5, capacity: int = 4):
+    """Inputs of the right shapes and types for tracing (values do not matter)."""
+    c = model.config
+    src = torch.full((batch, src_len), 5, dtype=torch.long)
+    src[1, -2:] = c.pad_id
+    heads = (batch, c.num_heads)
+    decoder = [
+        torch.full((batch,), 5, dtype=torch.long),
+        torch.arange(batch, dtype=torch.long),
+        torch.ones(batch, capacity, dtype=torch.bool),
+        torch.ones(batch, src_len, dtype=torch.bool),
+    ]
+    decoder += [torch.zeros(*heads, capacity, c.head_dim) for _ in range(2 * c.decoder_layers)]
+    decoder += [torch.zeros(*heads, src_len, c.head_dim) for _ in range(2 * c.decoder_layers)]
+    return (src,), tuple(decoder)
+
+
+def export_graphs(model: Transformer, directory: Path) -> tuple[Path, Path]:
+    """Write encoder.onnx and decoder_step.onnx (fp32) with dynamic batch, source and cache lengths."""
+    # The exporter restores the wrapper's train/eval mode afterwards, recursively: wrappers are
+    # put in eval mode so the model is left in eval mode too (dropout off).
+    model = model.eval()
+    warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)  # shape arithmetic traced as constants: intended
+    layers = model.config.decoder_layers
+    encoder_args, decoder_args = example_inputs(model)
+    encoder_path, decoder_path = directory / "encoder.onnx", directory / "decoder_step.onnx"
+    torch.onnx.export(
+        EncoderGraph(model).eval(), encoder_args, str(encoder_path), input_names=["src_tokens"],
+        output_names=encoder_output_names(layers), opset_version=OPSET, dynamo=False,
+        dynamic_axes={"src_tokens": {0: "batch", 1: "src_len"},
+                      **{name: {0: "batch", 2: "src_len"} for name in encoder_output_names(layers)[1:]},
+                      "src_mask": {0: "batch", 1: "src_len"}},
+    )
+    dynamic = {"tokens": {0: "batch"}, "positions": {0: "batch"}, "cache_mask": {0: "batch", 1: "capacity"},
+               "src_mask": {0: "batch", 1: "src_len"}, "log_probs": {0: "batch"}}
+    for name in decoder_input_names(layers)[4:]:
+        dynamic[name] = {0: "batch", 2: "capacity" if name.startswith("cache") else "src_len"}
+    for name in decoder_output_names(layers)[1:]:
+        dynamic[name] = {0: "batch"}
+    torch.onnx.export(
+        DecoderStepGraph(model).eval(), decoder_args, str(decoder_path), input_names=decoder_input_names(layers),
+        output_names=decoder_output_names(layers), opset_version=OPSET, dynamo=False, dynamic_axes=dynamic,
+    )
+    return encoder_path, decoder_path

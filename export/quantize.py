@@ -1,0 +1,166 @@
+"""Precision variants of an fp32 graph: int8 for CPU, fp16 for GPU.
+
+int8 is weight-only-static, activation-dynamic, like ONNX Runtime's dynamic quantization,
+with one change: activation scales are computed per row (per token), not per tensor.
+ORT's DynamicQuantizeLinear takes one scale over the whole batch, so a sentence's
+translation would depend on what else shares its batch; with a scale per row, each row's
+integer matmul is exact and depends on that row alone, so int8 stays batch-invariant.
+
+  MatMul(x, W)   ->  x_u8 = round(x / s_row) + 128, s_row = max|x_row| / 127
+                     y = MatMulInteger(x_u8, W_s8, a_zero_point=128) * s_row * s_col
+  Gather(E, ids) ->  Gather(E_s8, ids) * Gather(s_row(E), ids)     (vocabulary-sized tables)
+
+Weights are symmetric int8 per output column. Activations are uint8 with zero point 128
+because U8S8 is the integer GEMM that MLAS implements on every x86-64 CPU. On CPUs
+without VNNI that kernel uses VPMADDUBSW, whose int16 pair sums saturate when
+|2 * 255 * w| > 32767; 7-bit weights (|w| <= 63) rule that out at a small accuracy cost.
+With VNNI (AVX512-VNNI or AVX-VNNI) the products accumulate in int32 and full 8-bit
+weights are safe. `weight_bits` chooses; the export tool defaults to 8 when the
+exporting CPU has VNNI and records the choice in the manifest.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+GATHER_MIN_ROWS = 1024  # quantize vocabulary tables; small tables (positions) stay fp32
+
+
+def quantize_int8(model: onnx.ModelProto, weight_bits: int = 8) -> onnx.ModelProto:
+    if weight_bits not in (7, 8):
+        raise ValueError(f"weight_bits must be 7 or 8, got {weight_bits}")
+    q_max = 127 if weight_bits == 8 else 63
+    graph = model.graph
+    initializers = {init.name: init for init in graph.initializer}
+    new_nodes, new_inits, replaced = [], [], set()
+    shared = [
+        numpy_helper.from_array(np.array(128, dtype=np.uint8), "q8_zero_point"),
+        numpy_helper.from_array(np.array([-1], dtype=np.int64), "q8_last_axis"),
+        numpy_helper.from_array(np.array(1e-12, dtype=np.float32), "q8_tiny"),
+        numpy_helper.from_array(np.array(1 / 127, dtype=np.float32), "q8_inv_127"),
+        numpy_helper.from_array(np.array(128, dtype=np.float32), "q8_offset"),
+    ]
+    for node in graph.node:
+        weight = initializers.get(node.input[1]) if node.op_type == "MatMul" and len(node.input) == 2 else None
+        table = initializers.get(node.input[0]) if node.op_type == "Gather" else None
+        if weight is not None and len(weight.dims) == 2 and weight.data_type == TensorProto.FLOAT:
+            nodes, inits = _quantized_matmul(node, numpy_helper.to_array(weight), q_max)
+        elif table is not None and len(table.dims) == 2 and table.dims[0] >= GATHER_MIN_ROWS \
+                and table.data_type == TensorProto.FLOAT and _attr(node, "axis", 0) == 0:
+            nodes, inits = _quantized_gather(node, numpy_helper.to_array(table))
+        else:
+            new_nodes.append(node)
+            continue
+        replaced.add(weight.name if weight is not None else table.name)
+        new_nodes += nodes
+        new_inits += inits
+    still_used = {name for node in new_nodes for name in node.input}
+    kept = [init for init in graph.initializer if init.name not in replaced or init.name in still_used]
+    graph.ClearField("node")
+    graph.node.extend(new_nodes)
+    graph.ClearField("initializer")
+    graph.initializer.extend(kept + shared + new_inits)
+    return model
+
+
+def _attr(node: onnx.NodeProto, name: str, default: int) -> int:
+    for attribute in node.attribute:
+        if attribute.name == name:
+            return attribute.i
+    return default
+
+
+def _quantized_matmul(node: onnx.NodeProto, weight: np.ndarray, q_max: int):
+    p = node.name or node.output[0]
+    col_scale = np.maximum(np.abs(weight).max(axis=0), 1e-12) / q_max  # (N,)
+    weight_q = np.clip(np.round(weight / col_scale), -q_max, q_max).astype(np.int8)
+    x, y = node.input[0], node.output[0]
+    nodes = [
+        helper.make_node("Abs", [x], [f"{p}/abs"]),
+        helper.make_node("ReduceMax", [f"{p}/abs", "q8_last_axis"], [f"{p}/absmax"], keepdims=1),
+        helper.make_node("Max", [f"{p}/absmax", "q8_tiny"], [f"{p}/absmax_safe"]),
+        helper.make_node("Mul", [f"{p}/absmax_safe", "q8_inv_127"], [f"{p}/row_scale"]),
+        helper.make_node("Div", [x, f"{p}/row_scale"], [f"{p}/scaled"]),
+        helper.make_node("Round", [f"{p}/scaled"], [f"{p}/rounded"]),
+        helper.make_node("Add", [f"{p}/rounded", "q8_offset"], [f"{p}/shifted"]),
+        helper.make_node("Cast", [f"{p}/shifted"], [f"{p}/x_u8"], to=TensorProto.UINT8),
+        helper.make_node("MatMulInteger", [f"{p}/x_u8", f"{p}/w_s8", "q8_zero_point"], [f"{p}/y_i32"]),
+        helper.make_node("Cast", [f"{p}/y_i32"], [f"{p}/y_f32"], to=TensorProto.FLOAT),
+        helper.make_node("Mul", [f"{p}/y_f32", f"{p}/row_scale"], [f"{p}/y_rows"]),
+        helper.make_node("Mul", [f"{p}/y_rows", f"{p}/col_scale"], [y]),
+    ]
+    inits = [
+        numpy_helper.from_array(weight_q, f"{p}/w_s8"),
+        numpy_helper.from_array(col_scale.astype(np.float32), f"{p}/col_scale"),
+    ]
+    return nodes, inits
+
+
+def _quantized_gather(node: onnx.NodeProto, table: np.ndarray):
+    p = node.name or node.output[0]
+    row_scale = np.maximum(np.abs(table).max(axis=1, keepdims=True), 1e-12) / 127  # (V, 1)
+    table_q = np.clip(np.round(table / row_scale), -127, 127).astype(np.int8)
+    ids, y = node.input[1], node.output[0]
+    nodes = [
+        helper.make_node("Gather", [f"{p}/table_s8", ids], [f"{p}/rows_s8"], axis=0),
+        helper.make_node("Gather", [f"{p}/table_scale", ids], [f"{p}/rows_scale"], axis=0),
+        helper.make_node("Cast", [f"{p}/rows_s8"], [f"{p}/rows_f32"], to=TensorProto.FLOAT),
+        helper.make_node("Mul", [f"{p}/rows_f32", f"{p}/rows_scale"], [y]),
+    ]
+    inits = [
+        numpy_helper.from_array(table_q, f"{p}/table_s8"),
+        numpy_helper.from_array(row_scale.astype(np.float32), f"{p}/table_scale"),
+    ]
+    return nodes, inits
+
+
+FP16_KEEP_FP32_OPS = ["LayerNormalization", "Softmax", "LogSoftmax", "ReduceMean", "Pow", "Sqrt", "Exp", "Range"]
+
+
+def convert_fp16(model: onnx.ModelProto, fp32_outputs: list[str]) -> onnx.ModelProto:
+    """fp16 weights and activations; LayerNorm, softmax and the output log-softmax run in fp32.
+
+    Inputs and the K/V tensors become fp16 (the engine keeps the cache in fp16 on the
+    device); the outputs named in fp32_outputs (log-probabilities) stay fp32.
+    """
+    from onnxconverter_common import float16
+
+    _inline_initializer_identities(model)
+    # Explicit casts to fp32 (the logits before log-softmax) must stay casts to fp32.
+    casts_to_fp32 = [n.name for n in model.graph.node if n.op_type == "Cast" and _attr(n, "to", 0) == TensorProto.FLOAT]
+    converted = float16.convert_float_to_float16(
+        model, keep_io_types=False, op_block_list=FP16_KEEP_FP32_OPS, node_block_list=casts_to_fp32,
+        max_finite_val=65504.0,
+    )
+    return _outputs_back_to_fp32(converted, fp32_outputs)
+
+
+def _inline_initializer_identities(model: onnx.ModelProto) -> None:
+    """The exporter shares equal weights through Identity nodes; the fp16 converter mistypes those
+    that feed fp32-kept ops (LayerNorm), so consumers are pointed at the initializer itself."""
+    graph = model.graph
+    initializers = {init.name for init in graph.initializer}
+    outputs = {o.name for o in graph.output}
+    aliases = {n.output[0]: n.input[0] for n in graph.node
+               if n.op_type == "Identity" and n.input[0] in initializers and n.output[0] not in outputs}
+    if not aliases:
+        return
+    kept = [n for n in graph.node if not (n.op_type == "Identity" and n.output[0] in aliases)]
+    for node in kept:
+        node.input[:] = [aliases.get(name, name) for name in node.input]
+    graph.ClearField("node")
+    graph.node.extend(kept)
+
+
+def _outputs_back_to_fp32(model: onnx.ModelProto, names: list[str]) -> onnx.ModelProto:
+    graph = model.graph
+    for output in graph.output:
+        if output.name in names and output.type.tensor_type.elem_type == TensorProto.FLOAT16:
+            inner = f"{output.name}_fp16"
+            for node in graph.node:
+                node.output[:] = [inner if o == output.name else o for o in node.output]
+            graph.node.append(helper.make_node("Cast", [inner], [output.name], to=TensorProto.FLOAT))
+            output.type.tensor_type.elem_type = TensorProto.FLOAT
+    return model

@@ -1,0 +1,120 @@
+"""Parity of an exported variant with the PyTorch model it came from.
+
+Two checks, both on fixed inputs:
+- logits: the decoder-step graph fed token by token (through the engine's step backend,
+  cache and all) against PyTorch's full-sequence forward pass, max |difference| of the
+  log-probabilities over the tokens the decoder may emit;
+- translations: greedy search through ONNX Runtime against the PyTorch reference on a
+  sample of sources: exact-match rate, token agreement, and BLEU of the variant's output
+  against PyTorch's (and against references, when given).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import numpy as np
+import sacrebleu
+import torch
+
+from decoding import DecodingParams, search
+from decoding.padding import pad_batch
+from decoding.tokenizer import Tokenizer
+from model.generate import generate
+from model.transformer import Transformer
+from server.engine.backend import OnnxStepBackend
+from server.engine.session import VariantSessions
+
+
+@dataclass
+class Parity:
+    precision: str
+    provider: str
+    max_abs_logprob_diff: float
+    sentences: int
+    exact_match_rate: float
+    token_agreement: float
+    bleu_vs_pytorch: float
+    bleu_vs_references: float | None = None
+    problems: list[str] = field(default_factory=list)
+
+    def as_record(self) -> dict:
+        record = {k: v for k, v in self.__dict__.items() if k != "problems" and v is not None}
+        return {k: round(v, 6) if isinstance(v, float) else v for k, v in record.items()}
+
+
+def output_budget(source_tokens: int, model: Transformer) -> int:
+    return min(2 * source_tokens + 10, model.config.max_positions - 1)
+
+
+@torch.no_grad()
+def max_logprob_difference(model: Transformer, sessions: VariantSessions, sources: Sequence[Sequence[int]],
+                           steps: int = 12) -> float:
+    """Teacher-force the same target prefix through both; compare every step's log-probabilities."""
+    c = model.config
+    src = pad_batch([list(s) + [c.eos_id] for s in sources], c.pad_id)
+    rng = np.random.default_rng(0)
+    emittable = np.array([t for t in range(c.vocab_size) if t not in (c.pad_id, c.bos_id)])
+    targets = np.concatenate([np.full((len(sources), 1), c.bos_id), rng.choice(emittable, (len(sources), steps - 1))],
+                             axis=1)
+    logits = model(torch.from_numpy(src), torch.from_numpy(targets)).float()
+    logits[..., [c.pad_id, c.bos_id]] = torch.finfo(torch.float32).min
+    expected = torch.log_softmax(logits, dim=-1).numpy()[..., emittable]  # (B, T, V')
+    backend = OnnxStepBackend(sessions, src)
+    worst = 0.0
+    for t in range(steps):
+        got = backend.step(targets[:, t]).astype(np.float32)[:, emittable]
+        worst = max(worst, float(np.abs(got - expected[:, t]).max()))
+    return worst
+
+
+def onnx_greedy(sessions: VariantSessions, model: Transformer, sources: Sequence[Sequence[int]],
+                batch_size: int = 64) -> list[tuple[int, ...]]:
+    c = model.config
+    outputs = []
+    for start in range(0, len(sources), batch_size):
+        chunk = sources[start : start + batch_size]
+        src = pad_batch([list(s) + [c.eos_id] for s in chunk], c.pad_id)
+        params = [DecodingParams(max_length=output_budget(len(s), model)) for s in chunk]
+        outputs += [hyps[0].tokens for hyps in search(OnnxStepBackend(sessions, src), params, c.bos_id, c.eos_id)]
+    return outputs
+
+
+def pytorch_greedy(model: Transformer, sources: Sequence[Sequence[int]], batch_size: int = 64):
+    outputs = []
+    for start in range(0, len(sources), batch_size):
+        chunk = sources[start : start + batch_size]
+        params = [DecodingParams(max_length=output_budget(len(s), model)) for s in chunk]
+        outputs += [hyps[0].tokens for hyps in generate(model, chunk, params)]
+    return outputs
+
+
+def token_agreement(a: Sequence[Sequence[int]], b: Sequence[Sequence[int]]) -> float:
+    """Share of positions (over the longer of each pair) holding the same token."""
+    same = total = 0
+    for x, y in zip(a, b):
+        total += max(len(x), len(y), 1)
+        same += sum(p == q for p, q in zip(x, y)) + (1 if not x and not y else 0)
+    return same / max(total, 1)
+
+
+def check_variant(
+    model: Transformer, sessions: VariantSessions, tokenizer: Tokenizer, sample: Sequence[str],
+    references: Sequence[str] | None, reference_outputs: Sequence[Sequence[int]],
+) -> Parity:
+    sources = tokenizer.encode(sample)
+    diff = max_logprob_difference(model, sessions, sources[:16])
+    outputs = onnx_greedy(sessions, model, sources)
+    texts, expected_texts = tokenizer.decode(outputs), tokenizer.decode(reference_outputs)
+    exact = float(np.mean([tuple(o) == tuple(r) for o, r in zip(outputs, reference_outputs)]))
+    return Parity(
+        precision=sessions.precision,
+        provider=sessions.decoder.get_providers()[0],
+        max_abs_logprob_diff=diff,
+        sentences=len(sources),
+        exact_match_rate=exact,
+        token_agreement=token_agreement(outputs, reference_outputs),
+        bleu_vs_pytorch=sacrebleu.corpus_bleu(texts, [expected_texts]).score,
+        bleu_vs_references=sacrebleu.corpus_bleu(texts, [list(references)]).score if references else None,
+    )

@@ -1,0 +1,194 @@
+import json
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import onnx
+import pytest
+import torch
+
+from decoding.padding import pad_batch
+from export.graphs import decoder_input_names
+from export.package import ModelPackage, PackageError
+from export.verify import max_logprob_difference
+from model.checkpoint import load_model
+from server.engine.backend import OnnxStepBackend
+from server.engine.session import open_sessions
+
+
+def test_package_has_every_precision_with_checksums_and_parity(tiny_package):
+    package = ModelPackage.load(tiny_package)
+    assert package.name == "tiny"
+    assert sorted(package.precisions) == ["fp16", "fp32", "int8"]
+    package.verify_files()
+    fp32, int8 = package.variant("fp32"), package.variant("int8")
+    assert fp32.parity["max_abs_logprob_diff"] <= 1e-4
+    assert fp32.parity["exact_match_rate"] == 1.0
+    assert int8.settings["activation_scales"] == "per row"
+    assert package.variant("fp16").parity["provider"] == "CPUExecutionProvider"
+    graph = onnx.load(str(package.graph_path("int8", "decoder_step"))).graph
+    weights = {init.name for init in graph.initializer}
+    assert {n.op_type for n in graph.node} >= {"MatMulInteger"}
+    assert "DynamicQuantizeLinear" not in {n.op_type for n in graph.node}  # per-tensor scales would break batching
+    assert not [n.name for n in graph.node if n.op_type == "MatMul" and n.input[1] in weights]
+
+
+@pytest.mark.parametrize("precision,tolerance", [("fp32", 1e-4), ("int8", 0.5), ("fp16", 0.05)])
+def test_decoder_step_graph_reproduces_full_sequence_logits(tiny_checkpoint, tiny_package, precision, tolerance):
+    model = load_model(tiny_checkpoint)
+    sessions = open_sessions(ModelPackage.load(tiny_package), precision)
+    sources = [[5, 6, 7, 8, 9], [10, 11], [12, 13, 14, 15, 16, 17, 18, 19, 20]]
+    # 20 steps: past the first cache block, so growing the cache is covered too.
+    assert max_logprob_difference(model, sessions, sources, steps=20) <= tolerance
+
+
+def run_alone_and_batched(sessions, sources, steps):
+    """Log-probs of each source decoded alone and in one padded batch, same forced tokens."""
+    rng = np.random.default_rng(1)
+    tokens = rng.integers(4, 100, size=(len(sources), steps))
+    tokens[:, 0] = 2
+    batched = OnnxStepBackend(sessions, pad_batch([s + [3] for s in sources], 0))
+    together = [batched.step(tokens[:, t]) for t in range(steps)]
+    for i, source in enumerate(sources):
+        alone = OnnxStepBackend(sessions, pad_batch([source + [3]], 0))
+        for t in range(steps):
+            yield alone.step(tokens[i : i + 1, t])[0], together[t][i]
+
+
+@pytest.mark.parametrize("precision", ["fp32", "int8"])
+@pytest.mark.parametrize("batch", [1, 7])
+def test_dynamic_batch_and_padding_do_not_change_a_row(tiny_package, precision, batch):
+    sessions = open_sessions(ModelPackage.load(tiny_package), precision)
+    rng = np.random.default_rng(batch)
+    sources = [list(rng.integers(4, 100, size=rng.integers(1, 15))) for _ in range(batch)]
+    for alone, together in run_alone_and_batched(sessions, sources, steps=5):
+        if precision == "int8":  # per-row activation scales: integer matmuls are exact per row
+            assert np.array_equal(alone.argmax(), together.argmax())
+        np.testing.assert_allclose(alone, together, atol=2e-5 if precision == "fp32" else 1e-4)
+
+
+def test_rows_at_different_positions_share_one_step(tiny_package):
+    """Two rows of different ages (cache lengths, positions) in one decoder run, as continuous batching needs."""
+    sessions = open_sessions(ModelPackage.load(tiny_package), "fp32")
+    old, young = OnnxStepBackend(sessions, pad_batch([[5, 6, 7, 3]], 0)), OnnxStepBackend(
+        sessions, pad_batch([[8, 9, 10, 11, 12, 3]], 0))
+    for token in (2, 20, 21, 22, 23):
+        old.step(np.array([token]))
+    young.step(np.array([2]))
+    capacity = max(old.capacity, young.capacity)
+
+    def padded(array, width):
+        pad = [(0, 0)] * array.ndim
+        pad[2 if array.ndim == 4 else 1] = (0, width - array.shape[2 if array.ndim == 4 else 1])
+        return np.pad(array, pad)
+
+    feeds = {"tokens": np.array([24, 25]), "positions": np.concatenate([old.lengths, young.lengths]),
+             "cache_mask": np.concatenate([padded(old.cache_mask, capacity), padded(young.cache_mask, capacity)])}
+    src_len = max(old.src_mask.shape[1], young.src_mask.shape[1])
+    feeds["src_mask"] = np.concatenate([padded(old.src_mask, src_len), padded(young.src_mask, src_len)])
+    for name, a, b in zip(old.cache_names, old.cache, young.cache):
+        feeds[name] = np.concatenate([padded(a, capacity), padded(b, capacity)])
+    for name, a, b in zip(old.cross_names, old.cross, young.cross):
+        feeds[name] = np.concatenate([padded(a, src_len), padded(b, src_len)])
+    assert set(feeds) == set(decoder_input_names(2))
+    mixed = sessions.decoder.run(["log_probs"], feeds)[0]
+    np.testing.assert_allclose(mixed[0], old.step(np.array([24]))[0], atol=2e-5)
+    np.testing.assert_allclose(mixed[1], young.step(np.array([25]))[0], atol=2e-5)
+
+
+@pytest.fixture
+def package_copy(tiny_package, tmp_path):
+    target = tmp_path / "copy"
+    shutil.copytree(tiny_package, target)
+    return target
+
+
+def test_corrupted_variant_file_is_refused(package_copy):
+    path = package_copy / "int8" / "decoder_step.onnx"
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    path.write_bytes(bytes(data))
+    package = ModelPackage.load(package_copy)
+    package.verify_files("fp32")  # other variants are untouched
+    with pytest.raises(PackageError, match=r"int8/decoder_step.onnx does not match its sha256.*Re-export"):
+        open_sessions(package, "int8")
+
+
+def test_missing_file_and_wrong_checksum_are_named_together(package_copy):
+    (package_copy / "fp32" / "encoder.onnx").unlink()
+    manifest = json.loads((package_copy / "manifest.json").read_text())
+    manifest["variants"]["fp32"]["files"]["decoder_step"]["sha256"] = "0" * 64
+    (package_copy / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(PackageError) as error:
+        ModelPackage.load(package_copy).verify_files("fp32")
+    assert "fp32/encoder.onnx is missing" in str(error.value)
+    assert "fp32/decoder_step.onnx does not match its sha256" in str(error.value)
+
+
+def test_malformed_manifest_lists_every_problem(package_copy):
+    manifest = json.loads((package_copy / "manifest.json").read_text())
+    manifest["format_version"] = 99
+    del manifest["special_tokens"]["eos"]
+    manifest["variants"]["int4"] = {}
+    (package_copy / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(PackageError) as error:
+        ModelPackage.load(package_copy)
+    message = str(error.value)
+    assert "format_version 99 is not supported" in message
+    assert "special_tokens.eos" in message and "unknown precision 'int4'" in message
+    (package_copy / "manifest.json").write_text("{not json")
+    with pytest.raises(PackageError, match="not valid JSON"):
+        ModelPackage.load(package_copy)
+    (package_copy / "manifest.json").unlink()
+    with pytest.raises(PackageError, match="manifest.json is missing"):
+        ModelPackage.load(package_copy)
+
+
+def export_cli(*args):
+    return subprocess.run([sys.executable, "-m", "export", *map(str, args)], capture_output=True, text=True)
+
+
+def test_cli_failure_messages(tiny_checkpoint, tmp_path):
+    result = export_cli(tmp_path / "nowhere", tmp_path / "out")
+    assert result.returncode != 0 and "missing config.json, model.safetensors" in result.stderr
+
+    result = export_cli(tiny_checkpoint, tmp_path / "out", "--precision", "fp32,int4")
+    assert result.returncode != 0 and "unknown precision int4" in result.stderr
+
+    broken = tmp_path / "broken"
+    shutil.copytree(tiny_checkpoint, broken)
+    (broken / "model.safetensors").write_bytes(b"truncated")
+    result = export_cli(broken, tmp_path / "out")
+    assert result.returncode != 0 and "cannot load the checkpoint" in result.stderr
+    assert not (tmp_path / "out").exists()
+
+    (tmp_path / "exists").mkdir()
+    result = export_cli(tiny_checkpoint, tmp_path / "exists")
+    assert result.returncode != 0 and "--force" in result.stderr
+
+
+def test_cli_refuses_a_tokenizer_that_does_not_fit(tiny_checkpoint, tmp_path):
+    mismatched = tmp_path / "mismatched"
+    shutil.copytree(tiny_checkpoint, mismatched)
+    shutil.copyfile("model/default/spm.model", mismatched / "spm.model")
+    result = export_cli(mismatched, tmp_path / "out")
+    assert result.returncode != 0 and "the tokenizer has 8000 pieces but the model 120" in result.stderr
+
+
+def test_cli_refuses_a_variant_that_fails_parity(tiny_checkpoint, tmp_path):
+    # No int8 model reaches BLEU 100.1 against PyTorch: verification must fail and write nothing.
+    result = export_cli(tiny_checkpoint, tmp_path / "out", "--precision", "int8", "--min-bleu-vs-pytorch", "100.1")
+    assert result.returncode != 0
+    assert "int8 variant does not match PyTorch" in result.stderr and "Nothing was written" in result.stderr
+    assert not (tmp_path / "out").exists()
+    assert not list(tmp_path.glob(".out.staging-*"))
+
+
+def test_cli_writes_a_package(tiny_checkpoint, tmp_path):
+    result = export_cli(tiny_checkpoint, tmp_path / "pkg", "--precision", "fp32", "--name", "cli-tiny")
+    assert result.returncode == 0, result.stderr
+    assert "fp32:" in result.stdout and "wrote" in result.stdout
+    package = ModelPackage.load(tmp_path / "pkg")
+    assert package.precisions == ["fp32"] and package.name == "cli-tiny"
+    assert not (tmp_path / "pkg" / "int8").exists()
