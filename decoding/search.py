@@ -1,21 +1,22 @@
 """Greedy and beam search, one implementation for every backend.
 
-A backend holds one decoder row per live hypothesis and exposes two calls:
-``step(tokens) -> log_probs`` advances every row by one token, and ``select(rows)``
-keeps (and reorders, and duplicates) rows of its cache. The search decides; the backend
-computes. The PyTorch reference (model/generate.py) and the ONNX Runtime engine
-(server/engine) both plug in here, so they agree by construction.
+A backend holds one decoder row per live hypothesis and exposes:
+``step(tokens) -> log_probs`` advances every row by one token; ``select(rows)`` keeps
+(reorders, duplicates) rows of its cache. The search decides; the backend computes.
+The PyTorch reference (model/generate.py) and the ONNX Runtime engine (server/engine)
+both plug in here, so they agree by construction.
 
-Beam size 1 is greedy search. Sources with the same beam size are decoded as one
-vectorised group; a batch may mix groups. A source leaves the batch (its rows are
-dropped from the backend) as soon as it has ``beam_size`` finished hypotheses or
-reaches its length cap, so finished work costs nothing more.
+Beam size 1 is greedy search. Sources with the same beam size form one vectorised
+group, and a batch may mix groups. Sources may join a running search at any step
+(continuous batching: the backend appends their rows, ``Search.add`` adopts them) and
+leave it as soon as they have ``beam_size`` finished hypotheses, reach their length
+cap, or are cancelled, so finished work costs nothing more.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Protocol, Sequence
+from dataclasses import dataclass
+from typing import Hashable, Protocol, Sequence
 
 import numpy as np
 
@@ -56,22 +57,183 @@ class StepBackend(Protocol):
         """Keep these rows of the cache, in this order; a row may appear more than once."""
 
 
-@dataclass
 class _Group:
-    """The live sources that share one beam size; their rows are contiguous in the backend."""
+    """Live sources sharing one beam size k; their n*k rows are contiguous in the backend.
 
-    beam_size: int
-    sources: np.ndarray  # (n,) indices into the caller's source list
-    scores: np.ndarray  # (n, k) cumulative log-probabilities
-    history: np.ndarray  # (n, k, t) tokens generated so far
-    min_length: np.ndarray  # (n,)
-    max_length: np.ndarray  # (n,)
-    length_penalty: np.ndarray  # (n,)
-    finished: list[list[Hypothesis]] = field(default_factory=list)
+    history holds each source's tokens right-aligned: source i's are the last age[i] columns.
+    """
+
+    def __init__(self, beam_size: int):
+        self.k = beam_size
+        self.keys: list[Hashable] = []
+        self.scores = np.zeros((0, beam_size), np.float32)  # cumulative log-probabilities
+        self.history = np.zeros((0, beam_size, 0), np.int64)
+        self.age = np.zeros(0, np.int64)  # tokens generated so far
+        self.min_length = np.zeros(0, np.int64)
+        self.max_length = np.zeros(0, np.int64)
+        self.length_penalty = np.zeros(0, np.float64)
+        self.num_hypotheses: list[int] = []
+        self.finished: list[list[Hypothesis]] = []
 
     @property
     def rows(self) -> int:
-        return len(self.sources) * self.beam_size
+        return len(self.keys) * self.k
+
+    def append(self, keys: Sequence[Hashable], params: Sequence[DecodingParams]) -> None:
+        m = len(keys)
+        scores = np.full((m, self.k), -np.inf, np.float32)
+        scores[:, 0] = 0.0  # all beams start identical: only the first may expand at the first step
+        self.keys += list(keys)
+        self.scores = np.concatenate([self.scores, scores])
+        self.history = np.concatenate([self.history, np.zeros((m, self.k, self.history.shape[2]), np.int64)])
+        self.age = np.concatenate([self.age, np.zeros(m, np.int64)])
+        self.min_length = np.concatenate([self.min_length, [p.min_length for p in params]]).astype(np.int64)
+        self.max_length = np.concatenate([self.max_length, [p.max_length for p in params]]).astype(np.int64)
+        self.length_penalty = np.concatenate([self.length_penalty, [p.length_penalty for p in params]])
+        self.num_hypotheses += [p.num_hypotheses for p in params]
+        self.finished += [[] for _ in keys]
+
+    def keep(self, live: np.ndarray) -> None:
+        """Keep these sources (indices), dropping the rest."""
+        self.keys = [self.keys[i] for i in live]
+        self.num_hypotheses = [self.num_hypotheses[i] for i in live]
+        self.finished = [self.finished[i] for i in live]
+        for name in ("scores", "history", "age", "min_length", "max_length", "length_penalty"):
+            setattr(self, name, getattr(self, name)[live])
+        width = int(self.age.max(initial=0))
+        self.history = self.history[:, :, self.history.shape[2] - width :]  # drop columns no live source uses
+
+    def tokens_of(self, i: int, beam: int) -> tuple[int, ...]:
+        age = int(self.age[i])
+        return tuple(int(t) for t in self.history[i, beam, self.history.shape[2] - age :]) if age else ()
+
+    def advance(self, log_probs: np.ndarray, eos_id: int) -> tuple[np.ndarray, np.ndarray, list]:
+        """One step for this group. log_probs (n, k, V) is modified in place.
+
+        Returns the rows (relative to the group) to keep, each kept row's next token, and
+        the (key, hypotheses) of sources that finished.
+        """
+        n, k, vocab = log_probs.shape
+        log_probs[self.age < self.min_length, :, eos_id] = -np.inf
+        at_cap = self.age >= self.max_length
+        if at_cap.any():  # the length cap is reached: EOS is the only choice left
+            eos_scores = log_probs[at_cap, :, eos_id].copy()
+            log_probs[at_cap] = -np.inf
+            log_probs[at_cap, :, eos_id] = eos_scores
+
+        with np.errstate(over="ignore"):  # -inf scores of not-yet-distinct beams plus dtype-min log-probs
+            candidates = (self.scores[:, :, None] + log_probs).reshape(n, k * vocab)
+        if k == 1:
+            top = candidates.argmax(axis=1)[:, None]
+        else:
+            width = min(2 * k, k * vocab)  # at most k candidates end in EOS, so k others always remain
+            top = np.argpartition(-candidates, width - 1, axis=1)[:, :width]
+            top = np.take_along_axis(top, np.argsort(-np.take_along_axis(candidates, top, 1), axis=1, kind="stable"), 1)
+        top_scores = np.take_along_axis(candidates, top, 1)
+        beams, tokens = top // vocab, top % vocab
+        ends = tokens == eos_id
+
+        for i, j in zip(*np.nonzero(ends[:, :k] & np.isfinite(top_scores[:, :k]))):
+            length = int(self.age[i]) + 1
+            score = float(top_scores[i, j]) / length ** self.length_penalty[i]
+            self.finished[i].append(Hypothesis(self.tokens_of(i, int(beams[i, j])), score))
+
+        done = np.array([len(f) >= k for f in self.finished], dtype=bool) | at_cap
+        results = [
+            (self.keys[i], sorted(self.finished[i], key=lambda h: -h.score)[: self.num_hypotheses[i]])
+            for i in np.nonzero(done)[0]
+        ]
+        live = np.nonzero(~done)[0]
+        continuing = np.argsort(ends[live], axis=1, kind="stable")[:, :k]  # first k candidates not ending in EOS
+        live_beams = np.take_along_axis(beams[live], continuing, 1)
+        live_tokens = np.take_along_axis(tokens[live], continuing, 1)
+        history = np.concatenate(
+            [np.take_along_axis(self.history[live], live_beams[:, :, None], 1), live_tokens[:, :, None]], axis=2
+        )
+        scores = np.take_along_axis(top_scores[live], continuing, 1)
+        self.keep(live)
+        self.age += 1
+        self.history = history[:, :, history.shape[2] - int(self.age.max(initial=0)) :]
+        self.scores = scores
+        rows = (live[:, None] * k + live_beams).reshape(-1)
+        return rows, live_tokens.reshape(-1), results
+
+
+class Search:
+    """The decoding state of every live source on one backend."""
+
+    def __init__(self, backend: StepBackend, bos_id: int, eos_id: int):
+        self.backend = backend
+        self.bos_id, self.eos_id = bos_id, eos_id
+        self.groups: dict[int, _Group] = {}
+        self.tokens = np.zeros(0, np.int64)  # next input token of every backend row
+
+    @property
+    def rows(self) -> int:
+        return sum(g.rows for g in self.groups.values())
+
+    def __len__(self) -> int:
+        return sum(len(g.keys) for g in self.groups.values())
+
+    def add(self, keys: Sequence[Hashable], params: Sequence[DecodingParams]) -> None:
+        """Adopt new sources whose rows the backend has just appended, one row each, in order."""
+        existing = self.rows
+        by_beam: dict[int, list[int]] = {}
+        for j, p in enumerate(params):
+            by_beam.setdefault(p.beam_size, []).append(j)
+        layout, tokens, offset = [], [], 0
+        for k in sorted(set(self.groups) | set(by_beam)):
+            group = self.groups.setdefault(k, _Group(k))
+            old_rows = np.arange(offset, offset + group.rows)
+            offset += group.rows
+            new = by_beam.get(k, [])
+            layout += [old_rows, np.repeat(existing + np.array(new, dtype=np.int64), k)]
+            tokens += [self.tokens[old_rows], np.full(len(new) * k, self.bos_id, np.int64)]
+            group.append([keys[j] for j in new], [params[j] for j in new])
+        self.groups = dict(sorted(self.groups.items()))
+        self._select(np.concatenate(layout), existing + len(keys))
+        self.tokens = np.concatenate(tokens)
+
+    def step(self) -> list[tuple[Hashable, list[Hypothesis]]]:
+        """Advance every live source by one token; returns the sources that finished."""
+        log_probs = self.backend.step(self.tokens)
+        kept, next_tokens, finished, offset = [], [], [], 0
+        for group in self.groups.values():
+            rows = group.rows
+            group_log_probs = log_probs[offset : offset + rows].reshape(len(group.keys), group.k, -1)
+            kept_rows, tokens, results = group.advance(group_log_probs, self.eos_id)
+            kept.append(kept_rows + offset)
+            next_tokens.append(tokens)
+            finished += results
+            offset += rows
+        self._forget_empty_groups()
+        self._select(np.concatenate(kept) if kept else np.zeros(0, np.int64), offset)
+        self.tokens = np.concatenate(next_tokens) if next_tokens else np.zeros(0, np.int64)
+        return finished
+
+    def cancel(self, keys: set) -> list[Hashable]:
+        """Drop these sources if live; returns the keys that were dropped."""
+        kept, tokens, dropped, offset = [], [], [], 0
+        for group in self.groups.values():
+            live = np.array([i for i, key in enumerate(group.keys) if key not in keys], dtype=np.int64)
+            dropped += [key for key in group.keys if key in keys]
+            rows = (offset + live[:, None] * group.k + np.arange(group.k)).reshape(-1)
+            kept.append(rows)
+            tokens.append(self.tokens[rows])
+            offset += group.rows
+            group.keep(live)
+        if dropped:
+            self._forget_empty_groups()
+            self._select(np.concatenate(kept), offset)
+            self.tokens = np.concatenate(tokens)
+        return dropped
+
+    def _forget_empty_groups(self) -> None:
+        self.groups = {k: g for k, g in self.groups.items() if g.keys}
+
+    def _select(self, rows: np.ndarray, current_rows: int) -> None:
+        if not np.array_equal(rows, np.arange(current_rows)):
+            self.backend.select(rows)
 
 
 def search(backend: StepBackend, params: Sequence[DecodingParams], bos_id: int, eos_id: int) -> list[list[Hypothesis]]:
@@ -79,104 +241,10 @@ def search(backend: StepBackend, params: Sequence[DecodingParams], bos_id: int, 
 
     Returns, per source, its best ``num_hypotheses`` hypotheses, best first.
     """
+    state = Search(backend, bos_id, eos_id)
+    state.add(list(range(len(params))), params)
     results: list[list[Hypothesis]] = [[] for _ in params]
-    groups = _make_groups(params)
-    initial_rows = np.concatenate([np.repeat(g.sources, g.beam_size) for g in groups])
-    if not np.array_equal(initial_rows, np.arange(len(params))):
-        backend.select(initial_rows)
-    tokens = np.full(len(initial_rows), bos_id, dtype=np.int64)
-    step = 0
-    while groups:
-        log_probs = backend.step(tokens)
-        kept_rows, next_tokens, live_groups, offset = [], [], [], 0
-        for group in groups:
-            group_rows = group.rows
-            group_log_probs = log_probs[offset : offset + group_rows].reshape(len(group.sources), group.beam_size, -1)
-            rows, group_tokens = _advance(group, group_log_probs, step, eos_id, results, params)
-            kept_rows.append(rows + offset)
-            next_tokens.append(group_tokens)
-            if len(group.sources):
-                live_groups.append(group)
-            offset += group_rows
-        groups = live_groups
-        if not groups:
-            break
-        backend.select(np.concatenate(kept_rows))
-        tokens = np.concatenate(next_tokens)
-        step += 1
+    while len(state):
+        for key, hypotheses in state.step():
+            results[key] = hypotheses
     return results
-
-
-def _make_groups(params: Sequence[DecodingParams]) -> list[_Group]:
-    groups = []
-    for beam_size in sorted({p.beam_size for p in params}):
-        sources = np.array([i for i, p in enumerate(params) if p.beam_size == beam_size])
-        scores = np.full((len(sources), beam_size), -np.inf, dtype=np.float32)
-        scores[:, 0] = 0.0  # all beams start identical: only the first may expand at step 0
-        groups.append(
-            _Group(
-                beam_size=beam_size,
-                sources=sources,
-                scores=scores,
-                history=np.zeros((len(sources), beam_size, 0), dtype=np.int64),
-                min_length=np.array([params[i].min_length for i in sources]),
-                max_length=np.array([params[i].max_length for i in sources]),
-                length_penalty=np.array([params[i].length_penalty for i in sources], dtype=np.float64),
-                finished=[[] for _ in sources],
-            )
-        )
-    return groups
-
-
-def _advance(group, log_probs, step, eos_id, results, params):
-    """One search step for one group. log_probs (n, k, V) is modified in place.
-
-    Returns the backend rows (relative to the group) to keep and the next token of each.
-    """
-    n, k, vocab = log_probs.shape
-    too_short = step < group.min_length
-    log_probs[too_short, :, eos_id] = -np.inf
-    at_cap = step >= group.max_length
-    if at_cap.any():  # the length cap is reached: EOS is the only choice left
-        eos_scores = log_probs[at_cap, :, eos_id].copy()
-        log_probs[at_cap] = -np.inf
-        log_probs[at_cap, :, eos_id] = eos_scores
-
-    with np.errstate(over="ignore"):  # -inf scores of not-yet-distinct beams plus dtype-min log-probs
-        candidates = (group.scores[:, :, None] + log_probs).reshape(n, k * vocab)
-    if k == 1:
-        top = candidates.argmax(axis=1)[:, None]
-    else:
-        width = min(2 * k, k * vocab)  # 2k: at most k candidates end in EOS, so k others always remain
-        top = np.argpartition(-candidates, width - 1, axis=1)[:, :width]
-        top = np.take_along_axis(top, np.argsort(-np.take_along_axis(candidates, top, 1), axis=1, kind="stable"), 1)
-    top_scores = np.take_along_axis(candidates, top, 1)
-    beams, tokens = top // vocab, top % vocab
-    ends = tokens == eos_id
-
-    final = ends[:, :k] & np.isfinite(top_scores[:, :k])
-    for i, j in zip(*np.nonzero(final)):
-        length = step + 1
-        normalised = float(top_scores[i, j]) / length ** group.length_penalty[i]
-        group.finished[i].append(Hypothesis(tuple(int(t) for t in group.history[i, beams[i, j]]), normalised))
-
-    done = np.array([len(f) >= k for f in group.finished]) | at_cap
-    for i in np.nonzero(done)[0]:
-        source = int(group.sources[i])
-        ranked = sorted(group.finished[i], key=lambda h: -h.score)
-        results[source] = ranked[: params[source].num_hypotheses]
-
-    live = np.nonzero(~done)[0]
-    continuing = np.argsort(ends[live], axis=1, kind="stable")[:, :k]  # first k candidates not ending in EOS
-    live_beams = np.take_along_axis(beams[live], continuing, 1)
-    live_tokens = np.take_along_axis(tokens[live], continuing, 1)
-    group.scores = np.take_along_axis(top_scores[live], continuing, 1)
-    group.history = np.concatenate(
-        [np.take_along_axis(group.history[live], live_beams[:, :, None], 1), live_tokens[:, :, None]], axis=2
-    )
-    group.sources = group.sources[live]
-    group.min_length, group.max_length = group.min_length[live], group.max_length[live]
-    group.length_penalty = group.length_penalty[live]
-    group.finished = [group.finished[i] for i in live]
-    rows = (live[:, None] * k + live_beams).reshape(-1)
-    return rows, live_tokens.reshape(-1)

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Hashable, Sequence
 
-from decoding import DecodingParams, Hypothesis, search
+from decoding import DecodingParams, Hypothesis
 from decoding.padding import pad_batch
+from decoding.search import Search
 from decoding.tokenizer import Tokenizer
 from export.package import ModelPackage
 from server.engine.backend import OnnxStepBackend
@@ -37,21 +38,39 @@ class Engine:
         special = package.special_tokens
         self.pad_id, self.bos_id, self.eos_id = special["pad"], special["bos"], special["eos"]
 
-    def decode(self, sources: Sequence[Sequence[int]], params: Sequence[DecodingParams]) -> list[list[Hypothesis]]:
-        """Token-id sources (EOS appended here), one DecodingParams each."""
-        too_long = [len(s) for s in sources if len(s) + 1 > self.package.max_source_tokens]
+    @property
+    def max_source_tokens(self) -> int:
+        """Longest source text, in tokens (one position is taken by the EOS appended to it)."""
+        return self.package.max_source_tokens - 1
+
+    def new_search(self) -> Search:
+        """An empty decode batch that sources can join at any step (see admit)."""
+        return Search(OnnxStepBackend(self.sessions), self.bos_id, self.eos_id)
+
+    def admit(self, batch: Search, keys: Sequence[Hashable], sources: Sequence[Sequence[int]],
+              params: Sequence[DecodingParams]) -> None:
+        """Encode token-id sources (EOS appended here) and add them to a running batch."""
+        too_long = [len(s) for s in sources if len(s) > self.max_source_tokens]
         if too_long:
-            raise ValueError(f"source of {max(too_long)} tokens exceeds the model's limit of "
-                             f"{self.package.max_source_tokens - 1}")
+            raise ValueError(f"source of {max(too_long)} tokens exceeds the model's limit of {self.max_source_tokens}")
+        batch.backend.extend(pad_batch([list(s) + [self.eos_id] for s in sources], self.pad_id))
+        batch.add(keys, params)
+
+    def decode(self, sources: Sequence[Sequence[int]], params: Sequence[DecodingParams]) -> list[list[Hypothesis]]:
+        """Decode a fixed batch to completion (offline use); one DecodingParams per source."""
+        results: list[list[Hypothesis]] = [[] for _ in sources]
         if not sources:
-            return []
-        src = pad_batch([list(s) + [self.eos_id] for s in sources], self.pad_id)
-        return search(OnnxStepBackend(self.sessions, src), params, self.bos_id, self.eos_id)
+            return results
+        batch = self.new_search()
+        self.admit(batch, range(len(sources)), sources, params)
+        while len(batch):
+            for key, hypotheses in batch.step():
+                results[key] = hypotheses
+        return results
+
+    def detokenize(self, hypotheses: Sequence[Hypothesis]) -> list[TextHypothesis]:
+        texts = self.tokenizer.decode([h.tokens for h in hypotheses])
+        return [TextHypothesis(text, h.score, len(h.tokens)) for h, text in zip(hypotheses, texts)]
 
     def translate(self, texts: Sequence[str], params: Sequence[DecodingParams]) -> list[list[TextHypothesis]]:
-        results = self.decode(self.tokenizer.encode(texts), params)
-        return [
-            [TextHypothesis(text, h.score, len(h.tokens))
-             for h, text in zip(hyps, self.tokenizer.decode([h.tokens for h in hyps]))]
-            for hyps in results
-        ]
+        return [self.detokenize(hyps) for hyps in self.decode(self.tokenizer.encode(texts), params)]

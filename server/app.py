@@ -1,0 +1,100 @@
+"""Wiring: models, schedulers, the gRPC server (Translator, Health, reflection), metrics, shutdown."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from decoding import DecodingParams
+from parley.v1 import translate_pb2 as pb
+from parley.v1 import translate_pb2_grpc as pb_grpc
+from server.config import ServerConfig
+from server.metrics import Metrics
+from server.models import ModelRegistry, load_models
+from server.servicer import TranslatorServicer
+
+log = logging.getLogger("parley.server")
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Translator"].full_name
+
+
+class ParleyServer:
+    """Start: load and warm up every model, then serve. Stop: drain, then exit."""
+
+    def __init__(self, config: ServerConfig, metrics: Metrics | None = None):
+        self.config = config
+        self.metrics = metrics or Metrics()
+        self.registry: ModelRegistry | None = None
+        self.health = health.aio.HealthServicer()
+        self.grpc_server: grpc.aio.Server | None = None
+        self.servicer: TranslatorServicer | None = None
+        self.metrics_http = None
+        self.port: int | None = None
+        self._stopped = asyncio.Event()
+
+    async def start(self) -> None:
+        for service in ("", SERVICE_NAME):
+            await self.health.set(service, health_pb2.HealthCheckResponse.NOT_SERVING)
+        self.grpc_server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.grpc_server)
+        reflection.enable_server_reflection(
+            [SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME],
+            self.grpc_server)
+        address = f"{self.config.host}:{self.config.port}"
+        self.port = (self.grpc_server.add_secure_port(address, self._credentials()) if self.config.tls_cert
+                     else self.grpc_server.add_insecure_port(address))
+        if self.config.metrics_port:
+            self.metrics_http = self.metrics.serve(self.config.metrics_port)
+        # Models load while Health already answers NOT_SERVING, so probes see the server starting.
+        self.registry = await asyncio.to_thread(load_models, self.config, self.metrics)
+        self.servicer = TranslatorServicer(self.registry, self.config, self.metrics)
+        pb_grpc.add_TranslatorServicer_to_server(self.servicer, self.grpc_server)
+        await self.grpc_server.start()
+        for model in self.registry:
+            await asyncio.to_thread(model.engine.translate, ["Warm-up."], [DecodingParams(beam_size=2, max_length=8)])
+            model.scheduler.start()
+        for service in ("", SERVICE_NAME):
+            await self.health.set(service, health_pb2.HealthCheckResponse.SERVING)
+        log.info("serving", extra={"port": self.port, "models": [m.name for m in self.registry],
+                                   "default_model": self.registry.default, "tls": bool(self.config.tls_cert)})
+
+    def _credentials(self) -> grpc.ServerCredentials:
+        key, cert = self.config.tls_key.read_bytes(), self.config.tls_cert.read_bytes()
+        client_ca = self.config.tls_client_ca.read_bytes() if self.config.tls_client_ca else None
+        return grpc.ssl_server_credentials([(key, cert)], root_certificates=client_ca,
+                                           require_client_auth=client_ca is not None)
+
+    async def stop(self) -> None:
+        """Graceful: NOT_SERVING, refuse new calls (UNAVAILABLE), let in-flight ones finish within the grace period."""
+        if self._stopped.is_set():
+            return
+        log.info("draining", extra={"grace_period_s": self.config.grace_period_s})
+        await self.health.enter_graceful_shutdown()
+        if self.servicer:
+            self.servicer.draining = True
+        for model in self.registry or []:
+            model.scheduler.stop_accepting()
+        if self.grpc_server:
+            await self.grpc_server.stop(self.config.grace_period_s)
+        for model in self.registry or []:
+            await asyncio.to_thread(model.scheduler.stop)
+        if self.metrics_http:
+            self.metrics_http.shutdown()
+        self._stopped.set()
+        log.info("stopped")
+
+    async def wait(self) -> None:
+        await self._stopped.wait()
+
+
+async def serve(config: ServerConfig) -> None:
+    server = ParleyServer(config)
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, lambda: asyncio.ensure_future(server.stop()))
+    await server.start()
+    await server.wait()

@@ -1,0 +1,25 @@
+"""python -m server: parse flags and PARLEY_* variables, then serve until SIGTERM/SIGINT."""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+from typing import Sequence
+
+from export.package import PackageError
+from server.app import serve
+from server.config import parse_config
+from server.logs import configure_logging
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    config = parse_config(argv)
+    configure_logging(config.log_level, config.log_format)
+    try:
+        asyncio.run(serve(config))
+    except (FileNotFoundError, PackageError, ValueError, RuntimeError) as error:
+        sys.exit(f"parley-server: {error}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,96 @@
+"""Server configuration: one typed object, built once from flags and PARLEY_* environment variables."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    host: str = field(default="[::]", metadata={"help": "address to bind the gRPC server to"})
+    port: int = field(default=50051, metadata={"help": "gRPC port"})
+    metrics_port: int = field(default=8000, metadata={"help": "Prometheus /metrics port (0: off)"})
+    model_repository: Path = field(default=Path("models"), metadata={"help": "directory of model packages"})
+    default_model: str = field(default="", metadata={"help": "model used when a request names none "
+                                                              "(default: the only or first model)"})
+    device: str = field(default="auto", metadata={"help": "auto, cpu or cuda"})
+    precision: str = field(default="auto", metadata={"help": "auto (int8 on CPU, fp16 on CUDA), fp32, int8, fp16"})
+    threads: int = field(default=0, metadata={"help": "ONNX Runtime intra-op threads (0: one per core)"})
+    max_batch_rows: int = field(default=64, metadata={"help": "decoder rows (texts x beams) per engine step"})
+    max_batch_tokens: int = field(default=4096, metadata={"help": "source tokens x beams per engine step"})
+    max_queue_delay_ms: float = field(default=5.0, metadata={"help": "how long an idle engine waits to fill a batch"})
+    queue_limit: int = field(default=2048, metadata={"help": "texts waiting per model before RESOURCE_EXHAUSTED"})
+    max_texts_per_request: int = field(default=64, metadata={"help": "texts in one request"})
+    max_tokens_per_text: int = field(default=200, metadata={"help": "subword tokens in one text"})
+    max_beam_size: int = field(default=8, metadata={"help": "largest beam a request may ask for"})
+    default_beam_size: int = field(default=4, metadata={"help": "beam size when a request says 0"})
+    max_output_tokens: int = field(default=256, metadata={"help": "hard cap on generated tokens per text"})
+    grace_period_s: float = field(default=20.0, metadata={"help": "how long in-flight calls may finish on shutdown"})
+    tls_cert: Path | None = field(default=None, metadata={"help": "PEM certificate chain (enables TLS)"})
+    tls_key: Path | None = field(default=None, metadata={"help": "PEM private key"})
+    tls_client_ca: Path | None = field(default=None, metadata={"help": "PEM CA bundle: require client certs (mTLS)"})
+    log_level: str = field(default="info", metadata={"help": "debug, info, warning, error"})
+    log_format: str = field(default="json", metadata={"help": "json (one object a line) or text"})
+
+    def __post_init__(self) -> None:
+        problems = []
+        if self.device not in ("auto", "cpu", "cuda"):
+            problems.append(f"device must be auto, cpu or cuda, got {self.device!r}")
+        if self.precision not in ("auto", "fp32", "int8", "fp16"):
+            problems.append(f"precision must be auto, fp32, int8 or fp16, got {self.precision!r}")
+        for name in ("max_batch_rows", "max_batch_tokens", "queue_limit", "max_texts_per_request",
+                     "max_tokens_per_text", "max_beam_size", "max_output_tokens"):
+            if getattr(self, name) < 1:
+                problems.append(f"{name} must be >= 1")
+        if not 1 <= self.default_beam_size <= self.max_beam_size:
+            problems.append(f"default_beam_size must be between 1 and max_beam_size ({self.max_beam_size})")
+        if self.max_beam_size > self.max_batch_rows:
+            problems.append("max_beam_size must not exceed max_batch_rows")
+        if self.max_tokens_per_text * self.max_beam_size > self.max_batch_tokens:
+            problems.append(f"max_batch_tokens ({self.max_batch_tokens}) must hold one text of max_tokens_per_text "
+                            f"x max_beam_size ({self.max_tokens_per_text * self.max_beam_size})")
+        if bool(self.tls_cert) != bool(self.tls_key):
+            problems.append("tls_cert and tls_key go together")
+        if self.tls_client_ca and not self.tls_cert:
+            problems.append("tls_client_ca needs tls_cert and tls_key")
+        if self.log_format not in ("json", "text"):
+            problems.append("log_format must be json or text")
+        if problems:
+            raise ValueError("invalid configuration: " + "; ".join(problems))
+
+
+def env_name(field_name: str) -> str:
+    return "PARLEY_" + field_name.upper()
+
+
+def parse_config(argv: Sequence[str] | None = None, environ: dict | None = None) -> ServerConfig:
+    """Flags win over PARLEY_<FLAG> environment variables, which win over defaults."""
+    environ = os.environ if environ is None else environ
+    parser = argparse.ArgumentParser(prog="parley-server", description="Serve Parley model packages over gRPC.")
+    for f in dataclasses.fields(ServerConfig):
+        kind = {"int": int, "float": float}.get(str(f.type), str)
+        if "Path" in str(f.type):
+            kind = Path
+        flag = "--" + f.name.replace("_", "-")
+        parser.add_argument(flag, type=kind, default=None, help=f"{f.metadata['help']} [{env_name(f.name)}]")
+    args = parser.parse_args(argv)
+    values = {}
+    for f in dataclasses.fields(ServerConfig):
+        value = getattr(args, f.name)
+        if value is None and env_name(f.name) in environ:
+            raw = environ[env_name(f.name)]
+            try:
+                value = parser._option_string_actions["--" + f.name.replace("_", "-")].type(raw)
+            except ValueError:
+                parser.error(f"{env_name(f.name)}={raw!r} is not a valid {f.name}")
+        if value is not None:
+            values[f.name] = value
+    try:
+        return ServerConfig(**values)
+    except ValueError as error:
+        parser.error(str(error))

@@ -1,0 +1,84 @@
+"""The model repository: every package under one directory, each with its engine and scheduler."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+from export.package import MANIFEST_FILE, ModelPackage
+from server.config import ServerConfig
+from server.engine.engine import Engine
+from server.errors import ModelNotFound
+from server.metrics import Metrics
+from server.scheduler import Scheduler
+
+log = logging.getLogger("parley.models")
+
+
+@dataclass
+class LoadedModel:
+    name: str
+    package: ModelPackage
+    engine: Engine
+    scheduler: Scheduler
+
+    @property
+    def max_input_tokens(self) -> int:
+        return self.engine.max_source_tokens
+
+
+class ModelRegistry:
+    def __init__(self, models: list[LoadedModel], default: str):
+        self.models = {m.name: m for m in models}
+        self.default = default
+
+    def resolve(self, name: str, source_language: str = "", target_language: str = "") -> LoadedModel:
+        if name:
+            if name not in self.models:
+                raise ModelNotFound(f"no model named '{name}'; this server has: {', '.join(sorted(self.models))}")
+            return self.models[name]
+        if source_language or target_language:
+            matches = [m for m in self.models.values()
+                       if source_language in ("", m.package.source_language)
+                       and target_language in ("", m.package.target_language)]
+            if not matches:
+                pairs = ", ".join(f"{m.package.source_language}->{m.package.target_language}" for m in self.models.values())
+                raise ModelNotFound(f"no model translates {source_language or '*'}->{target_language or '*'}; "
+                                    f"this server has: {pairs}")
+            return self.models[self.default] if self.models[self.default] in matches else matches[0]
+        return self.models[self.default]
+
+    def __iter__(self):
+        return iter(self.models.values())
+
+
+def find_packages(repository: Path) -> list[Path]:
+    """Package directories in a repository (or the repository itself, if it is one package)."""
+    if (repository / MANIFEST_FILE).is_file():
+        return [repository]
+    return sorted(p.parent for p in repository.glob(f"*/{MANIFEST_FILE}"))
+
+
+def load_models(config: ServerConfig, metrics: Metrics) -> ModelRegistry:
+    paths = find_packages(config.model_repository)
+    if not paths:
+        raise FileNotFoundError(f"no model packages in {config.model_repository} (a package is a directory with "
+                                f"{MANIFEST_FILE}; build the default one with `make export`)")
+    models = []
+    for path in paths:
+        package = ModelPackage.load(path)
+        engine = Engine(package, precision=None if config.precision == "auto" else config.precision,
+                        device=None if config.device == "auto" else config.device, threads=config.threads)
+        models.append(LoadedModel(package.name, package, engine, Scheduler(package.name, engine, config, metrics)))
+        metrics.model_info.labels(package.name, f"{package.name}/{engine.precision}", engine.precision,
+                                  engine.device).set(1)
+        log.info("loaded model", extra={"model": package.name, "precision": engine.precision,
+                                        "device": engine.device, "path": str(path)})
+    names = [m.name for m in models]
+    if len(set(names)) != len(names):
+        raise ValueError(f"model names must be unique in {config.model_repository}: {names}")
+    default = config.default_model or names[0]
+    if default not in names:
+        raise ValueError(f"default model '{default}' is not in {config.model_repository} (has {', '.join(names)})")
+    return ModelRegistry(models, default)

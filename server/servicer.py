@@ -1,0 +1,129 @@
+"""The gRPC Translator service: validate, queue, await, answer. No tensors here."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import AsyncIterator
+
+import grpc
+
+from parley.v1 import translate_pb2 as pb
+from parley.v1 import translate_pb2_grpc as pb_grpc
+from server.config import ServerConfig
+from server.errors import ServingError, Unavailable
+from server.metrics import Metrics
+from server.models import LoadedModel, ModelRegistry
+from server.requests import ValidatedRequest, empty_translation, translation_pb, validate
+from server.scheduler import Row
+
+log = logging.getLogger("parley.rpc")
+
+
+async def _indexed(index: int, future: asyncio.Future):
+    return index, await future
+
+
+class TranslatorServicer(pb_grpc.TranslatorServicer):
+    def __init__(self, registry: ModelRegistry, config: ServerConfig, metrics: Metrics):
+        self.registry, self.config, self.metrics = registry, config, metrics
+        self.draining = False
+
+    async def Translate(self, request: pb.TranslateRequest, context) -> pb.TranslateResponse:
+        started, model_label = time.perf_counter(), "unknown"
+        try:
+            validated = self._accept(request)
+            model_label = validated.model.name
+            with self._inflight(model_label):
+                futures, rows = self._submit(validated, context)
+                try:
+                    results = await asyncio.gather(*futures)
+                finally:
+                    self._cancel_unfinished(validated.model, rows)
+            response = pb.TranslateResponse(model=validated.model.name,
+                                            translations=[translation_pb(i, r) for i, r in enumerate(results)])
+        except BaseException as error:
+            await self._fail(error, context, model_label, "Translate", started)
+        self._record(model_label, "Translate", grpc.StatusCode.OK, started)
+        return response
+
+    async def TranslateStream(self, request: pb.TranslateRequest, context) -> AsyncIterator[pb.TranslateResponse]:
+        started, model_label = time.perf_counter(), "unknown"
+        try:
+            validated = self._accept(request)
+            model_label = validated.model.name
+            with self._inflight(model_label):
+                futures, rows = self._submit(validated, context)
+                try:
+                    for done in asyncio.as_completed([_indexed(i, f) for i, f in enumerate(futures)]):
+                        index, result = await done
+                        yield pb.TranslateResponse(model=validated.model.name,
+                                                   translations=[translation_pb(index, result)])
+                finally:
+                    self._cancel_unfinished(validated.model, rows)
+        except BaseException as error:
+            await self._fail(error, context, model_label, "TranslateStream", started)
+        self._record(model_label, "TranslateStream", grpc.StatusCode.OK, started)
+
+    async def ListModels(self, request: pb.ListModelsRequest, context) -> pb.ListModelsResponse:
+        started = time.perf_counter()
+        response = pb.ListModelsResponse(models=[
+            pb.ModelInfo(name=m.name, source_language=m.package.source_language,
+                         target_language=m.package.target_language, precision=m.engine.precision,
+                         device=m.engine.device, is_default=m.name == self.registry.default,
+                         max_input_tokens=min(self.config.max_tokens_per_text, m.max_input_tokens),
+                         max_output_tokens=min(self.config.max_output_tokens, m.package.max_output_tokens))
+            for m in self.registry
+        ])
+        self._record("", "ListModels", grpc.StatusCode.OK, started)
+        return response
+
+    def _accept(self, request: pb.TranslateRequest) -> ValidatedRequest:
+        if self.draining:
+            raise Unavailable("the server is shutting down; retry on another replica")
+        model = self.registry.resolve(request.model, request.source_language, request.target_language)
+        return validate(request, model, self.config)
+
+    def _submit(self, validated: ValidatedRequest, context) -> tuple[list[asyncio.Future], list[Row]]:
+        """One future per text: empty texts are answered at once, the rest queued together."""
+        loop = asyncio.get_running_loop()
+        remaining = context.time_remaining()
+        deadline = time.monotonic() + remaining if remaining is not None else None
+        futures, rows = [], []
+        for ids, params in zip(validated.token_ids, validated.params):
+            future = loop.create_future()
+            if ids:
+                rows.append(Row(ids, params, future, deadline))
+            else:
+                future.set_result(empty_translation())
+            futures.append(future)
+        validated.model.scheduler.submit(rows)
+        self.metrics.input_tokens.labels(validated.model.name).inc(sum(len(ids) for ids in validated.token_ids))
+        return futures, rows
+
+    @staticmethod
+    def _cancel_unfinished(model: LoadedModel, rows: list[Row]) -> None:
+        """The call is over (answered, failed, cancelled or expired): stop the work that is left."""
+        keys = {row.key for row in rows if not row.answered}  # futures may be cancelled, rows still running
+        if keys:
+            model.scheduler.cancel(keys)
+
+    def _inflight(self, model: str):
+        return self.metrics.inflight.labels(model).track_inprogress()
+
+    async def _fail(self, error: BaseException, context, model: str, method: str, started: float):
+        if isinstance(error, asyncio.CancelledError):
+            self._record(model, method, grpc.StatusCode.CANCELLED, started)
+            raise error
+        if isinstance(error, ServingError):
+            code, message = error.code, str(error)
+        else:
+            log.exception("unexpected error", extra={"model": model, "method": method})
+            code, message = grpc.StatusCode.INTERNAL, f"internal error: {type(error).__name__}"
+        self._record(model, method, code, started)
+        await context.abort(code, message)
+
+    def _record(self, model: str, method: str, code: grpc.StatusCode, started: float) -> None:
+        self.metrics.requests.labels(model, method, code.name).inc()
+        self.metrics.request_duration.labels(model, method).observe(time.perf_counter() - started)
