@@ -19,10 +19,20 @@ $(READY): requirements/serve.txt requirements/dev.txt pyproject.toml
 	$(BIN)/pip install --quiet --no-deps --no-build-isolation -e .
 	touch $@
 
-setup: $(READY)
+# gRPC code is generated from proto/ at build time, never committed.
+GENERATED := parley/v1/translate_pb2.py
+$(GENERATED): proto/parley/v1/translate.proto $(READY)
+	$(BIN)/python -m server.proto_build
+
+setup: $(READY) $(GENERATED)
+
+proto: $(GENERATED)
 
 test: setup
 	$(BIN)/python -m pytest
+
+serve: setup export
+	$(BIN)/python -m server --model-repository $(REPOSITORY)
 
 eval: setup
 	$(BIN)/python -m model.evaluate $(MODEL_DIR) --data-dir $(DATA_DIR)
@@ -30,7 +40,7 @@ eval: setup
 train: setup
 	$(BIN)/python -m model.train --data-dir $(DATA_DIR) --out-dir runs/en-de --dropout 0.3
 
-export: $(PACKAGE)/manifest.json
+export: setup $(PACKAGE)/manifest.json
 
 # The default model's package: built from the committed checkpoint, verified on Multi30k val.
 $(PACKAGE)/manifest.json: $(READY) $(wildcard $(MODEL_DIR)/*)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
+import time
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -34,6 +35,7 @@ class ParleyServer:
         self.servicer: TranslatorServicer | None = None
         self.metrics_http = None
         self.port: int | None = None
+        self._stopping = False
         self._stopped = asyncio.Event()
 
     async def start(self) -> None:
@@ -69,17 +71,25 @@ class ParleyServer:
                                            require_client_auth=client_ca is not None)
 
     async def stop(self) -> None:
-        """Graceful: NOT_SERVING, refuse new calls (UNAVAILABLE), let in-flight ones finish within the grace period."""
-        if self._stopped.is_set():
-            return
+        """Graceful: NOT_SERVING, refuse new calls (UNAVAILABLE), let in-flight ones finish within the grace period.
+
+        The port stays open while in-flight calls finish, so health checks see NOT_SERVING
+        and load balancers move traffic away; then the gRPC server stops.
+        """
+        if self._stopping:
+            return await self._stopped.wait()
+        self._stopping = True
+        deadline = time.monotonic() + self.config.grace_period_s
         log.info("draining", extra={"grace_period_s": self.config.grace_period_s})
         await self.health.enter_graceful_shutdown()
         if self.servicer:
             self.servicer.draining = True
         for model in self.registry or []:
             model.scheduler.stop_accepting()
+        while self.servicer and self.servicer.active_calls and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
         if self.grpc_server:
-            await self.grpc_server.stop(self.config.grace_period_s)
+            await self.grpc_server.stop(max(deadline - time.monotonic(), 0.0))
         for model in self.registry or []:
             await asyncio.to_thread(model.scheduler.stop)
         if self.metrics_http:

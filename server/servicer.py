@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from typing import AsyncIterator
@@ -29,6 +30,7 @@ class TranslatorServicer(pb_grpc.TranslatorServicer):
     def __init__(self, registry: ModelRegistry, config: ServerConfig, metrics: Metrics):
         self.registry, self.config, self.metrics = registry, config, metrics
         self.draining = False
+        self.active_calls = 0  # Translate/TranslateStream calls between acceptance and answer
 
     async def Translate(self, request: pb.TranslateRequest, context) -> pb.TranslateResponse:
         started, model_label = time.perf_counter(), "unknown"
@@ -109,8 +111,14 @@ class TranslatorServicer(pb_grpc.TranslatorServicer):
         if keys:
             model.scheduler.cancel(keys)
 
+    @contextlib.contextmanager
     def _inflight(self, model: str):
-        return self.metrics.inflight.labels(model).track_inprogress()
+        self.active_calls += 1
+        try:
+            with self.metrics.inflight.labels(model).track_inprogress():
+                yield
+        finally:
+            self.active_calls -= 1
 
     async def _fail(self, error: BaseException, context, model: str, method: str, started: float):
         if isinstance(error, asyncio.CancelledError):

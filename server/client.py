@@ -1,0 +1,87 @@
+"""A command-line client: python -m server.client "A man is riding a bike." [options]
+
+Texts come from the arguments, or one a line from standard input.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Sequence
+
+import grpc
+
+from parley.v1 import translate_pb2 as pb
+from parley.v1 import translate_pb2_grpc as pb_grpc
+
+
+def channel(address: str, ca: Path | None, cert: Path | None, key: Path | None) -> grpc.Channel:
+    if not ca and not cert:
+        return grpc.insecure_channel(address)
+    credentials = grpc.ssl_channel_credentials(
+        root_certificates=ca.read_bytes() if ca else None,
+        private_key=key.read_bytes() if key else None,
+        certificate_chain=cert.read_bytes() if cert else None,
+    )
+    return grpc.secure_channel(address, credentials)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    p = argparse.ArgumentParser(prog="parley-client", description="Translate texts with a Parley server.")
+    p.add_argument("texts", nargs="*", help="texts to translate (default: read lines from stdin)")
+    p.add_argument("--address", default="localhost:50051")
+    p.add_argument("--model", default="", help="model name (default: the server's default)")
+    p.add_argument("--source-language", default="")
+    p.add_argument("--target-language", default="")
+    p.add_argument("--beam", type=int, default=0, help="beam size; 1 is greedy, 0 the server's default")
+    p.add_argument("--n-best", type=int, default=1, help="hypotheses per text")
+    p.add_argument("--length-penalty", type=float)
+    p.add_argument("--max-output-tokens", type=int, default=0)
+    p.add_argument("--stream", action="store_true", help="print each translation as soon as it is done")
+    p.add_argument("--json", action="store_true", help="print JSON lines with scores and token counts")
+    p.add_argument("--timeout", type=float, default=30.0, help="deadline in seconds")
+    p.add_argument("--list-models", action="store_true")
+    p.add_argument("--tls-ca", type=Path, help="CA bundle to verify the server (enables TLS)")
+    p.add_argument("--tls-cert", type=Path, help="client certificate, for mTLS")
+    p.add_argument("--tls-key", type=Path, help="client private key, for mTLS")
+    args = p.parse_args(argv)
+
+    stub = pb_grpc.TranslatorStub(channel(args.address, args.tls_ca, args.tls_cert, args.tls_key))
+    try:
+        if args.list_models:
+            for m in stub.ListModels(pb.ListModelsRequest(), timeout=args.timeout).models:
+                default = " (default)" if m.is_default else ""
+                print(f"{m.name}{default}: {m.source_language}->{m.target_language} {m.precision} on {m.device}")
+            return
+        texts = args.texts or [line.rstrip("\n") for line in sys.stdin]
+        options = pb.DecodingOptions(beam_size=args.beam, num_hypotheses=args.n_best,
+                                     max_output_tokens=args.max_output_tokens)
+        if args.length_penalty is not None:
+            options.length_penalty = args.length_penalty
+        request = pb.TranslateRequest(texts=texts, model=args.model, options=options,
+                                      source_language=args.source_language, target_language=args.target_language)
+        if args.stream:
+            responses = stub.TranslateStream(request, timeout=args.timeout)
+        else:
+            responses = [stub.Translate(request, timeout=args.timeout)]
+        for response in responses:
+            for translation in response.translations:
+                show(translation, texts, args.json)
+    except grpc.RpcError as error:
+        sys.exit(f"error: {error.code().name}: {error.details()}")
+
+
+def show(translation: pb.Translation, texts: Sequence[str], as_json: bool) -> None:
+    if as_json:
+        print(json.dumps({"index": translation.index, "source": texts[translation.index],
+                          "hypotheses": [{"text": h.text, "score": round(h.score, 4), "tokens": h.token_count}
+                                         for h in translation.hypotheses]}, ensure_ascii=False), flush=True)
+        return
+    for hypothesis in translation.hypotheses:
+        print(hypothesis.text, flush=True)
+
+
+if __name__ == "__main__":
+    main()

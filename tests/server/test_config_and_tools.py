@@ -1,0 +1,70 @@
+import filecmp
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from server.config import parse_config
+from server.proto_build import ROOT, generate
+from tests.server.conftest import RunningServer, server_config
+
+
+def test_flags_override_environment_which_overrides_defaults():
+    config = parse_config(["--port", "6000"], {"PARLEY_PORT": "5000", "PARLEY_MAX_BATCH_ROWS": "16",
+                                               "PARLEY_MODEL_REPOSITORY": "/srv/models", "PARLEY_DEVICE": "cpu"})
+    assert (config.port, config.max_batch_rows, config.model_repository, config.device) == \
+        (6000, 16, Path("/srv/models"), "cpu")
+    assert parse_config([], {}).port == 50051 and parse_config([], {}).metrics_port == 8000
+
+
+@pytest.mark.parametrize("environ,message", [
+    ({"PARLEY_PORT": "http"}, "PARLEY_PORT='http' is not a valid port"),
+    ({"PARLEY_DEVICE": "tpu"}, "device must be auto, cpu or cuda"),
+    ({"PARLEY_TLS_CERT": "cert.pem"}, "tls_cert and tls_key go together"),
+])
+def test_bad_configuration_is_explained(environ, message, capsys):
+    with pytest.raises(SystemExit):
+        parse_config([], environ)
+    assert message in capsys.readouterr().err
+
+
+def test_every_setting_has_an_environment_variable():
+    help_text = subprocess.run([sys.executable, "-m", "server", "--help"], capture_output=True, text=True).stdout
+    for name in ("PARLEY_HOST", "PARLEY_PORT", "PARLEY_METRICS_PORT", "PARLEY_MODEL_REPOSITORY",
+                 "PARLEY_DEFAULT_MODEL", "PARLEY_DEVICE", "PARLEY_PRECISION", "PARLEY_MAX_BATCH_ROWS",
+                 "PARLEY_MAX_BATCH_TOKENS", "PARLEY_MAX_QUEUE_DELAY_MS", "PARLEY_QUEUE_LIMIT",
+                 "PARLEY_MAX_TEXTS_PER_REQUEST", "PARLEY_MAX_TOKENS_PER_TEXT", "PARLEY_TLS_CERT", "PARLEY_TLS_KEY",
+                 "PARLEY_TLS_CLIENT_CA"):
+        assert name in help_text
+
+
+def test_generated_code_matches_the_proto(tmp_path):
+    generate(tmp_path)
+    for generated in (tmp_path / "parley" / "v1").iterdir():
+        assert filecmp.cmp(generated, ROOT / "parley" / "v1" / generated.name, shallow=False), generated.name
+
+
+def test_server_refuses_an_empty_repository(tmp_path):
+    result = subprocess.run([sys.executable, "-m", "server", "--model-repository", str(tmp_path), "--port", "0",
+                             "--metrics-port", "0"], capture_output=True, text=True, timeout=60)
+    assert result.returncode != 0 and "no model packages in" in result.stderr and "make export" in result.stderr
+
+
+def test_client_translates_and_reports_errors(tiny_package):
+    server = RunningServer(server_config(tiny_package))
+    try:
+        client = [sys.executable, "-m", "server.client", "--address", server.address]
+        ok = subprocess.run(client + ["--json", "--beam", "2", "--n-best", "2", "A dog runs."], capture_output=True,
+                            text=True, timeout=60)
+        assert ok.returncode == 0, ok.stderr
+        assert '"index": 0' in ok.stdout and ok.stdout.count('"score"') == 2
+        streamed = subprocess.run(client + ["--stream"], input="One.\nTwo.\n", capture_output=True, text=True,
+                                  timeout=60)
+        assert streamed.returncode == 0 and len(streamed.stdout.splitlines()) == 2
+        listed = subprocess.run(client + ["--list-models"], capture_output=True, text=True, timeout=60)
+        assert "tiny (default): en->de int8 on cpu" in listed.stdout
+        bad = subprocess.run(client + ["--beam", "99", "x"], capture_output=True, text=True, timeout=60)
+        assert bad.returncode != 0 and "INVALID_ARGUMENT: beam_size 99 exceeds the maximum of 8" in bad.stderr
+    finally:
+        server.close()

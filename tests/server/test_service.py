@@ -1,0 +1,192 @@
+"""The Translator service end to end: a real server, a real gRPC client."""
+
+import concurrent.futures
+import re
+import shutil
+import subprocess
+import time
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from parley.v1 import translate_pb2 as pb
+from tests.server.conftest import request
+
+TEXTS = ["A man is riding a bike.", "Two dogs play in the snow.", "A woman in a red dress walks down a busy street."]
+
+
+def test_one_and_many_texts_in_request_order(running):
+    stub = running.stub()
+    together = stub.Translate(request(*TEXTS, "", beam_size=2, num_hypotheses=2))
+    assert together.model == "tiny"
+    assert [t.index for t in together.translations] == [0, 1, 2, 3]
+    for i, text in enumerate(TEXTS):
+        alone = stub.Translate(request(text, beam_size=2, num_hypotheses=2)).translations[0]
+        assert [h.text for h in together.translations[i].hypotheses] == [h.text for h in alone.hypotheses]
+        scores = [h.score for h in alone.hypotheses]
+        assert len(scores) == 2 and scores == sorted(scores, reverse=True)
+        assert all(h.token_count > 0 for h in alone.hypotheses)
+    empty = together.translations[3].hypotheses
+    assert [(h.text, h.token_count) for h in empty] == [("", 0)]
+
+
+def test_concurrent_clients_get_sequential_results_and_are_batched(running):
+    stub = running.stub()
+    texts = [TEXTS[i % 3] + " ok" * (i % 4) for i in range(64)]
+    sequential = [stub.Translate(request(t, beam_size=1 + i % 3)).translations[0].hypotheses[0].text
+                  for i, t in enumerate(texts)]
+    before = batch_rows(running)
+    with concurrent.futures.ThreadPoolExecutor(64) as pool:
+        calls = [pool.submit(running.stub().Translate, request(t, beam_size=1 + i % 3)) for i, t in enumerate(texts)]
+        concurrent_results = [c.result().translations[0].hypotheses[0].text for c in calls]
+    assert concurrent_results == sequential
+    steps, rows = (a - b for a, b in zip(batch_rows(running), before))
+    assert rows / steps > 4, f"{rows} rows over {steps} engine steps: concurrent calls were not batched"
+
+
+def batch_rows(server):
+    text = server.metrics_text()
+    count = float(re.search(r'parley_batch_size_count\{model="tiny"\} (\S+)', text).group(1))
+    total = float(re.search(r'parley_batch_size_sum\{model="tiny"\} (\S+)', text).group(1))
+    return count, total
+
+
+def test_stream_sends_every_text_once_as_it_finishes(running):
+    stub = running.stub()
+    texts = TEXTS + ["", "Hello."]
+    unary = stub.Translate(request(*texts, beam_size=2))
+    streamed = list(stub.TranslateStream(request(*texts, beam_size=2)))
+    assert all(len(r.translations) == 1 for r in streamed)
+    by_index = {r.translations[0].index: r.translations[0] for r in streamed}
+    assert sorted(by_index) == list(range(len(texts)))
+    for t in unary.translations:
+        assert by_index[t.index].hypotheses[0].text == t.hypotheses[0].text
+    assert streamed[0].translations[0].index == 3  # the empty text is answered first
+
+
+def test_list_models(running):
+    models = running.stub().ListModels(pb.ListModelsRequest()).models
+    assert [(m.name, m.is_default, m.precision, m.device) for m in models] == [("tiny", True, "int8", "cpu")]
+    assert models[0].max_input_tokens == 63 and models[0].max_output_tokens == 63
+
+
+@pytest.mark.parametrize("bad,code,message", [
+    (request(), "INVALID_ARGUMENT", "texts is empty"),
+    (request(*["x"] * 65), "INVALID_ARGUMENT", "65 texts in one request; the limit is 64"),
+    (request("word " * 80), "INVALID_ARGUMENT", "text 0 has"),
+    (request("x", beam_size=9), "INVALID_ARGUMENT", "beam_size 9 exceeds the maximum of 8"),
+    (request("x", beam_size=2, num_hypotheses=3), "INVALID_ARGUMENT", "num_hypotheses 3 exceeds beam_size 2"),
+    (request("x", length_penalty=-1.0), "INVALID_ARGUMENT", "length_penalty must be between 0 and 10"),
+    (request("x", length_penalty=float("nan")), "INVALID_ARGUMENT", "length_penalty"),
+    (request("x", max_output_tokens=1000), "INVALID_ARGUMENT", "max_output_tokens 1000 exceeds the limit of 63"),
+    (request("x", max_output_tokens=5, min_output_tokens=6), "INVALID_ARGUMENT", "min_output_tokens 6 exceeds"),
+    (request("x", model="klingon"), "NOT_FOUND", "no model named 'klingon'; this server has: tiny"),
+    (pb.TranslateRequest(texts=["x"], source_language="fr", target_language="de"), "NOT_FOUND",
+     "no model translates fr->de"),
+])
+def test_bad_requests_get_a_clear_status(running, bad, code, message):
+    with pytest.raises(grpc.RpcError) as error:
+        running.stub().Translate(bad)
+    assert error.value.code().name == code
+    assert message in error.value.details()
+    with pytest.raises(grpc.RpcError) as error:
+        list(running.stub().TranslateStream(bad))
+    assert error.value.code().name == code
+
+
+def test_over_limit_message_names_the_limit(running):
+    with pytest.raises(grpc.RpcError) as error:
+        running.stub().Translate(request("fine", "word " * 80))
+    assert re.search(r"text 1 has \d+ tokens; the limit is 63 tokens per text", error.value.details())
+
+
+def test_language_pair_selects_the_model(running):
+    response = running.stub().Translate(pb.TranslateRequest(texts=["A dog."], source_language="en",
+                                                            target_language="de"))
+    assert response.model == "tiny"
+
+
+def long_request(n=8, beam_size=4):
+    return request(*[f"{TEXTS[2]} {i}" for i in range(n)], beam_size=beam_size, min_output_tokens=60,
+                   max_output_tokens=63)
+
+
+def wait_until_idle(server, seconds=10):
+    scheduler = server.scheduler()
+    end = time.monotonic() + seconds
+    while time.monotonic() < end:
+        if not scheduler._active and not scheduler._pending:
+            return True
+        time.sleep(0.01)
+    return False
+
+
+def test_deadline_frees_the_batch(running):
+    with pytest.raises(grpc.RpcError) as error:
+        running.stub().Translate(long_request(64, beam_size=8), timeout=0.05)  # 512 rows: several batches
+    assert error.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    assert wait_until_idle(running), "rows of an expired request are still decoding"
+    assert running.stub().Translate(request("Still here.")).translations[0].hypotheses
+
+
+def test_cancellation_frees_the_batch(running):
+    call = running.stub().Translate.future(long_request(64, beam_size=8))  # 512 rows: several batches
+    time.sleep(0.02)
+    assert call.cancel()
+    assert wait_until_idle(running), "rows of a cancelled request are still decoding"
+    assert 'code="CANCELLED",method="Translate"' in running.metrics_text()
+
+
+def test_full_queue_is_resource_exhausted(start_server):
+    server = start_server(queue_limit=4, max_texts_per_request=8)
+    with pytest.raises(grpc.RpcError) as error:
+        server.stub().Translate(request(*["a b c"] * 5))
+    assert error.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert "limit 4" in error.value.details()
+
+
+def test_health_and_graceful_shutdown_drain_in_flight_work(start_server):
+    server = start_server()
+    health = health_pb2_grpc.HealthStub(grpc.insecure_channel(server.address))
+    for service in ("", "parley.v1.Translator"):
+        assert health.Check(health_pb2.HealthCheckRequest(service=service)).status == health_pb2.HealthCheckResponse.SERVING
+    stub = server.stub()
+    in_flight = [stub.Translate.future(long_request(16)) for _ in range(3)]  # 192 rows: several batches
+    time.sleep(0.05)
+    assert not all(call.done() for call in in_flight)
+    stopping = server.stop_soon()
+    time.sleep(0.05)
+    with pytest.raises(grpc.RpcError) as error:
+        server.stub().Translate(request("too late"))
+    assert error.value.code() == grpc.StatusCode.UNAVAILABLE
+    assert health.Check(health_pb2.HealthCheckRequest()).status == health_pb2.HealthCheckResponse.NOT_SERVING
+    for call in in_flight:
+        assert len(call.result(timeout=30).translations) == 16
+    stopping.result(30)
+
+
+def test_metrics_count_what_happened(start_server):
+    server = start_server()
+    stub = server.stub()
+    stub.Translate(request("One.", "Two."))
+    with pytest.raises(grpc.RpcError):
+        stub.Translate(request())
+    text = server.metrics_text()
+    assert 'parley_requests_total{code="OK",method="Translate",model="tiny"} 1.0' in text
+    assert 'parley_requests_total{code="INVALID_ARGUMENT",method="Translate",model="unknown"} 1.0' in text
+    assert 'parley_queue_duration_seconds_count{model="tiny"} 2.0' in text
+    assert 'parley_model_info{device="cpu",model="tiny",precision="int8",variant="tiny/int8"} 1.0' in text
+    input_tokens = float(re.search(r'parley_input_tokens_total\{model="tiny"\} (\S+)', text).group(1))
+    assert input_tokens >= 2
+    assert 'parley_inflight_requests{model="tiny"} 0.0' in text
+    assert 'parley_queue_depth{model="tiny"} 0.0' in text
+
+
+@pytest.mark.skipif(shutil.which("promtool") is None, reason="promtool not installed (.ci/run installs it)")
+def test_metrics_pass_promtool(start_server, tmp_path):
+    server = start_server()
+    server.stub().Translate(request("One."))
+    result = subprocess.run(["promtool", "check", "metrics"], input=server.metrics_text(), capture_output=True,
+                            text=True)
+    assert result.returncode == 0, result.stdout + result.stderr

@@ -1,0 +1,54 @@
+import subprocess
+
+import grpc
+import pytest
+
+from parley.v1 import translate_pb2 as pb
+from parley.v1 import translate_pb2_grpc as pb_grpc
+from tests.server.conftest import request
+
+
+def openssl(*args, cwd):
+    subprocess.run(["openssl", *args], cwd=cwd, check=True, capture_output=True)
+
+
+@pytest.fixture(scope="module")
+def certificates(tmp_path_factory):
+    """A CA, a server certificate for localhost/127.0.0.1 and a client certificate, all signed by the CA."""
+    d = tmp_path_factory.mktemp("tls")
+    openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", "ca.key", "-out", "ca.pem", "-days", "2",
+            "-subj", "/CN=parley-test-ca", cwd=d)
+    (d / "san.ext").write_text("subjectAltName=DNS:localhost,IP:127.0.0.1\n")
+    for name in ("server", "client"):
+        openssl("req", "-newkey", "rsa:2048", "-nodes", "-keyout", f"{name}.key", "-out", f"{name}.csr",
+                "-subj", f"/CN={name}", cwd=d)
+        openssl("x509", "-req", "-in", f"{name}.csr", "-CA", "ca.pem", "-CAkey", "ca.key", "-CAcreateserial",
+                "-out", f"{name}.pem", "-days", "2", "-extfile", "san.ext", cwd=d)
+    return d
+
+
+def secure_stub(server, certs, client_cert: bool):
+    credentials = grpc.ssl_channel_credentials(
+        root_certificates=(certs / "ca.pem").read_bytes(),
+        private_key=(certs / "client.key").read_bytes() if client_cert else None,
+        certificate_chain=(certs / "client.pem").read_bytes() if client_cert else None,
+    )
+    return pb_grpc.TranslatorStub(grpc.secure_channel(f"localhost:{server.server.port}", credentials))
+
+
+def test_tls(start_server, certificates):
+    server = start_server(tls_cert=certificates / "server.pem", tls_key=certificates / "server.key")
+    response = secure_stub(server, certificates, client_cert=False).Translate(request("Hello."), timeout=10)
+    assert response.translations[0].hypotheses
+    with pytest.raises(grpc.RpcError) as error:  # plaintext to a TLS port
+        server.stub().Translate(request("Hello."), timeout=5)
+    assert error.value.code() == grpc.StatusCode.UNAVAILABLE
+
+
+def test_mutual_tls_requires_a_client_certificate(start_server, certificates):
+    server = start_server(tls_cert=certificates / "server.pem", tls_key=certificates / "server.key",
+                          tls_client_ca=certificates / "ca.pem")
+    assert secure_stub(server, certificates, client_cert=True).ListModels(pb.ListModelsRequest(), timeout=10).models
+    with pytest.raises(grpc.RpcError) as error:
+        secure_stub(server, certificates, client_cert=False).ListModels(pb.ListModelsRequest(), timeout=5)
+    assert error.value.code() == grpc.StatusCode.UNAVAILABLE
