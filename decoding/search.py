@@ -1,8 +1,12 @@
 """Greedy and beam search, one implementation for every backend.
 
 A backend holds one decoder row per live hypothesis and exposes:
-``step(tokens) -> log_probs`` advances every row by one token; ``select(rows)`` keeps
-(reorders, duplicates) rows of its cache. The search decides; the backend computes.
+``step(tokens, top_k) -> Candidates`` advances every row by one token and returns each
+row's top_k tokens with their log-probabilities (and the EOS log-probability);
+``select(rows)`` keeps (reorders, duplicates) rows of its cache. The search decides; the
+backend computes. Selecting per row in the backend (ONNX Runtime's TopK, torch.topk)
+keeps the (rows x vocabulary) matrix out of Python: the best 2k continuations of a
+source are always among the best 2k + 1 of each of its rows, EOS included or excluded.
 The PyTorch reference (model/generate.py) and the ONNX Runtime engine (server/engine)
 both plug in here, so they agree by construction.
 
@@ -49,9 +53,20 @@ class Hypothesis:
     score: float  # length-normalised log-probability
 
 
+@dataclass
+class Candidates:
+    """The best continuations of every row after one step."""
+
+    log_probs: np.ndarray  # (rows, K) float32, best first
+    tokens: np.ndarray  # (rows, K) int64
+    eos_log_probs: np.ndarray  # (rows,) float32
+
+
 class StepBackend(Protocol):
-    def step(self, tokens: np.ndarray) -> np.ndarray:
-        """(rows,) int64 newest tokens -> (rows, vocab) float32 log-probabilities."""
+    vocab_size: int
+
+    def step(self, tokens: np.ndarray, top_k: int) -> Candidates:
+        """Feed (rows,) int64 newest tokens; return each row's top_k continuations."""
 
     def select(self, rows: np.ndarray) -> None:
         """Keep these rows of the cache, in this order; a row may appear more than once."""
@@ -107,30 +122,30 @@ class _Group:
         age = int(self.age[i])
         return tuple(int(t) for t in self.history[i, beam, self.history.shape[2] - age :]) if age else ()
 
-    def advance(self, log_probs: np.ndarray, eos_id: int) -> tuple[np.ndarray, np.ndarray, list]:
-        """One step for this group. log_probs (n, k, V) is modified in place.
+    def advance(self, values: np.ndarray, choices: np.ndarray, eos_values: np.ndarray,
+                eos_id: int) -> tuple[np.ndarray, np.ndarray, list]:
+        """One step for this group, from each row's best K continuations.
 
-        Returns the rows (relative to the group) to keep, each kept row's next token, and
-        the (key, hypotheses) of sources that finished.
+        values, choices (n, k, K): log-probabilities and tokens, modified in place;
+        eos_values (n, k). Returns the rows (relative to the group) to keep, each kept
+        row's next token, and the (key, hypotheses) of sources that finished.
         """
-        n, k, vocab = log_probs.shape
-        log_probs[self.age < self.min_length, :, eos_id] = -np.inf
+        n, k, width = values.shape
+        values[(self.age < self.min_length)[:, None, None] & (choices == eos_id)] = -np.inf
         at_cap = self.age >= self.max_length
         if at_cap.any():  # the length cap is reached: EOS is the only choice left
-            eos_scores = log_probs[at_cap, :, eos_id].copy()
-            log_probs[at_cap] = -np.inf
-            log_probs[at_cap, :, eos_id] = eos_scores
+            values[at_cap] = -np.inf
+            values[at_cap, :, 0] = eos_values[at_cap]
+            choices[at_cap, :, 0] = eos_id
 
         with np.errstate(over="ignore"):  # -inf scores of not-yet-distinct beams plus dtype-min log-probs
-            candidates = (self.scores[:, :, None] + log_probs).reshape(n, k * vocab)
+            candidates = (self.scores[:, :, None] + values).reshape(n, k * width)
         if k == 1:
             top = candidates.argmax(axis=1)[:, None]
         else:
-            width = min(2 * k, k * vocab)  # at most k candidates end in EOS, so k others always remain
-            top = np.argpartition(-candidates, width - 1, axis=1)[:, :width]
-            top = np.take_along_axis(top, np.argsort(-np.take_along_axis(candidates, top, 1), axis=1, kind="stable"), 1)
+            top = np.argsort(-candidates, axis=1, kind="stable")[:, : min(2 * k, k * width)]
         top_scores = np.take_along_axis(candidates, top, 1)
-        beams, tokens = top // vocab, top % vocab
+        beams, tokens = top // width, np.take_along_axis(choices.reshape(n, -1), top, 1)
         ends = tokens == eos_id
 
         for i, j in zip(*np.nonzero(ends[:, :k] & np.isfinite(top_scores[:, :k]))):
@@ -196,12 +211,15 @@ class Search:
 
     def step(self) -> list[tuple[Hashable, list[Hypothesis]]]:
         """Advance every live source by one token; returns the sources that finished."""
-        log_probs = self.backend.step(self.tokens)
+        top_k = min(2 * max(self.groups) + 1, self.backend.vocab_size)
+        step = self.backend.step(self.tokens, top_k)
         kept, next_tokens, finished, offset = [], [], [], 0
         for group in self.groups.values():
-            rows = group.rows
-            group_log_probs = log_probs[offset : offset + rows].reshape(len(group.keys), group.k, -1)
-            kept_rows, tokens, results = group.advance(group_log_probs, self.eos_id)
+            rows, shape = group.rows, (len(group.keys), group.k)
+            kept_rows, tokens, results = group.advance(
+                step.log_probs[offset : offset + rows].reshape(*shape, -1),
+                step.tokens[offset : offset + rows].reshape(*shape, -1),
+                step.eos_log_probs[offset : offset + rows].reshape(shape), self.eos_id)
             kept.append(kept_rows + offset)
             next_tokens.append(tokens)
             finished += results

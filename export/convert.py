@@ -20,7 +20,8 @@ import torch
 
 from decoding.tokenizer import Tokenizer
 from export import EXPORTER_VERSION
-from export.graphs import OPSET, export_graphs
+from export.graphs import export_graphs
+from export.io import OPSET
 from export.package import FORMAT_VERSION, GRAPHS, MANIFEST_FILE, ModelPackage, file_record
 from export.quantize import convert_fp16, quantize_int8
 from export.verify import Parity, check_variant, pytorch_greedy
@@ -142,7 +143,7 @@ def build_variants(model: Transformer, staging: Path, options: ExportOptions, lo
             if precision == "int8":
                 converted = quantize_int8(source, options.int8_weight_bits)
             else:
-                converted = convert_fp16(source, fp32_outputs=["log_probs"])
+                converted = convert_fp16(source, fp32_outputs=["log_probs", "top_log_probs", "eos_log_probs"])
             onnx.checker.check_model(converted)
             onnx.save(converted, str(staging / precision / f"{graph}.onnx"))
         variants[precision] = {"int8_weight_bits": options.int8_weight_bits,

@@ -159,8 +159,9 @@ def _outputs_back_to_fp32(model: onnx.ModelProto, names: list[str]) -> onnx.Mode
     for output in graph.output:
         if output.name in names and output.type.tensor_type.elem_type == TensorProto.FLOAT16:
             inner = f"{output.name}_fp16"
-            for node in graph.node:
+            for node in graph.node:  # producer and consumers move to the fp16 name; the output is a cast of it
                 node.output[:] = [inner if o == output.name else o for o in node.output]
+                node.input[:] = [inner if i == output.name else i for i in node.input]
             graph.node.append(helper.make_node("Cast", [inner], [output.name], to=TensorProto.FLOAT))
             output.type.tensor_type.elem_type = TensorProto.FLOAT
     return model

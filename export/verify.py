@@ -64,7 +64,7 @@ def max_logprob_difference(model: Transformer, sessions: VariantSessions, source
     backend = OnnxStepBackend(sessions, src)
     worst = 0.0
     for t in range(steps):
-        got = backend.step(targets[:, t]).astype(np.float32)[:, emittable]
+        got = backend.step_log_probs(targets[:, t]).astype(np.float32)[:, emittable]
         worst = max(worst, float(np.abs(got - expected[:, t]).max()))
     return worst
 

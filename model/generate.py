@@ -10,9 +10,9 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from decoding import DecodingParams, Hypothesis, search
+from decoding import Candidates, DecodingParams, Hypothesis, search
 from decoding.padding import pad_batch
-from model.transformer import Transformer
+from model.transformer import StepOutput, Transformer
 
 
 class TorchStepBackend:
@@ -20,6 +20,7 @@ class TorchStepBackend:
 
     def __init__(self, model: Transformer, src: torch.Tensor, capacity: int):
         self.model = model
+        self.vocab_size = model.config.vocab_size
         memory, self.src_mask = model.encode(src)
         cross = model.cross_kv(memory)
         self.cross_k = [k for k, _ in cross]
@@ -32,11 +33,20 @@ class TorchStepBackend:
         self.cache_mask = torch.zeros(rows, capacity, dtype=torch.bool, device=src.device)
         self.positions = torch.zeros(rows, dtype=torch.long, device=src.device)
 
-    def step(self, tokens: np.ndarray) -> np.ndarray:
+    def step(self, tokens: np.ndarray, top_k: int) -> Candidates:
+        out = self._run(tokens, top_k)
+        return Candidates(out.top_log_probs.cpu().numpy(), out.top_tokens.cpu().numpy(),
+                          out.eos_log_probs.cpu().numpy())
+
+    def step_log_probs(self, tokens: np.ndarray) -> np.ndarray:
+        """Like step, but returns the full (rows, vocab) log-probabilities."""
+        return self._run(tokens, 1).log_probs.cpu().numpy()
+
+    def _run(self, tokens: np.ndarray, top_k: int) -> StepOutput:
         device = self.positions.device
-        log_probs, new_k, new_v = self.model.decode_step(
+        out, new_k, new_v = self.model.decode_step(
             torch.from_numpy(tokens).to(device), self.positions, self.cache_k, self.cache_v, self.cache_mask,
-            self.cross_k, self.cross_v, self.src_mask,
+            self.cross_k, self.cross_v, self.src_mask, torch.tensor(top_k),
         )
         # Every row of one search call is the same age, so the new slot is the same column for all.
         slot = int(self.positions[0]) if len(self.positions) else 0
@@ -45,7 +55,7 @@ class TorchStepBackend:
             self.cache_v[layer][:, :, slot] = new_v[layer][:, :, 0]
         self.cache_mask[:, slot] = True
         self.positions += 1
-        return log_probs.cpu().numpy()
+        return out
 
     def select(self, rows: np.ndarray) -> None:
         index = torch.from_numpy(rows).to(self.positions.device)

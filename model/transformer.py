@@ -3,12 +3,20 @@
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import torch
 from torch import nn
 
 from model.config import ModelConfig
 from model.layers import DecoderLayer, EncoderLayer, sinusoidal_table
+
+
+class StepOutput(NamedTuple):
+    log_probs: torch.Tensor  # (B, V)
+    top_log_probs: torch.Tensor  # (B, K), best first
+    top_tokens: torch.Tensor  # (B, K)
+    eos_log_probs: torch.Tensor  # (B,)
 
 
 def padding_mask(tokens: torch.Tensor, pad_id: int) -> torch.Tensor:
@@ -89,13 +97,15 @@ class Transformer(nn.Module):
         cross_k: list[torch.Tensor],
         cross_v: list[torch.Tensor],
         src_mask: torch.Tensor,
-    ) -> tuple[torch.Tensor, list[torch.Tensor], list[torch.Tensor]]:
+        top_k: torch.Tensor,
+    ) -> tuple[StepOutput, list[torch.Tensor], list[torch.Tensor]]:
         """One token for every row.
 
         tokens, positions (B,): each row's newest token and its own position, so rows of
         different ages can share a batch. cache_k/v[i] (B, H, C, dk) with cache_mask (B, C);
-        cross_k/v[i] (B, H, S, dk) with src_mask (B, S).
-        Returns log-probabilities (B, V) in fp32 and each layer's new key/value (B, H, 1, dk).
+        cross_k/v[i] (B, H, S, dk) with src_mask (B, S); top_k: a 0-d int64 tensor.
+        Returns the step's log-probabilities (fp32) with each row's top_k, and each layer's
+        new key/value (B, H, 1, dk).
         """
         x = self.embed(tokens[:, None], positions[:, None])  # (B, 1, D)
         cross_mask = src_mask[:, None, None, :]
@@ -106,4 +116,7 @@ class Transformer(nn.Module):
             new_v.append(v)
         logits = self.project(self.decoder_norm(x))[:, 0].float()  # (B, V); log-softmax in fp32 for fp16 models
         logits = logits.index_fill(1, self.never_generate, torch.finfo(logits.dtype).min)
-        return torch.log_softmax(logits, dim=-1), new_k, new_v
+        log_probs = torch.log_softmax(logits, dim=-1)
+        top_log_probs, top_tokens = torch.topk(log_probs, top_k, dim=-1)
+        step = StepOutput(log_probs, top_log_probs, top_tokens, log_probs[:, self.config.eos_id])
+        return step, new_k, new_v

@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from decoding import Candidates
+from export.io import STEP_OUTPUTS
 from server.engine.session import VariantSessions
 
 CACHE_BLOCK = 16
@@ -28,11 +30,12 @@ class OnnxStepBackend:
         inputs = {i.name: i for i in self.decoder.get_inputs()}
         self.cache_names = [n for n in inputs if n.startswith("cache_k_") or n.startswith("cache_v_")]
         self.cross_names = [n for n in inputs if n.startswith("cross_")]  # k_0, v_0, k_1, v_1, ...
+        self.new_kv_names = [o.name for o in self.decoder.get_outputs() if o.name.startswith("new_")]
+        self.vocab_size = self.decoder.get_outputs()[0].shape[1]
         dtype = _NUMPY_TYPES[inputs["cache_k_0"].type]
         heads, head_dim = inputs["cache_k_0"].shape[1], inputs["cache_k_0"].shape[3]
         self.cache = [np.zeros((0, heads, 0, head_dim), dtype) for _ in self.cache_names]
         self.cross = [np.zeros((0, heads, 0, head_dim), dtype) for _ in self.cross_names]
-        self.cache_mask = np.zeros((0, 0), dtype=bool)
         self.src_mask = np.zeros((0, 0), dtype=bool)
         self.lengths = np.zeros(0, dtype=np.int64)  # tokens fed so far = each row's position and next slot
         self.row_source = np.zeros(0, dtype=np.int64)  # which source each row decodes
@@ -54,14 +57,13 @@ class OnnxStepBackend:
         self.cross = [np.concatenate([_pad_axis(old, 2, width), _pad_axis(new, 2, width)])
                       for old, new in zip(self.cross, cross)]
         self.cache = [np.concatenate([c, np.zeros((added,) + c.shape[1:], c.dtype)]) for c in self.cache]
-        self.cache_mask = np.concatenate([self.cache_mask, np.zeros((added, self.capacity), bool)])
         self.lengths = np.concatenate([self.lengths, np.zeros(added, np.int64)])
         self.row_source = np.concatenate([self.row_source, self.sources_seen + np.arange(added)])
         self.sources_seen += added
 
     @property
     def capacity(self) -> int:
-        return self.cache_mask.shape[1]
+        return self.cache[0].shape[2]
 
     def _reserve(self, slots: int) -> None:
         if slots <= self.capacity:
@@ -69,35 +71,51 @@ class OnnxStepBackend:
         extra = -(-(slots - self.capacity) // CACHE_BLOCK) * CACHE_BLOCK
         self.cache = [np.concatenate([c, np.zeros(c.shape[:2] + (extra,) + c.shape[3:], c.dtype)], axis=2)
                       for c in self.cache]
-        self.cache_mask = np.concatenate([self.cache_mask, np.zeros((self.rows, extra), bool)], axis=1)
 
-    def step(self, tokens: np.ndarray) -> np.ndarray:
+    def step(self, tokens: np.ndarray, top_k: int) -> Candidates:
+        top_log_probs, top_tokens, eos_log_probs = self._run(tokens, top_k, STEP_OUTPUTS[1:])
+        return Candidates(top_log_probs, top_tokens, eos_log_probs)
+
+    def step_log_probs(self, tokens: np.ndarray) -> np.ndarray:
+        """Like step, but returns the full (rows, vocab) log-probabilities (for verification)."""
+        return self._run(tokens, 1, STEP_OUTPUTS[:1])[0]
+
+    def _run(self, tokens: np.ndarray, top_k: int, outputs: list[str]) -> list[np.ndarray]:
         self._reserve(int(self.lengths.max(initial=0)) + 1)
+        # A row's keys fill slots 0 .. length-1 of its cache, so validity follows from the lengths.
+        cache_mask = np.arange(self.capacity) < self.lengths[:, None]
         feeds = {"tokens": tokens.astype(np.int64, copy=False), "positions": self.lengths,
-                 "cache_mask": self.cache_mask, "src_mask": self.src_mask}
+                 "cache_mask": cache_mask, "src_mask": self.src_mask, "top_k": np.array(top_k, np.int64)}
         feeds.update(zip(self.cache_names, self.cache))
         feeds.update(zip(self.cross_names, self.cross))
-        log_probs, *new_kv = self.decoder.run(None, feeds)
+        results = self.decoder.run(outputs + self.new_kv_names, feeds)
         rows = np.arange(self.rows)
-        for cache, new in zip(self.cache, new_kv):
+        for cache, new in zip(self.cache, results[len(outputs) :]):
             cache[rows, :, self.lengths] = new[:, :, 0]
-        self.cache_mask[rows, self.lengths] = True
         self.lengths = self.lengths + 1
-        return log_probs
+        return results[: len(outputs)]
 
     def select(self, rows: np.ndarray) -> None:
         self.lengths = self.lengths[rows]
         # Keep whole blocks up to the oldest row; slots past it are empty in every row.
         capacity = min(self.capacity, -(-int(self.lengths.max(initial=0)) // CACHE_BLOCK) * CACHE_BLOCK)
-        self.cache = [np.ascontiguousarray(c[rows, :, :capacity]) for c in self.cache]
-        self.cache_mask = np.ascontiguousarray(self.cache_mask[rows, :capacity])
+        self.cache = [_take_rows(c, rows, 2, capacity) for c in self.cache]
         sources = self.row_source[rows]
         if not np.array_equal(sources, self.row_source):  # beams reordered within a source share cross K/V
             self.src_mask = self.src_mask[rows]
             width = int(self.src_mask.any(axis=0).nonzero()[0].max(initial=-1)) + 1  # drop all-padding columns
             self.src_mask = np.ascontiguousarray(self.src_mask[:, :width])
-            self.cross = [np.ascontiguousarray(c[rows, :, :width]) for c in self.cross]
+            self.cross = [_take_rows(c, rows, 2, width) for c in self.cross]
         self.row_source = sources
+
+
+def _take_rows(array: np.ndarray, rows: np.ndarray, axis: int, length: int) -> np.ndarray:
+    """array[rows], cut to length along axis. A whole-row take is a plain memcpy per row, several
+    times faster than a strided fancy-index copy, so the cut is a separate (rare) step."""
+    taken = np.take(array, rows, axis=0)
+    if length < array.shape[axis]:
+        taken = np.ascontiguousarray(taken[(slice(None),) * axis + (slice(0, length),)])
+    return taken
 
 
 def _pad_axis(array: np.ndarray, axis: int, width: int) -> np.ndarray:

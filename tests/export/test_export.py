@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from decoding.padding import pad_batch
-from export.graphs import decoder_input_names
+from export.io import decoder_input_names
 from export.package import ModelPackage, PackageError
 from export.verify import max_logprob_difference
 from model.checkpoint import load_model
@@ -49,11 +49,11 @@ def run_alone_and_batched(sessions, sources, steps):
     tokens = rng.integers(4, 100, size=(len(sources), steps))
     tokens[:, 0] = 2
     batched = OnnxStepBackend(sessions, pad_batch([s + [3] for s in sources], 0))
-    together = [batched.step(tokens[:, t]) for t in range(steps)]
+    together = [batched.step_log_probs(tokens[:, t]) for t in range(steps)]
     for i, source in enumerate(sources):
         alone = OnnxStepBackend(sessions, pad_batch([source + [3]], 0))
         for t in range(steps):
-            yield alone.step(tokens[i : i + 1, t])[0], together[t][i]
+            yield alone.step_log_probs(tokens[i : i + 1, t])[0], together[t][i]
 
 
 @pytest.mark.parametrize("precision", ["fp32", "int8"])
@@ -74,8 +74,8 @@ def test_rows_at_different_positions_share_one_step(tiny_package):
     old, young = OnnxStepBackend(sessions, pad_batch([[5, 6, 7, 3]], 0)), OnnxStepBackend(
         sessions, pad_batch([[8, 9, 10, 11, 12, 3]], 0))
     for token in (2, 20, 21, 22, 23):
-        old.step(np.array([token]))
-    young.step(np.array([2]))
+        old.step_log_probs(np.array([token]))
+    young.step_log_probs(np.array([2]))
     capacity = max(old.capacity, young.capacity)
 
     def padded(array, width):
@@ -83,8 +83,8 @@ def test_rows_at_different_positions_share_one_step(tiny_package):
         pad[2 if array.ndim == 4 else 1] = (0, width - array.shape[2 if array.ndim == 4 else 1])
         return np.pad(array, pad)
 
-    feeds = {"tokens": np.array([24, 25]), "positions": np.concatenate([old.lengths, young.lengths]),
-             "cache_mask": np.concatenate([padded(old.cache_mask, capacity), padded(young.cache_mask, capacity)])}
+    feeds = {"tokens": np.array([24, 25]), "positions": np.concatenate([old.lengths, young.lengths]), "top_k": np.array(1),
+             "cache_mask": np.arange(capacity) < np.concatenate([old.lengths, young.lengths])[:, None]}
     src_len = max(old.src_mask.shape[1], young.src_mask.shape[1])
     feeds["src_mask"] = np.concatenate([padded(old.src_mask, src_len), padded(young.src_mask, src_len)])
     for name, a, b in zip(old.cache_names, old.cache, young.cache):
@@ -93,8 +93,8 @@ def test_rows_at_different_positions_share_one_step(tiny_package):
         feeds[name] = np.concatenate([padded(a, src_len), padded(b, src_len)])
     assert set(feeds) == set(decoder_input_names(2))
     mixed = sessions.decoder.run(["log_probs"], feeds)[0]
-    np.testing.assert_allclose(mixed[0], old.step(np.array([24]))[0], atol=2e-5)
-    np.testing.assert_allclose(mixed[1], young.step(np.array([25]))[0], atol=2e-5)
+    np.testing.assert_allclose(mixed[0], old.step_log_probs(np.array([24]))[0], atol=2e-5)
+    np.testing.assert_allclose(mixed[1], young.step_log_probs(np.array([25]))[0], atol=2e-5)
 
 
 @pytest.fixture

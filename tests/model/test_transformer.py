@@ -63,7 +63,7 @@ def test_incremental_decoding_matches_full_recomputation(pre_norm):
         full = torch.log_softmax(model(src, tgt), dim=-1)  # (B, T, V)
         backend = TorchStepBackend(model, src, capacity=tgt.size(1))
         for t in range(tgt.size(1)):
-            step = torch.from_numpy(backend.step(tgt[:, t].numpy()))
+            step = torch.from_numpy(backend.step_log_probs(tgt[:, t].numpy()))
             allowed = [i for i in range(model.config.vocab_size) if i not in (model.config.pad_id, model.config.bos_id)]
             # The step forbids pad/bos, which renormalises; compare the allowed tokens' relative scores.
             expected = torch.log_softmax(full[:, t, allowed], dim=-1)
