@@ -47,5 +47,14 @@ $(PACKAGE)/manifest.json: $(READY) $(wildcard $(MODEL_DIR)/*)
 	$(BIN)/python -m export $(MODEL_DIR) $(PACKAGE) --name multi30k-en-de --precision fp32,int8 --force \
 		--sample $(DATA_DIR)/val.en.gz --sample-references $(DATA_DIR)/val.de.gz
 
+BENCH_READY := $(VENV)/.bench-ready
+$(BENCH_READY): requirements/bench.txt $(READY)
+	$(BIN)/pip install --quiet -r requirements/bench.txt
+	touch $@
+
+# Throughput and quality against CTranslate2 and PyTorch; BENCH_QUICK=1 for a reduced grid.
+bench: setup export $(BENCH_READY)
+	DATA_DIR=$(DATA_DIR) $(BIN)/python -m bench.run
+
 clean:
 	rm -rf $(VENV) $(REPOSITORY) runs

@@ -196,7 +196,7 @@ class Scheduler:
     def _step(self, batch) -> None:
         backend = batch.backend
         self.metrics.batch_size.labels(self.name).observe(backend.rows)
-        self.metrics.padding_ratio.labels(self.name).observe(1.0 - float(backend.src_mask.mean()))
+        self.metrics.padding_ratio.labels(self.name).observe(backend.padding_ratio)
         for key, hypotheses in batch.step():
             row = self._active[key]
             self.metrics.generated_tokens.labels(self.name).inc(len(hypotheses[0].tokens) if hypotheses else 0)

@@ -4,11 +4,19 @@ Sources may join at any step (``extend``): their rows start at position 0 while 
 others go on, which the decoder-step graph allows because every row carries its own
 position and cache-validity mask.
 
-The self-attention cache is preallocated here and written in place: the decoder-step
-graph returns only each layer's new key/value (B, H, 1, dk), which is stored into the
-row's next slot. The cache grows in blocks of CACHE_BLOCK slots, so attention never
-looks at more than CACHE_BLOCK - 1 empty slots and a copy happens once per block, not
-once per step (growing by concatenation would copy the whole cache at every step).
+Memory layout, chosen to copy as little as possible per step:
+- The self-attention cache is preallocated and written in place: the decoder-step graph
+  returns only each layer's new key/value (B, H, 1, dk), stored into the row's next slot.
+  It grows in blocks of CACHE_BLOCK slots, so a copy happens once per block, not once per
+  step (growing by concatenation would copy the whole cache at every step).
+- Rows live in buffers with spare row capacity. New rows are written into the spare rows
+  (no copy of the others); the decoder runs on the prefix [0, used), a zero-copy view.
+- A finished row is not compacted away at once: it stays, dead, until dead rows exceed
+  DEAD_ROW_SHARE of the buffer, because decoding a few dead rows costs less than copying
+  every live row's cache and cross-attention keys at each finish. Beam reordering has to
+  gather the cache anyway, and compacts at the same time.
+- Beams of one source share cross-attention keys/values, which are copied only when a
+  gather actually changes which source a buffer row belongs to.
 """
 
 from __future__ import annotations
@@ -19,7 +27,9 @@ from decoding import Candidates
 from export.io import STEP_OUTPUTS
 from server.engine.session import VariantSessions
 
-CACHE_BLOCK = 16
+CACHE_BLOCK = 16  # cache slots are added this many at a time
+SOURCE_BLOCK = 8  # the padded source width grows this many positions at a time
+DEAD_ROW_SHARE = 0.25  # compact when this share of the decoded rows is finished
 
 _NUMPY_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16}
 
@@ -34,43 +44,53 @@ class OnnxStepBackend:
         self.vocab_size = self.decoder.get_outputs()[0].shape[1]
         dtype = _NUMPY_TYPES[inputs["cache_k_0"].type]
         heads, head_dim = inputs["cache_k_0"].shape[1], inputs["cache_k_0"].shape[3]
+        # Buffers indexed by buffer row; rows [0, used) are decoded, `live` lists the ones still wanted.
         self.cache = [np.zeros((0, heads, 0, head_dim), dtype) for _ in self.cache_names]
         self.cross = [np.zeros((0, heads, 0, head_dim), dtype) for _ in self.cross_names]
         self.src_mask = np.zeros((0, 0), dtype=bool)
         self.lengths = np.zeros(0, dtype=np.int64)  # tokens fed so far = each row's position and next slot
-        self.row_source = np.zeros(0, dtype=np.int64)  # which source each row decodes
+        self.row_source = np.zeros(0, dtype=np.int64)  # which source each buffer row decodes
+        self.live = np.zeros(0, dtype=np.int64)  # buffer row of each row the search sees, in its order
+        self.used = 0
         self.sources_seen = 0
         if src_tokens is not None:
             self.extend(src_tokens)
 
     @property
     def rows(self) -> int:
-        return len(self.lengths)
-
-    def extend(self, src_tokens: np.ndarray) -> None:
-        """Encode new right-padded sources (B, S) and append one fresh row for each."""
-        outputs = self.encoder.run(None, {"src_tokens": src_tokens})
-        src_mask, cross = outputs[0], outputs[1:]
-        added = len(src_tokens)
-        width = max(self.src_mask.shape[1], src_mask.shape[1])
-        self.src_mask = np.concatenate([_pad_axis(self.src_mask, 1, width), _pad_axis(src_mask, 1, width)])
-        self.cross = [np.concatenate([_pad_axis(old, 2, width), _pad_axis(new, 2, width)])
-                      for old, new in zip(self.cross, cross)]
-        self.cache = [np.concatenate([c, np.zeros((added,) + c.shape[1:], c.dtype)]) for c in self.cache]
-        self.lengths = np.concatenate([self.lengths, np.zeros(added, np.int64)])
-        self.row_source = np.concatenate([self.row_source, self.sources_seen + np.arange(added)])
-        self.sources_seen += added
+        return len(self.live)
 
     @property
     def capacity(self) -> int:
         return self.cache[0].shape[2]
 
-    def _reserve(self, slots: int) -> None:
-        if slots <= self.capacity:
-            return
-        extra = -(-(slots - self.capacity) // CACHE_BLOCK) * CACHE_BLOCK
-        self.cache = [np.concatenate([c, np.zeros(c.shape[:2] + (extra,) + c.shape[3:], c.dtype)], axis=2)
-                      for c in self.cache]
+    @property
+    def padding_ratio(self) -> float:
+        """Share of padded source positions among the rows decoded now."""
+        return 1.0 - float(self.src_mask[: self.used].mean()) if self.used else 0.0
+
+    def extend(self, src_tokens: np.ndarray) -> None:
+        """Encode new right-padded sources (B, S) and append one fresh row for each."""
+        outputs = self.encoder.run(None, {"src_tokens": src_tokens})
+        src_mask, cross = outputs[0], outputs[1:]
+        added, width = src_mask.shape
+        if self.used + added > len(self.lengths):
+            self._compact(self.live)
+        if width > self.src_mask.shape[1]:
+            self._resize(width=-(-width // SOURCE_BLOCK) * SOURCE_BLOCK)
+        if self.used + added > len(self.lengths):
+            self._resize(rows=max(self.used + added, len(self.lengths) * 3 // 2 + 8))
+        new = slice(self.used, self.used + added)
+        self.src_mask[new] = False
+        self.src_mask[new, :width] = src_mask
+        for buffer, values in zip(self.cross, cross):
+            buffer[new, :, :width] = values
+            buffer[new, :, width:] = 0
+        self.lengths[new] = 0
+        self.row_source[new] = self.sources_seen + np.arange(added)
+        self.live = np.concatenate([self.live, np.arange(new.start, new.stop)])
+        self.used += added
+        self.sources_seen += added
 
     def step(self, tokens: np.ndarray, top_k: int) -> Candidates:
         top_log_probs, top_tokens, eos_log_probs = self._run(tokens, top_k, STEP_OUTPUTS[1:])
@@ -81,48 +101,85 @@ class OnnxStepBackend:
         return self._run(tokens, 1, STEP_OUTPUTS[:1])[0]
 
     def _run(self, tokens: np.ndarray, top_k: int, outputs: list[str]) -> list[np.ndarray]:
-        self._reserve(int(self.lengths.max(initial=0)) + 1)
+        live, used = self.live, self.used
+        needed = int(self.lengths[live].max(initial=0)) + 1
+        if needed > self.capacity:
+            self._resize(capacity=-(-needed // CACHE_BLOCK) * CACHE_BLOCK)
+        all_live = len(live) == used  # live is then 0 .. used-1 (extend appends, compaction sorts)
+        fed = tokens.astype(np.int64, copy=False) if all_live else np.zeros(used, np.int64)
+        if not all_live:
+            fed[live] = tokens
+        lengths = self.lengths[:used]
         # A row's keys fill slots 0 .. length-1 of its cache, so validity follows from the lengths.
-        cache_mask = np.arange(self.capacity) < self.lengths[:, None]
-        feeds = {"tokens": tokens.astype(np.int64, copy=False), "positions": self.lengths,
-                 "cache_mask": cache_mask, "src_mask": self.src_mask, "top_k": np.array(top_k, np.int64)}
-        feeds.update(zip(self.cache_names, self.cache))
-        feeds.update(zip(self.cross_names, self.cross))
+        feeds = {"tokens": fed, "positions": lengths, "cache_mask": np.arange(self.capacity) < lengths[:, None],
+                 "src_mask": self.src_mask[:used], "top_k": np.array(top_k, np.int64)}
+        feeds.update((name, buffer[:used]) for name, buffer in zip(self.cache_names, self.cache))
+        feeds.update((name, buffer[:used]) for name, buffer in zip(self.cross_names, self.cross))
         results = self.decoder.run(outputs + self.new_kv_names, feeds)
-        rows = np.arange(self.rows)
-        for cache, new in zip(self.cache, results[len(outputs) :]):
-            cache[rows, :, self.lengths] = new[:, :, 0]
-        self.lengths = self.lengths + 1
-        return results[: len(outputs)]
+        slots = self.lengths[live]
+        for buffer, new in zip(self.cache, results[len(outputs) :]):
+            buffer[live, :, slots] = new[live, :, 0]
+        self.lengths[live] += 1
+        return results[: len(outputs)] if all_live else [r[live] for r in results[: len(outputs)]]
 
     def select(self, rows: np.ndarray) -> None:
-        self.lengths = self.lengths[rows]
-        # Keep whole blocks up to the oldest row; slots past it are empty in every row.
-        capacity = min(self.capacity, -(-int(self.lengths.max(initial=0)) // CACHE_BLOCK) * CACHE_BLOCK)
-        self.cache = [_take_rows(c, rows, 2, capacity) for c in self.cache]
-        sources = self.row_source[rows]
-        if not np.array_equal(sources, self.row_source):  # beams reordered within a source share cross K/V
-            self.src_mask = self.src_mask[rows]
-            width = int(self.src_mask.any(axis=0).nonzero()[0].max(initial=-1)) + 1  # drop all-padding columns
-            self.src_mask = np.ascontiguousarray(self.src_mask[:, :width])
-            self.cross = [_take_rows(c, rows, 2, width) for c in self.cross]
-        self.row_source = sources
+        """Keep these rows, in this order; removals are lazy, reorders gather at once."""
+        chosen = self.live[rows]
+        if np.all(np.diff(rows) > 0):  # rows only leave: keep them in place as dead rows for now
+            self.lengths[np.setdiff1d(self.live, chosen)] = 0  # a dead row's position must stay in range
+            self.live = chosen
+            if self.used and (self.used - len(chosen)) / self.used > DEAD_ROW_SHARE:
+                self._compact(chosen)
+        else:
+            self._compact(chosen)
+
+    def _compact(self, order: np.ndarray) -> None:
+        """Gather the buffer rows in `order` to the front, cutting cache and source width to what they need."""
+        n = len(order)
+        capacity = min(self.capacity, -(-int(self.lengths[order].max(initial=0)) // CACHE_BLOCK) * CACHE_BLOCK)
+        self.cache = [_gather(c, order, 2, capacity) for c in self.cache]
+        if not np.array_equal(self.row_source[order], self.row_source[:n]):  # else the front rows already fit
+            width = int(self.src_mask[order].any(axis=0).nonzero()[0].max(initial=-1)) + 1
+            width = -(-width // SOURCE_BLOCK) * SOURCE_BLOCK
+            self.cross = [_gather(c, order, 2, width) for c in self.cross]
+            self.src_mask = _gather(self.src_mask, order, 1, width)
+        self.lengths = np.resize(self.lengths[order], len(self.cache[0]))
+        self.row_source = np.resize(self.row_source[order], len(self.cache[0]))
+        self.live = np.arange(n)
+        self.used = n
+
+    def _resize(self, rows: int | None = None, capacity: int | None = None, width: int | None = None) -> None:
+        """Reallocate the buffers with more rows, cache slots or source positions (zero-filled)."""
+        rows = rows or len(self.lengths)
+        capacity = capacity or self.capacity
+        width = width or self.src_mask.shape[1]
+        self.cache = [_copy_into(c, (rows, c.shape[1], capacity, c.shape[3])) for c in self.cache]
+        self.cross = [_copy_into(c, (rows, c.shape[1], width, c.shape[3])) for c in self.cross]
+        self.src_mask = _copy_into(self.src_mask, (rows, width))
+        self.lengths = _copy_into(self.lengths, (rows,))
+        self.row_source = _copy_into(self.row_source, (rows,))
 
 
-def _take_rows(array: np.ndarray, rows: np.ndarray, axis: int, length: int) -> np.ndarray:
-    """array[rows], cut to length along axis. A whole-row take is a plain memcpy per row, several
-    times faster than a strided fancy-index copy, so the cut is a separate (rare) step."""
-    taken = np.take(array, rows, axis=0)
-    if length < array.shape[axis]:
-        taken = np.ascontiguousarray(taken[(slice(None),) * axis + (slice(0, length),)])
-    return taken
+def _gather(array: np.ndarray, order: np.ndarray, axis: int, length: int) -> np.ndarray:
+    """array[order] cut to `length` along axis, in a buffer with at least as many rows as array.
+
+    A whole-row take is a plain memcpy per row, several times faster than a strided
+    fancy-index copy, so the cut is a separate step, taken only when it shrinks.
+    """
+    rows = max(len(array), len(order))
+    if length >= array.shape[axis]:
+        buffer = np.empty((rows,) + array.shape[1:], array.dtype)
+        np.take(array, order, axis=0, out=buffer[: len(order)], mode="clip")  # "raise" would buffer a copy
+        return buffer
+    taken = np.take(array, order, axis=0)[(slice(None),) * axis + (slice(0, length),)]
+    buffer = np.empty((rows,) + taken.shape[1:], array.dtype)
+    buffer[: len(order)] = taken
+    return buffer
 
 
-def _pad_axis(array: np.ndarray, axis: int, width: int) -> np.ndarray:
-    """Zero/False-pad one axis of an array up to width."""
-    missing = width - array.shape[axis]
-    if missing == 0:
-        return array
-    pad = [(0, 0)] * array.ndim
-    pad[axis] = (0, missing)
-    return np.pad(array, pad)
+def _copy_into(array: np.ndarray, shape: tuple) -> np.ndarray:
+    """A zero-filled array of `shape` holding `array` in its leading corner."""
+    out = np.zeros(shape, array.dtype)
+    out[tuple(slice(0, min(a, b)) for a, b in zip(array.shape, shape))] = \
+        array[tuple(slice(0, min(a, b)) for a, b in zip(array.shape, shape))]
+    return out

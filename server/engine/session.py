@@ -50,6 +50,10 @@ def open_sessions(
     options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     options.graph_optimization_level = OPTIMIZATION_LEVELS[optimization]
     options.log_severity_level = 3
+    # The engine interleaves Python (search, cache bookkeeping, detokenising) with ONNX Runtime
+    # runs on the same cores: worker threads that spin after a run take those cores from it.
+    # Measured with continuous batching on 2 cores: 182 -> 319 sentences/s.
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
 
     def session(graph: str) -> ort.InferenceSession:
         return ort.InferenceSession(str(package.graph_path(precision, graph)), options, providers=PROVIDERS[device])

@@ -69,32 +69,44 @@ def test_dynamic_batch_and_padding_do_not_change_a_row(tiny_package, precision, 
 
 
 def test_rows_at_different_positions_share_one_step(tiny_package):
-    """Two rows of different ages (cache lengths, positions) in one decoder run, as continuous batching needs."""
+    """A source joining a running batch (continuous batching): rows of different ages, one decoder run."""
     sessions = open_sessions(ModelPackage.load(tiny_package), "fp32")
-    old, young = OnnxStepBackend(sessions, pad_batch([[5, 6, 7, 3]], 0)), OnnxStepBackend(
-        sessions, pad_batch([[8, 9, 10, 11, 12, 3]], 0))
+    old_source, young_source = [5, 6, 7, 3], [8, 9, 10, 11, 12, 13, 14, 15, 16, 17, 3]
+    shared, old, young = (OnnxStepBackend(sessions) for _ in range(3))
+    shared.extend(pad_batch([old_source], 0))
+    old.extend(pad_batch([old_source], 0))
+    young.extend(pad_batch([young_source], 0))
     for token in (2, 20, 21, 22, 23):
-        old.step_log_probs(np.array([token]))
-    young.step_log_probs(np.array([2]))
-    capacity = max(old.capacity, young.capacity)
+        np.testing.assert_allclose(shared.step_log_probs(np.array([token]))[0],
+                                   old.step_log_probs(np.array([token]))[0], atol=2e-5)
+    shared.extend(pad_batch([young_source], 0))  # wider source, position 0, next to a row at position 5
+    for old_token, young_token in ((24, 2), (25, 30), (26, 31)):
+        both = shared.step_log_probs(np.array([old_token, young_token]))
+        np.testing.assert_allclose(both[0], old.step_log_probs(np.array([old_token]))[0], atol=2e-5)
+        np.testing.assert_allclose(both[1], young.step_log_probs(np.array([young_token]))[0], atol=2e-5)
+    assert list(shared.lengths[shared.live]) == [8, 3]
 
-    def padded(array, width):
-        pad = [(0, 0)] * array.ndim
-        pad[2 if array.ndim == 4 else 1] = (0, width - array.shape[2 if array.ndim == 4 else 1])
-        return np.pad(array, pad)
 
-    feeds = {"tokens": np.array([24, 25]), "positions": np.concatenate([old.lengths, young.lengths]), "top_k": np.array(1),
-             "cache_mask": np.arange(capacity) < np.concatenate([old.lengths, young.lengths])[:, None]}
-    src_len = max(old.src_mask.shape[1], young.src_mask.shape[1])
-    feeds["src_mask"] = np.concatenate([padded(old.src_mask, src_len), padded(young.src_mask, src_len)])
-    for name, a, b in zip(old.cache_names, old.cache, young.cache):
-        feeds[name] = np.concatenate([padded(a, capacity), padded(b, capacity)])
-    for name, a, b in zip(old.cross_names, old.cross, young.cross):
-        feeds[name] = np.concatenate([padded(a, src_len), padded(b, src_len)])
-    assert set(feeds) == set(decoder_input_names(2))
-    mixed = sessions.decoder.run(["log_probs"], feeds)[0]
-    np.testing.assert_allclose(mixed[0], old.step_log_probs(np.array([24]))[0], atol=2e-5)
-    np.testing.assert_allclose(mixed[1], young.step_log_probs(np.array([25]))[0], atol=2e-5)
+def test_finished_rows_leave_and_reordered_beams_follow_their_cache(tiny_package):
+    sessions = open_sessions(ModelPackage.load(tiny_package), "fp32")
+    sources = [[5, 6, 3], [7, 8, 9, 3], [10, 3], [11, 12, 13, 14, 3]]
+    batch = OnnxStepBackend(sessions, pad_batch(sources, 0))
+    alone = [OnnxStepBackend(sessions, pad_batch([s], 0)) for s in sources]
+    row_sources = [0, 1, 2, 3]
+    # identity, a removal (kept lazily as a dead row), a reorder (gathered)
+    for step, keep in enumerate(([0, 1, 2, 3], [0, 2, 3], [2, 0])):
+        tokens = np.array([2 if step == 0 else 20 + step] * len(row_sources))
+        out = batch.step_log_probs(tokens)
+        for i, source in enumerate(row_sources):
+            np.testing.assert_allclose(out[i], alone[source].step_log_probs(tokens[i : i + 1])[0], atol=2e-5)
+        batch.select(np.array(keep))
+        row_sources = [row_sources[k] for k in keep]
+    assert row_sources == [3, 0]
+    batch.select(np.array([1, 1, 0]))  # duplicated rows (beam search) decode identically
+    out = batch.step_log_probs(np.array([40, 40, 41]))
+    np.testing.assert_array_equal(out[0], out[1])
+    np.testing.assert_allclose(out[0], alone[0].step_log_probs(np.array([40]))[0], atol=2e-5)
+    np.testing.assert_allclose(out[2], alone[3].step_log_probs(np.array([41]))[0], atol=2e-5)
 
 
 @pytest.fixture

@@ -1,0 +1,85 @@
+"""gRPC load generator: concurrent clients, bounded in requests and time.
+
+    python -m bench.load --address localhost:50051 --concurrency 64 --requests 1000 [--beam 1]
+
+Each client sends single-text requests (or --texts-per-request texts) drawn from the
+sentences, back to back. Reports throughput, latency percentiles and errors by code.
+Only ever point it at your own server (loopback by default).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import collections
+import json
+import time
+from typing import Sequence
+
+import grpc
+import numpy as np
+
+from parley.v1 import translate_pb2 as pb
+from parley.v1 import translate_pb2_grpc as pb_grpc
+
+
+async def run_load(address: str, sentences: Sequence[str], concurrency: int, requests: int, beam_size: int = 1,
+                   texts_per_request: int = 1, duration_s: float = 300.0) -> dict:
+    """Send `requests` requests from `concurrency` clients (stopping early after duration_s)."""
+    latencies: list[float] = []
+    errors: collections.Counter = collections.Counter()
+    translated = generated_tokens = 0
+    counter = iter(range(requests))
+    deadline = time.monotonic() + duration_s
+
+    async with grpc.aio.insecure_channel(address) as channel:
+        stub = pb_grpc.TranslatorStub(channel)
+
+        async def client() -> None:
+            nonlocal translated, generated_tokens
+            for n in counter:
+                if time.monotonic() > deadline:
+                    return
+                texts = [sentences[(n * texts_per_request + j) % len(sentences)] for j in range(texts_per_request)]
+                request = pb.TranslateRequest(texts=texts, options=pb.DecodingOptions(beam_size=beam_size))
+                started = time.perf_counter()
+                try:
+                    response = await stub.Translate(request, timeout=60)
+                except grpc.aio.AioRpcError as error:
+                    errors[error.code().name] += 1
+                    continue
+                latencies.append(time.perf_counter() - started)
+                translated += len(texts)
+                generated_tokens += sum(t.hypotheses[0].token_count for t in response.translations)
+
+        started = time.perf_counter()
+        await asyncio.gather(*(client() for _ in range(concurrency)))
+        seconds = time.perf_counter() - started
+    return {
+        "clients": concurrency, "requests": len(latencies) + sum(errors.values()), "seconds": round(seconds, 3),
+        "sentences_per_s": round(translated / seconds, 2), "tokens_per_s": round(generated_tokens / seconds, 1),
+        "latency_p50_ms": round(1000 * float(np.percentile(latencies, 50)), 2) if latencies else None,
+        "latency_p99_ms": round(1000 * float(np.percentile(latencies, 99)), 2) if latencies else None,
+        "errors": dict(errors),
+    }
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    from model.data import read_lines
+
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--address", default="127.0.0.1:50051")
+    p.add_argument("--sentences", default="../shared/data/multi30k/test_2016_flickr.en.gz")
+    p.add_argument("--concurrency", type=int, default=16)
+    p.add_argument("--requests", type=int, default=500)
+    p.add_argument("--duration", type=float, default=120.0, help="stop after this many seconds")
+    p.add_argument("--beam", type=int, default=1)
+    p.add_argument("--texts-per-request", type=int, default=1)
+    args = p.parse_args(argv)
+    result = asyncio.run(run_load(args.address, read_lines(args.sentences), args.concurrency, args.requests,
+                                  args.beam, args.texts_per_request, args.duration))
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,214 @@
+"""`make bench`: Parley against CTranslate2 and the PyTorch reference, side by side, in one run.
+
+Same weights (the default model), same sentences of test_2016_flickr, same thread count,
+same output-length rule. Every engine runs in its own process (peak RSS is its own).
+BENCH_QUICK=1 runs a reduced grid in a few minutes.
+
+Writes bench/results/latest.json (a list of records) and bench/results/throughput.png,
+and prints a table with the Parley/CTranslate2 ratios.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from bench.load import run_load
+from model.data import read_lines
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "bench" / "results"
+CACHE = ROOT / "bench" / ".cache"
+
+
+def settings() -> dict:
+    quick = os.environ.get("BENCH_QUICK") == "1"
+    return {
+        "quick": quick,
+        "sentences": 256 if quick else 1000,
+        "batch_sizes": [8, 32] if quick else [1, 8, 32, 64],
+        "beams": [1, 4],
+        "threads": int(os.environ.get("BENCH_THREADS", os.cpu_count() or 1)),
+        "grpc_clients": [1, 16, 64],
+        "grpc_requests": 256 if quick else 1000,
+        "data_dir": Path(os.environ.get("DATA_DIR", ROOT.parent / "shared" / "data" / "multi30k")),
+        "checkpoint": ROOT / "model" / "default",
+        "package": Path(os.environ.get("BENCH_PACKAGE", ROOT / "models" / "multi30k-en-de")),
+    }
+
+
+def ctranslate2_model(checkpoint: Path, quantization: str) -> Path:
+    out = CACHE / f"ctranslate2-{quantization}"
+    if not (out / "model.bin").is_file():
+        subprocess.run([sys.executable, "-m", "bench.ctranslate2_convert", str(checkpoint), str(out),
+                        "--quantization", quantization], check=True)
+    return out
+
+
+def run_worker(job: dict) -> dict:
+    with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
+        json.dump(job, f)
+    try:
+        done = subprocess.run([sys.executable, "-m", "bench.worker", f.name], capture_output=True, text=True)
+    finally:
+        os.unlink(f.name)
+    if done.returncode != 0:
+        raise RuntimeError(f"benchmark worker failed for {job.get('engine')}: {done.stderr[-2000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def grpc_records(s: dict, sources: list[str], references: list[str], engine_rate: dict) -> list[dict]:
+    """End-to-end throughput through a real server on loopback, single-sentence requests."""
+    port = 50000 + os.getpid() % 10000
+    server = subprocess.Popen([sys.executable, "-m", "server", "--model-repository", str(s["package"]),
+                               "--port", str(port), "--metrics-port", "0", "--precision", "int8",
+                               "--threads", str(s["threads"]), "--log-level", "warning"])
+    records = []
+    try:
+        wait_for_server(port)
+        for beam in s["beams"]:
+            for clients in s["grpc_clients"]:
+                requests = min(s["grpc_requests"], 200) if clients == 1 else s["grpc_requests"]
+                result = asyncio.run(run_load(f"127.0.0.1:{port}", sources, clients, requests, beam))
+                offline = engine_rate.get(beam)
+                records.append({"engine": "parley-grpc", "precision": "int8", "beam_size": beam, "batch_size": 1,
+                                "threads": s["threads"], "bleu": None, **result,
+                                "share_of_engine": round(result["sentences_per_s"] / offline, 3) if offline else None})
+    finally:
+        server.terminate()
+        server.wait(60)
+    return records
+
+
+def wait_for_server(port: int, timeout: float = 120.0) -> None:
+    import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    stub = health_pb2_grpc.HealthStub(grpc.insecure_channel(f"127.0.0.1:{port}"))
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        try:
+            if stub.Check(health_pb2.HealthCheckRequest(), timeout=1).status == health_pb2.HealthCheckResponse.SERVING:
+                return
+        except Exception:
+            pass
+        time.sleep(0.5)
+    raise RuntimeError("the server did not become SERVING")
+
+
+def agreement(a: list[str] | None, b: list[str] | None) -> float | None:
+    if not a or not b:
+        return None
+    return round(sum(x == y for x, y in zip(a, b)) / len(a), 4)
+
+
+def table(records: list[dict]) -> str:
+    rows = ["| engine | precision | beam | batch | sent/s | tok/s | p50 ms | p95 ms | peak RSS MB | BLEU | vs CT2 |",
+            "|---|---|---|---|---|---|---|---|---|---|---|"]
+    ct2 = {(r["precision"].replace("float32", "fp32"), r["beam_size"], r["batch_size"]): r["sentences_per_s"]
+           for r in records if r["engine"] == "ctranslate2"}
+    for r in records:
+        if r["engine"] == "parley-grpc":
+            continue
+        ct2_rate = ct2.get((r["precision"], r["beam_size"], r["batch_size"])) if r["engine"] == "parley" else None
+        ratio = f"{r['sentences_per_s'] / ct2_rate:.2f}x" if ct2_rate else ""
+        rows.append(f"| {r['engine']} | {r['precision']} | {r['beam_size']} | {r['batch_size']} | "
+                    f"{r['sentences_per_s']:.1f} | {r['tokens_per_s']:.0f} | {r['latency_p50_ms']:.1f} | "
+                    f"{r['latency_p95_ms']:.1f} | {r['peak_rss_mb']:.0f} | {r['bleu']:.2f} | "
+                    f"{ratio} |")
+    grpc_rows = [r for r in records if r["engine"] == "parley-grpc"]
+    if grpc_rows:
+        rows += ["", "| parley-grpc int8 | beam | clients | sent/s | p50 ms | p99 ms | share of offline engine | errors |",
+                 "|---|---|---|---|---|---|---|---|"]
+        for r in grpc_rows:
+            rows.append(f"| | {r['beam_size']} | {r['clients']} | {r['sentences_per_s']:.1f} | {r['latency_p50_ms']:.1f} | "
+                        f"{r['latency_p99_ms']:.1f} | {r['share_of_engine']} | {r['errors'] or 0} |")
+    return "\n".join(rows)
+
+
+def plot(records: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    beams = sorted({r["beam_size"] for r in records})
+    fig, axes = plt.subplots(1, len(beams), figsize=(6 * len(beams), 4.5), squeeze=False)
+    for ax, beam in zip(axes[0], beams):
+        series = sorted({(r["engine"], r["precision"]) for r in records if r["engine"] != "parley-grpc"})
+        for engine, precision in series:
+            points = sorted((r["batch_size"], r["sentences_per_s"]) for r in records
+                            if (r["engine"], r["precision"], r["beam_size"]) == (engine, precision, beam))
+            ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=f"{engine} {precision}")
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("batch size (sentences)")
+        ax.set_ylabel("sentences / s")
+        ax.set_title(f"{'greedy' if beam == 1 else f'beam {beam}'}")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.suptitle("Throughput on test_2016_flickr, same weights and threads")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def main() -> None:
+    s = settings()
+    if not (s["package"] / "manifest.json").is_file():
+        sys.exit(f"no model package at {s['package']}: run `make export` first")
+    sources = read_lines(s["data_dir"] / "test_2016_flickr.en.gz")[: s["sentences"]]
+    references = read_lines(s["data_dir"] / "test_2016_flickr.de.gz")[: s["sentences"]]
+    common = {"sources": sources, "references": references, "beams": s["beams"], "batch_sizes": s["batch_sizes"],
+              "threads": s["threads"], "checkpoint": str(s["checkpoint"]), "package": str(s["package"])}
+    jobs = [
+        {"engine": "parley", "precision": "fp32"},
+        {"engine": "parley", "precision": "int8"},
+        {"engine": "ctranslate2", "precision": "float32", "ct2_model": str(ctranslate2_model(s["checkpoint"], "float32"))},
+        {"engine": "ctranslate2", "precision": "int8", "ct2_model": str(ctranslate2_model(s["checkpoint"], "int8"))},
+        {"engine": "pytorch", "precision": "fp32"},
+    ]
+    records = []
+    for job in jobs:
+        print(f"measuring {job['engine']} {job['precision']} ...", flush=True)
+        records += run_worker({**common, **job})["records"]
+    engine_rate = {r["beam_size"]: r["sentences_per_s"] for r in records
+                   if r["engine"] == "parley" and r["precision"] == "int8" and r["batch_size"] == max(s["batch_sizes"])}
+    print("measuring parley-grpc ...", flush=True)
+    records += grpc_records(s, sources, references, engine_rate)
+    kv = run_worker({**common, "task": "kv_cache", "steps": 30, "batch_size": 32})["kv_cache"]
+
+    outputs = {}
+    for r in records:
+        texts = r.pop("outputs", None)
+        if texts:
+            outputs[(r["engine"], r["precision"])] = texts
+    checks = {
+        "ctranslate2_float32_greedy_equals_parley_fp32": agreement(outputs.get(("ctranslate2", "float32")),
+                                                                   outputs.get(("parley", "fp32"))),
+        "pytorch_greedy_equals_parley_fp32": agreement(outputs.get(("pytorch", "fp32")), outputs.get(("parley", "fp32"))),
+        "kv_cache_speedup_at_30_tokens": kv,
+    }
+    for r in records:
+        r["engine"] = r["engine"].replace("float32", "fp32")
+        if r["engine"] == "ctranslate2":
+            r["precision"] = r["precision"].replace("float32", "fp32")
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    meta = {"machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores", "settings":
+            {k: str(v) for k, v in s.items()}, "checks": checks}
+    (RESULTS / "latest.json").write_text(json.dumps(records, indent=1) + "\n")
+    (RESULTS / "latest-meta.json").write_text(json.dumps(meta, indent=1) + "\n")
+    plot(records, RESULTS / "throughput.png")
+    print()
+    print(table(records))
+    print()
+    print(json.dumps(checks, indent=1))
+
+
+if __name__ == "__main__":
+    main()

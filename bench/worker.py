@@ -1,0 +1,99 @@
+"""One engine's measurements, in a process of its own (so peak RSS is that engine's).
+
+    python -m bench.worker SPEC_JSON  ->  prints one JSON object
+"""
+
+from __future__ import annotations
+
+import json
+import resource
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import sacrebleu
+
+from decoding.tokenizer import Tokenizer
+
+
+def build(spec: dict, tokenizer: Tokenizer):
+    from bench.engines import CTranslate2Engine, ParleyEngine, PyTorchEngine
+
+    if spec["engine"] == "parley":
+        return ParleyEngine(Path(spec["package"]), spec["precision"], spec["threads"])
+    if spec["engine"] == "ctranslate2":
+        return CTranslate2Engine(Path(spec["ct2_model"]), spec["precision"], spec["threads"], tokenizer)
+    return PyTorchEngine(Path(spec["checkpoint"]), spec["threads"])
+
+
+def measure(spec: dict) -> dict:
+    tokenizer = Tokenizer(Path(spec["checkpoint"]) / "spm.model")
+    sources = tokenizer.encode(spec["sources"])
+    engine = build(spec, tokenizer)
+    engine.translate(sources[:8], 1)  # warm-up: first-run allocations and thread start-up
+    records = []
+    for beam in spec["beams"]:
+        for batch_size in spec["batch_sizes"]:
+            outputs, latencies = [], []
+            started = time.perf_counter()
+            for i in range(0, len(sources), batch_size):
+                t = time.perf_counter()
+                outputs += engine.translate(sources[i : i + batch_size], beam)
+                latencies.append(time.perf_counter() - t)
+            seconds = time.perf_counter() - started
+            texts = tokenizer.decode(outputs)
+            records.append({
+                "engine": spec["engine"], "precision": spec["precision"], "beam_size": beam,
+                "batch_size": batch_size, "threads": spec["threads"], "sentences": len(sources),
+                "seconds": round(seconds, 3),
+                "sentences_per_s": round(len(sources) / seconds, 2),
+                "tokens_per_s": round(sum(len(o) for o in outputs) / seconds, 1),
+                "latency_p50_ms": round(1000 * float(np.percentile(latencies, 50)), 2),
+                "latency_p95_ms": round(1000 * float(np.percentile(latencies, 95)), 2),
+                "bleu": round(sacrebleu.corpus_bleu(texts, [spec["references"]]).score, 2),
+                "outputs": texts if beam == 1 and batch_size == spec["batch_sizes"][-1] else None,
+            })
+    peak_rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    for record in records:
+        record["peak_rss_mb"] = round(peak_rss_mb, 1)
+    return {"records": records}
+
+
+def kv_cache_speedup(spec: dict) -> dict:
+    """KV-cache decoding against full recomputation, PyTorch, exactly `steps` output tokens."""
+    import torch
+
+    from bench.engines import FullRecomputeBackend
+    from decoding import DecodingParams
+    from decoding.padding import pad_batch
+    from decoding.search import search
+    from model.checkpoint import load_model
+    from model.generate import TorchStepBackend
+
+    torch.set_num_threads(spec["threads"])
+    model = load_model(Path(spec["checkpoint"]))
+    tokenizer = Tokenizer(Path(spec["checkpoint"]) / "spm.model")
+    sources = tokenizer.encode(spec["sources"][: spec["batch_size"]])
+    steps = spec["steps"]
+    params = [DecodingParams(min_length=steps, max_length=steps)] * len(sources)
+    src = torch.from_numpy(pad_batch([s + [model.config.eos_id] for s in sources], model.config.pad_id))
+    timings = {}
+    with torch.no_grad():
+        for name, backend in (("kv_cache", lambda: TorchStepBackend(model, src, steps + 1)),
+                              ("full_recompute", lambda: FullRecomputeBackend(model, src))):
+            best = float("inf")
+            for _ in range(3):
+                t = time.perf_counter()
+                search(backend(), params, model.config.bos_id, model.config.eos_id)
+                best = min(best, time.perf_counter() - t)
+            timings[name] = best
+    return {"kv_cache": {"output_tokens": steps, "batch_size": len(sources), "kv_cache_s": round(timings["kv_cache"], 4),
+                         "full_recompute_s": round(timings["full_recompute"], 4),
+                         "speedup": round(timings["full_recompute"] / timings["kv_cache"], 2)}}
+
+
+if __name__ == "__main__":
+    job = json.loads(Path(sys.argv[1]).read_text())
+    result = kv_cache_speedup(job) if job.get("task") == "kv_cache" else measure(job)
+    print(json.dumps(result))
