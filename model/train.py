@@ -126,7 +126,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--lr-factor", type=float, default=0.7)
     p.add_argument("--label-smoothing", type=float, default=0.1)
     p.add_argument("--seed", type=int, default=1)
-    p.add_argument("--bleu-every", type=int, default=5, help="greedy val BLEU every N epochs (0: never)")
+    p.add_argument("--bleu-every", type=int, default=1, help="greedy val BLEU every N epochs (0: never)")
     p.add_argument("--average", type=int, default=5, help="average the last N epoch checkpoints into final/")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda")
     p.add_argument("--no-progress", action="store_true")
