@@ -10,7 +10,7 @@ REPOSITORY := models
 PACKAGE := $(REPOSITORY)/multi30k-en-de
 DATA_DIR ?= ../shared/data/multi30k
 
-.PHONY: setup test serve eval train export bench proto clean
+.PHONY: setup test serve eval train export bench bench-scale proto clean
 
 $(READY): requirements/serve.txt requirements/dev.txt pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -55,6 +55,10 @@ $(BENCH_READY): requirements/bench.txt $(READY)
 # Throughput and quality against CTranslate2 and PyTorch; BENCH_QUICK=1 for a reduced grid.
 bench: setup export $(BENCH_READY)
 	DATA_DIR=$(DATA_DIR) $(BIN)/python -m bench.run
+
+# gRPC throughput against the number of replicas on this machine (round_robin over loopback).
+bench-scale: setup export
+	DATA_DIR=$(DATA_DIR) $(BIN)/python -m bench.scale
 
 clean:
 	rm -rf $(VENV) $(REPOSITORY) runs

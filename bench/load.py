@@ -32,7 +32,9 @@ async def run_load(address: str, sentences: Sequence[str], concurrency: int, req
     counter = iter(range(requests))
     deadline = time.monotonic() + duration_s
 
-    async with grpc.aio.insecure_channel(address) as channel:
+    # Several addresses (ipv4:host:port,host:port) are balanced per call, as replicas behind DNS would be.
+    options = [("grpc.lb_policy_name", "round_robin")]
+    async with grpc.aio.insecure_channel(address, options=options) as channel:
         stub = pb_grpc.TranslatorStub(channel)
 
         async def client() -> None:

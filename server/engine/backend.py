@@ -138,7 +138,7 @@ class OnnxStepBackend:
         n = len(order)
         capacity = min(self.capacity, -(-int(self.lengths[order].max(initial=0)) // CACHE_BLOCK) * CACHE_BLOCK)
         self.cache = [_gather(c, order, 2, capacity) for c in self.cache]
-        if not np.array_equal(self.row_source[order], self.row_source[:n]):  # else the front rows already fit
+        if n > self.used or not np.array_equal(self.row_source[order], self.row_source[:n]):  # else they fit
             width = int(self.src_mask[order].any(axis=0).nonzero()[0].max(initial=-1)) + 1
             width = -(-width // SOURCE_BLOCK) * SOURCE_BLOCK
             self.cross = [_gather(c, order, 2, width) for c in self.cross]

@@ -29,6 +29,12 @@ def cuda_available() -> bool:
     return "CUDAExecutionProvider" in ort.get_available_providers()
 
 
+def load_cuda_libraries() -> None:
+    """Make CUDA/cuDNN libraries installed as wheels (onnxruntime-gpu[cuda,cudnn]) loadable."""
+    if hasattr(ort, "preload_dlls"):
+        ort.preload_dlls()
+
+
 def open_sessions(
     package: ModelPackage, precision: str, device: str = "cpu", threads: int = 0, optimization: str = "all"
 ) -> VariantSessions:
@@ -38,6 +44,8 @@ def open_sessions(
     """
     if device not in PROVIDERS:
         raise ValueError(f"device must be one of {', '.join(PROVIDERS)}, got {device!r}")
+    if device == "cuda":
+        load_cuda_libraries()
     if device == "cuda" and not cuda_available():
         raise RuntimeError("device 'cuda' asked for, but this onnxruntime has no CUDAExecutionProvider "
                            "(install onnxruntime-gpu)")

@@ -1,0 +1,67 @@
+"""`make bench-scale`: gRPC throughput against the number of replicas, on this machine.
+
+Starts N Parley processes on loopback (threads split evenly over the cores), drives them
+through one channel with round_robin balancing, and reports sentences/s, latency and
+errors per replica count. On a 2-core machine this shows the balancing and the per-process
+overhead, not scale-out: the replicas share the same two cores.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+from bench.load import run_load
+from bench.run import RESULTS, settings, wait_for_server
+from model.data import read_lines
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def measure(replicas: int, s: dict, sentences: list[str], clients: int, requests: int) -> dict:
+    cores = os.cpu_count() or 1
+    threads = max(cores // replicas, 1)
+    ports = [free_port() for _ in range(replicas)]
+    processes = [subprocess.Popen([sys.executable, "-m", "server", "--model-repository", str(s["package"]),
+                                   "--host", "127.0.0.1", "--port", str(port), "--metrics-port", "0",
+                                   "--precision", "int8", "--threads", str(threads), "--log-level", "warning"])
+                 for port in ports]
+    try:
+        for port in ports:
+            wait_for_server(port)
+        target = "ipv4:" + ",".join(f"127.0.0.1:{port}" for port in ports)
+        result = asyncio.run(run_load(target, sentences, clients, requests, beam_size=1))
+    finally:
+        for process in processes:
+            process.terminate()
+        for process in processes:
+            process.wait(60)
+    return {"replicas": replicas, "threads_per_replica": threads, **result}
+
+
+def main() -> None:
+    s = settings()
+    if not (s["package"] / "manifest.json").is_file():
+        sys.exit(f"no model package at {s['package']}: run `make export` first")
+    sentences = read_lines(Path(s["data_dir"]) / "test_2016_flickr.en.gz")
+    records = [measure(n, s, sentences, clients=64, requests=s["grpc_requests"]) for n in (1, 2)]
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / "scale.json").write_text(json.dumps(records, indent=1) + "\n")
+    print("| replicas | threads each | clients | sent/s | p50 ms | p99 ms | errors |")
+    print("|---|---|---|---|---|---|---|")
+    for r in records:
+        print(f"| {r['replicas']} | {r['threads_per_replica']} | {r['clients']} | {r['sentences_per_s']:.1f} | "
+              f"{r['latency_p50_ms']:.1f} | {r['latency_p99_ms']:.1f} | {r['errors'] or 0} |")
+
+
+if __name__ == "__main__":
+    main()
