@@ -187,13 +187,13 @@ def main() -> None:
     for r in records:
         texts = r.pop("outputs", None)
         if texts:
-            outputs[(r["engine"], r["precision"])] = texts
-    checks = {
-        "ctranslate2_float32_greedy_equals_parley_fp32": agreement(outputs.get(("ctranslate2", "float32")),
-                                                                   outputs.get(("parley", "fp32"))),
-        "pytorch_greedy_equals_parley_fp32": agreement(outputs.get(("pytorch", "fp32")), outputs.get(("parley", "fp32"))),
-        "kv_cache_speedup_at_30_tokens": kv,
-    }
+            outputs[(r["engine"], r["precision"], r["beam_size"])] = texts
+    checks = {"kv_cache_speedup_at_30_tokens": kv}
+    for beam in s["beams"]:  # share of sentences with identical output (largest batch size)
+        parley = outputs.get(("parley", "fp32", beam))
+        checks[f"pytorch_equals_parley_fp32_beam{beam}"] = agreement(outputs.get(("pytorch", "fp32", beam)), parley)
+        checks[f"ctranslate2_fp32_equals_parley_fp32_beam{beam}"] = agreement(
+            outputs.get(("ctranslate2", "float32", beam)), parley)
     for r in records:
         r["engine"] = r["engine"].replace("float32", "fp32")
         if r["engine"] == "ctranslate2":

@@ -52,7 +52,7 @@ def measure(spec: dict) -> dict:
                 "latency_p50_ms": round(1000 * float(np.percentile(latencies, 50)), 2),
                 "latency_p95_ms": round(1000 * float(np.percentile(latencies, 95)), 2),
                 "bleu": round(sacrebleu.corpus_bleu(texts, [spec["references"]]).score, 2),
-                "outputs": texts if beam == 1 and batch_size == spec["batch_sizes"][-1] else None,
+                "outputs": texts if batch_size == spec["batch_sizes"][-1] else None,
             })
     peak_rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     for record in records:
