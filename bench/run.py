@@ -17,10 +17,10 @@ import platform
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 from bench.load import run_load
+from bench.replicas import replicas, round_robin_target
 from model.data import read_lines
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -64,43 +64,19 @@ def run_worker(job: dict) -> dict:
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-def grpc_records(s: dict, sources: list[str], references: list[str], engine_rate: dict) -> list[dict]:
+def grpc_records(s: dict, sources: list[str], engine_rate: dict) -> list[dict]:
     """End-to-end throughput through a real server on loopback, single-sentence requests."""
-    port = 50000 + os.getpid() % 10000
-    server = subprocess.Popen([sys.executable, "-m", "server", "--model-repository", str(s["package"]),
-                               "--port", str(port), "--metrics-port", "0", "--precision", "int8",
-                               "--threads", str(s["threads"]), "--log-level", "warning"])
     records = []
-    try:
-        wait_for_server(port)
+    with replicas(s["package"], 1, s["threads"], "--precision", "int8") as ports:
         for beam in s["beams"]:
             for clients in s["grpc_clients"]:
                 requests = min(s["grpc_requests"], 200) if clients == 1 else s["grpc_requests"]
-                result = asyncio.run(run_load(f"127.0.0.1:{port}", sources, clients, requests, beam))
+                result = asyncio.run(run_load(round_robin_target(ports), sources, clients, requests, beam))
                 offline = engine_rate.get(beam)
                 records.append({"engine": "parley-grpc", "precision": "int8", "beam_size": beam, "batch_size": 1,
                                 "threads": s["threads"], "bleu": None, **result,
                                 "share_of_engine": round(result["sentences_per_s"] / offline, 3) if offline else None})
-    finally:
-        server.terminate()
-        server.wait(60)
     return records
-
-
-def wait_for_server(port: int, timeout: float = 120.0) -> None:
-    import grpc
-    from grpc_health.v1 import health_pb2, health_pb2_grpc
-
-    stub = health_pb2_grpc.HealthStub(grpc.insecure_channel(f"127.0.0.1:{port}"))
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        try:
-            if stub.Check(health_pb2.HealthCheckRequest(), timeout=1).status == health_pb2.HealthCheckResponse.SERVING:
-                return
-        except Exception:
-            pass
-        time.sleep(0.5)
-    raise RuntimeError("the server did not become SERVING")
 
 
 def agreement(a: list[str] | None, b: list[str] | None) -> float | None:
@@ -180,7 +156,7 @@ def main() -> None:
     engine_rate = {r["beam_size"]: r["sentences_per_s"] for r in records
                    if r["engine"] == "parley" and r["precision"] == "int8" and r["batch_size"] == max(s["batch_sizes"])}
     print("measuring parley-grpc ...", flush=True)
-    records += grpc_records(s, sources, references, engine_rate)
+    records += grpc_records(s, sources, engine_rate)
     kv = run_worker({**common, "task": "kv_cache", "steps": 30, "batch_size": 32})["kv_cache"]
 
     outputs = {}

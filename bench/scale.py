@@ -11,41 +11,20 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import socket
-import subprocess
 import sys
 from pathlib import Path
 
 from bench.load import run_load
-from bench.run import RESULTS, settings, wait_for_server
+from bench.replicas import replicas, round_robin_target
+from bench.run import RESULTS, settings
 from model.data import read_lines
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def measure(replicas: int, s: dict, sentences: list[str], clients: int, requests: int) -> dict:
-    cores = os.cpu_count() or 1
-    threads = max(cores // replicas, 1)
-    ports = [free_port() for _ in range(replicas)]
-    processes = [subprocess.Popen([sys.executable, "-m", "server", "--model-repository", str(s["package"]),
-                                   "--host", "127.0.0.1", "--port", str(port), "--metrics-port", "0",
-                                   "--precision", "int8", "--threads", str(threads), "--log-level", "warning"])
-                 for port in ports]
-    try:
-        for port in ports:
-            wait_for_server(port)
-        target = "ipv4:" + ",".join(f"127.0.0.1:{port}" for port in ports)
-        result = asyncio.run(run_load(target, sentences, clients, requests, beam_size=1))
-    finally:
-        for process in processes:
-            process.terminate()
-        for process in processes:
-            process.wait(60)
-    return {"replicas": replicas, "threads_per_replica": threads, **result}
+def measure(count: int, s: dict, sentences: list[str], clients: int, requests: int) -> dict:
+    threads = max((os.cpu_count() or 1) // count, 1)
+    with replicas(s["package"], count, threads, "--precision", "int8") as ports:
+        result = asyncio.run(run_load(round_robin_target(ports), sentences, clients, requests, beam_size=1))
+    return {"replicas": count, "threads_per_replica": threads, **result}
 
 
 def main() -> None:
