@@ -49,16 +49,23 @@ class ParleyServer:
         address = f"{self.config.host}:{self.config.port}"
         self.port = (self.grpc_server.add_secure_port(address, self._credentials()) if self.config.tls_cert
                      else self.grpc_server.add_insecure_port(address))
+        self.servicer = TranslatorServicer(None, self.config, self.metrics)
+        pb_grpc.add_TranslatorServicer_to_server(self.servicer, self.grpc_server)
+        # The port opens first: while models load and warm up, health answers NOT_SERVING
+        # (startup probes wait) and translate calls get UNAVAILABLE.
+        await self.grpc_server.start()
+        try:
+            self.registry = await asyncio.to_thread(load_models, self.config, self.metrics)
+            for model in self.registry:
+                await asyncio.to_thread(model.engine.translate, ["Warm-up."],
+                                        [DecodingParams(beam_size=2, max_length=8)])
+                model.scheduler.start()
+        except BaseException:
+            await self.grpc_server.stop(0)
+            raise
+        self.servicer.registry = self.registry
         if self.config.metrics_port:
             self.metrics_http = self.metrics.serve(self.config.metrics_port)
-        # Models load while Health already answers NOT_SERVING, so probes see the server starting.
-        self.registry = await asyncio.to_thread(load_models, self.config, self.metrics)
-        self.servicer = TranslatorServicer(self.registry, self.config, self.metrics)
-        pb_grpc.add_TranslatorServicer_to_server(self.servicer, self.grpc_server)
-        await self.grpc_server.start()
-        for model in self.registry:
-            await asyncio.to_thread(model.engine.translate, ["Warm-up."], [DecodingParams(beam_size=2, max_length=8)])
-            model.scheduler.start()
         for service in ("", SERVICE_NAME):
             await self.health.set(service, health_pb2.HealthCheckResponse.SERVING)
         log.info("serving", extra={"port": self.port, "models": [m.name for m in self.registry],

@@ -27,8 +27,8 @@ async def _indexed(index: int, future: asyncio.Future):
 
 
 class TranslatorServicer(pb_grpc.TranslatorServicer):
-    def __init__(self, registry: ModelRegistry, config: ServerConfig, metrics: Metrics):
-        self.registry, self.config, self.metrics = registry, config, metrics
+    def __init__(self, registry: ModelRegistry | None, config: ServerConfig, metrics: Metrics):
+        self.registry, self.config, self.metrics = registry, config, metrics  # registry: None while loading
         self.draining = False
         self.active_calls = 0  # Translate/TranslateStream calls between acceptance and answer
 
@@ -70,6 +70,8 @@ class TranslatorServicer(pb_grpc.TranslatorServicer):
 
     async def ListModels(self, request: pb.ListModelsRequest, context) -> pb.ListModelsResponse:
         started = time.perf_counter()
+        if self.registry is None:
+            await self._fail(Unavailable("models are still loading; retry shortly"), context, "", "ListModels", started)
         response = pb.ListModelsResponse(models=[
             pb.ModelInfo(name=m.name, source_language=m.package.source_language,
                          target_language=m.package.target_language, precision=m.engine.precision,
@@ -84,6 +86,8 @@ class TranslatorServicer(pb_grpc.TranslatorServicer):
     def _accept(self, request: pb.TranslateRequest) -> ValidatedRequest:
         if self.draining:
             raise Unavailable("the server is shutting down; retry on another replica")
+        if self.registry is None:
+            raise Unavailable("models are still loading; retry shortly")
         model = self.registry.resolve(request.model, request.source_language, request.target_language)
         return validate(request, model, self.config)
 

@@ -1,17 +1,22 @@
 """The Translator service end to end: a real server, a real gRPC client."""
 
+import asyncio
 import concurrent.futures
 import re
 import shutil
 import subprocess
+import threading
 import time
 
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+import server.app
 from parley.v1 import translate_pb2 as pb
-from tests.server.conftest import request
+from parley.v1 import translate_pb2_grpc as pb_grpc
+from server.app import ParleyServer
+from tests.server.conftest import request, server_config
 
 TEXTS = ["A man is riding a bike.", "Two dogs play in the snow.", "A woman in a red dress walks down a busy street."]
 
@@ -190,3 +195,34 @@ def test_metrics_pass_promtool(start_server, tmp_path):
     result = subprocess.run(["promtool", "check", "metrics"], input=server.metrics_text(), capture_output=True,
                             text=True)
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_not_serving_while_models_load(tiny_package, monkeypatch):
+    release = threading.Event()
+    real_load = server.app.load_models
+    monkeypatch.setattr(server.app, "load_models", lambda *args: (release.wait(30), real_load(*args))[1])
+    loop = asyncio.new_event_loop()
+    threading.Thread(target=loop.run_forever, daemon=True).start()
+    parley = ParleyServer(server_config(tiny_package))
+    starting = asyncio.run_coroutine_threadsafe(parley.start(), loop)
+    try:
+        deadline = time.monotonic() + 10
+        while parley.port is None or parley.servicer is None:
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        channel = grpc.insecure_channel(f"127.0.0.1:{parley.port}")
+        health = health_pb2_grpc.HealthStub(channel)
+        assert health.Check(health_pb2.HealthCheckRequest(), timeout=5).status == \
+            health_pb2.HealthCheckResponse.NOT_SERVING
+        with pytest.raises(grpc.RpcError) as error:
+            pb_grpc.TranslatorStub(channel).Translate(request("Too early."), timeout=5)
+        assert error.value.code() == grpc.StatusCode.UNAVAILABLE and "loading" in error.value.details()
+        release.set()
+        starting.result(60)
+        assert health.Check(health_pb2.HealthCheckRequest(), timeout=5).status == \
+            health_pb2.HealthCheckResponse.SERVING
+        assert pb_grpc.TranslatorStub(channel).Translate(request("Now."), timeout=10).translations
+    finally:
+        release.set()
+        asyncio.run_coroutine_threadsafe(parley.stop(), loop).result(60)
+        loop.call_soon_threadsafe(loop.stop)
