@@ -226,3 +226,13 @@ def test_not_serving_while_models_load(tiny_package, monkeypatch):
         release.set()
         asyncio.run_coroutine_threadsafe(parley.stop(), loop).result(60)
         loop.call_soon_threadsafe(loop.stop)
+
+
+def test_reflection_lists_the_services(running):
+    from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
+
+    database = ProtoReflectionDescriptorDatabase(grpc.insecure_channel(running.address))
+    services = set(database.get_services())
+    assert {"parley.v1.Translator", "grpc.health.v1.Health"} <= services
+    methods = [m.name for m in database.FindFileContainingSymbol("parley.v1.Translator").service[0].method]
+    assert methods == ["Translate", "TranslateStream", "ListModels"]
