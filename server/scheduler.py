@@ -197,10 +197,13 @@ class Scheduler:
         backend = batch.backend
         self.metrics.batch_size.labels(self.name).observe(backend.rows)
         self.metrics.padding_ratio.labels(self.name).observe(backend.padding_ratio)
-        for key, hypotheses in batch.step():
-            row = self._active[key]
-            self.metrics.generated_tokens.labels(self.name).inc(len(hypotheses[0].tokens) if hypotheses else 0)
-            self._resolve(row, result=self.engine.detokenize(hypotheses))
+        finished = batch.step()
+        if not finished:
+            return
+        texts = self.engine.detokenize_many([hypotheses for _, hypotheses in finished])  # one call per step
+        self.metrics.generated_tokens.labels(self.name).inc(sum(len(h[0].tokens) for _, h in finished if h))
+        for (key, _), result in zip(finished, texts):
+            self._resolve(self._active[key], result=result)
 
     def _resolve(self, row: Row, result: list[TextHypothesis] | None = None, error: Exception | None = None) -> None:
         """Answer a text exactly once, on its event loop."""

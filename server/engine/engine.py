@@ -68,9 +68,10 @@ class Engine:
                 results[key] = hypotheses
         return results
 
-    def detokenize(self, hypotheses: Sequence[Hypothesis]) -> list[TextHypothesis]:
-        texts = self.tokenizer.decode([h.tokens for h in hypotheses])
-        return [TextHypothesis(text, h.score, len(h.tokens)) for h, text in zip(hypotheses, texts)]
+    def detokenize_many(self, results: Sequence[Sequence[Hypothesis]]) -> list[list[TextHypothesis]]:
+        """Detokenize the hypotheses of many sources in one tokenizer call."""
+        texts = iter(self.tokenizer.decode([h.tokens for hyps in results for h in hyps]))
+        return [[TextHypothesis(next(texts), h.score, len(h.tokens)) for h in hyps] for hyps in results]
 
     def translate(self, texts: Sequence[str], params: Sequence[DecodingParams]) -> list[list[TextHypothesis]]:
-        return [self.detokenize(hyps) for hyps in self.decode(self.tokenizer.encode(texts), params)]
+        return self.detokenize_many(self.decode(self.tokenizer.encode(texts), params))
