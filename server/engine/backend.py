@@ -136,7 +136,8 @@ class OnnxStepBackend:
     def _compact(self, order: np.ndarray) -> None:
         """Gather the buffer rows in `order` to the front, cutting cache and source width to what they need."""
         n = len(order)
-        capacity = min(self.capacity, -(-int(self.lengths[order].max(initial=0)) // CACHE_BLOCK) * CACHE_BLOCK)
+        next_slot = int(self.lengths[order].max(initial=0)) + 1  # keep room for the coming step
+        capacity = min(self.capacity, -(-next_slot // CACHE_BLOCK) * CACHE_BLOCK)
         self.cache = [_gather(c, order, 2, capacity) for c in self.cache]
         if n > self.used or not np.array_equal(self.row_source[order], self.row_source[:n]):  # else they fit
             width = int(self.src_mask[order].any(axis=0).nonzero()[0].max(initial=-1)) + 1
@@ -149,15 +150,17 @@ class OnnxStepBackend:
         self.used = n
 
     def _resize(self, rows: int | None = None, capacity: int | None = None, width: int | None = None) -> None:
-        """Reallocate the buffers with more rows, cache slots or source positions (zero-filled)."""
-        rows = rows or len(self.lengths)
-        capacity = capacity or self.capacity
-        width = width or self.src_mask.shape[1]
-        self.cache = [_copy_into(c, (rows, c.shape[1], capacity, c.shape[3])) for c in self.cache]
-        self.cross = [_copy_into(c, (rows, c.shape[1], width, c.shape[3])) for c in self.cross]
-        self.src_mask = _copy_into(self.src_mask, (rows, width))
-        self.lengths = _copy_into(self.lengths, (rows,))
-        self.row_source = _copy_into(self.row_source, (rows,))
+        """Reallocate, zero-filled, only the buffers whose rows, cache slots or source positions grow."""
+        if capacity or rows:
+            capacity, cache_rows = capacity or self.capacity, rows or len(self.lengths)
+            self.cache = [_copy_into(c, (cache_rows, c.shape[1], capacity, c.shape[3])) for c in self.cache]
+        if width or rows:
+            width, cross_rows = width or self.src_mask.shape[1], rows or len(self.lengths)
+            self.cross = [_copy_into(c, (cross_rows, c.shape[1], width, c.shape[3])) for c in self.cross]
+            self.src_mask = _copy_into(self.src_mask, (cross_rows, width))
+        if rows:
+            self.lengths = _copy_into(self.lengths, (rows,))
+            self.row_source = _copy_into(self.row_source, (rows,))
 
 
 def _gather(array: np.ndarray, order: np.ndarray, axis: int, length: int) -> np.ndarray:
