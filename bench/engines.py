@@ -7,13 +7,16 @@ from typing import Sequence
 
 import numpy as np
 
-from decoding import DecodingParams
+from decoding import DecodingParams, output_budget
 from decoding.tokenizer import Tokenizer
 
 
+MAX_OUTPUT_TOKENS = 255  # the default model's positions allow 255 generated tokens
+
+
 def output_cap(source_tokens: int) -> int:
-    """The same output-length rule for every engine: 2 x input + 10."""
-    return 2 * source_tokens + 10
+    """The same output-length rule for every engine."""
+    return output_budget(source_tokens, MAX_OUTPUT_TOKENS)
 
 
 class ParleyEngine:

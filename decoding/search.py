@@ -47,6 +47,11 @@ class DecodingParams:
             raise ValueError("; ".join(problems))
 
 
+def output_budget(source_tokens: int, hard_cap: int) -> int:
+    """The default output-length rule: twice the input plus 10 tokens, under a hard cap."""
+    return min(2 * source_tokens + 10, hard_cap)
+
+
 @dataclass(frozen=True)
 class Hypothesis:
     tokens: tuple[int, ...]  # generated tokens, EOS excluded

@@ -18,7 +18,7 @@ import numpy as np
 import sacrebleu
 import torch
 
-from decoding import DecodingParams, search
+from decoding import DecodingParams, output_budget, search
 from decoding.padding import pad_batch
 from decoding.tokenizer import Tokenizer
 from model.generate import generate
@@ -42,10 +42,6 @@ class Parity:
     def as_record(self) -> dict:
         record = {k: v for k, v in self.__dict__.items() if k != "problems" and v is not None}
         return {k: round(v, 6) if isinstance(v, float) else v for k, v in record.items()}
-
-
-def output_budget(source_tokens: int, model: Transformer) -> int:
-    return min(2 * source_tokens + 10, model.config.max_positions - 1)
 
 
 @torch.no_grad()
@@ -76,7 +72,7 @@ def onnx_greedy(sessions: VariantSessions, model: Transformer, sources: Sequence
     for start in range(0, len(sources), batch_size):
         chunk = sources[start : start + batch_size]
         src = pad_batch([list(s) + [c.eos_id] for s in chunk], c.pad_id)
-        params = [DecodingParams(max_length=output_budget(len(s), model)) for s in chunk]
+        params = [DecodingParams(max_length=output_budget(len(s), model.config.max_positions - 1)) for s in chunk]
         outputs += [hyps[0].tokens for hyps in search(OnnxStepBackend(sessions, src), params, c.bos_id, c.eos_id)]
     return outputs
 
@@ -85,7 +81,7 @@ def pytorch_greedy(model: Transformer, sources: Sequence[Sequence[int]], batch_s
     outputs = []
     for start in range(0, len(sources), batch_size):
         chunk = sources[start : start + batch_size]
-        params = [DecodingParams(max_length=output_budget(len(s), model)) for s in chunk]
+        params = [DecodingParams(max_length=output_budget(len(s), model.config.max_positions - 1)) for s in chunk]
         outputs += [hyps[0].tokens for hyps in generate(model, chunk, params)]
     return outputs
 

@@ -12,17 +12,12 @@ from typing import Sequence
 import sacrebleu
 import torch
 
-from decoding import DecodingParams
+from decoding import DecodingParams, output_budget
 from decoding.tokenizer import Tokenizer
 from model.checkpoint import TOKENIZER_FILE, load_model
 from model.data import read_parallel
 from model.generate import generate
 from model.transformer import Transformer
-
-
-def output_length_cap(source_tokens: int, max_positions: int) -> int:
-    """Output budget relative to the source, capped by the model's positions."""
-    return min(2 * source_tokens + 10, max_positions - 1)
 
 
 def translate(
@@ -36,7 +31,7 @@ def translate(
         chunk = order[start : start + batch_size]
         sources = [encoded[i] for i in chunk]
         params = [
-            DecodingParams(beam_size=beam_size, max_length=output_length_cap(len(s), model.config.max_positions))
+            DecodingParams(beam_size=beam_size, max_length=output_budget(len(s), model.config.max_positions - 1))
             for s in sources
         ]
         best = [hyps[0].tokens for hyps in generate(model, sources, params)]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from decoding import DecodingParams
+from decoding import DecodingParams, output_budget
 from parley.v1 import translate_pb2 as pb
 from server.config import ServerConfig
 from server.engine.engine import TextHypothesis
@@ -20,11 +20,6 @@ class ValidatedRequest:
     model: LoadedModel
     token_ids: list[list[int]]  # per text; empty texts have no tokens and are not decoded
     params: list[DecodingParams]
-
-
-def output_budget(source_tokens: int, hard_cap: int) -> int:
-    """The server's output-length rule: twice the input plus 10, under the hard cap."""
-    return min(2 * source_tokens + 10, hard_cap)
 
 
 def validate(request: pb.TranslateRequest, model: LoadedModel, config: ServerConfig) -> ValidatedRequest:
