@@ -1,10 +1,12 @@
 """gRPC load generator: concurrent clients, bounded in requests and time.
 
-    python -m bench.load --address localhost:50051 --concurrency 64 --requests 1000 [--beam 1]
+    python -m bench.load --address localhost:50051 --concurrency 64 --requests 1000 [--beam 1,4]
+                         [--texts-per-request 1,8] [--duration 120]
 
-Each client sends single-text requests (or --texts-per-request texts) drawn from the
-sentences, back to back. Reports throughput, latency percentiles and errors by code.
-Only ever point it at your own server (loopback by default).
+Each client sends requests back to back, texts drawn in turn from the sentences. The
+request mix: every request picks its beam size and its number of texts at random (seeded)
+from the comma-separated lists. Reports throughput, latency percentiles and errors by
+code. Only ever point it at your own server (loopback by default).
 """
 
 from __future__ import annotations
@@ -23,9 +25,12 @@ from parley.v1 import translate_pb2 as pb
 from parley.v1 import translate_pb2_grpc as pb_grpc
 
 
-async def run_load(address: str, sentences: Sequence[str], concurrency: int, requests: int, beam_size: int = 1,
-                   texts_per_request: int = 1, duration_s: float = 300.0) -> dict:
+async def run_load(address: str, sentences: Sequence[str], concurrency: int, requests: int,
+                   beam_sizes: Sequence[int] = (1,), texts_per_request: Sequence[int] = (1,),
+                   duration_s: float = 300.0, seed: int = 0) -> dict:
     """Send `requests` requests from `concurrency` clients (stopping early after duration_s)."""
+    rng = np.random.default_rng(seed)
+    mix = [(int(rng.choice(beam_sizes)), int(rng.choice(texts_per_request))) for _ in range(requests)]
     latencies: list[float] = []
     errors: collections.Counter = collections.Counter()
     translated = generated_tokens = 0
@@ -42,7 +47,8 @@ async def run_load(address: str, sentences: Sequence[str], concurrency: int, req
             for n in counter:
                 if time.monotonic() > deadline:
                     return
-                texts = [sentences[(n * texts_per_request + j) % len(sentences)] for j in range(texts_per_request)]
+                beam_size, count = mix[n]
+                texts = [sentences[(n * max(texts_per_request) + j) % len(sentences)] for j in range(count)]
                 request = pb.TranslateRequest(texts=texts, options=pb.DecodingOptions(beam_size=beam_size))
                 started = time.perf_counter()
                 try:
@@ -75,11 +81,12 @@ def main(argv: Sequence[str] | None = None) -> None:
     p.add_argument("--concurrency", type=int, default=16)
     p.add_argument("--requests", type=int, default=500)
     p.add_argument("--duration", type=float, default=120.0, help="stop after this many seconds")
-    p.add_argument("--beam", type=int, default=1)
-    p.add_argument("--texts-per-request", type=int, default=1)
+    p.add_argument("--beam", default="1", help="beam sizes to mix, e.g. 1,4")
+    p.add_argument("--texts-per-request", default="1", help="texts per request to mix, e.g. 1,8")
     args = p.parse_args(argv)
     result = asyncio.run(run_load(args.address, read_lines(args.sentences), args.concurrency, args.requests,
-                                  args.beam, args.texts_per_request, args.duration))
+                                  [int(b) for b in args.beam.split(",")],
+                                  [int(t) for t in args.texts_per_request.split(",")], args.duration))
     print(json.dumps(result))
 
 

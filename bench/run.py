@@ -71,7 +71,7 @@ def grpc_records(s: dict, sources: list[str], engine_rate: dict) -> list[dict]:
         for beam in s["beams"]:
             for clients in s["grpc_clients"]:
                 requests = min(s["grpc_requests"], 200) if clients == 1 else s["grpc_requests"]
-                result = asyncio.run(run_load(round_robin_target(ports), sources, clients, requests, beam))
+                result = asyncio.run(run_load(round_robin_target(ports), sources, clients, requests, [beam]))
                 offline = engine_rate.get(beam)
                 records.append({"engine": "parley-grpc", "precision": "int8", "beam_size": beam, "batch_size": 1,
                                 "threads": s["threads"], "bleu": None, **result,

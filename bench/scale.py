@@ -23,7 +23,7 @@ from model.data import read_lines
 def measure(count: int, s: dict, sentences: list[str], clients: int, requests: int) -> dict:
     threads = max((os.cpu_count() or 1) // count, 1)
     with replicas(s["package"], count, threads, "--precision", "int8") as ports:
-        result = asyncio.run(run_load(round_robin_target(ports), sentences, clients, requests, beam_size=1))
+        result = asyncio.run(run_load(round_robin_target(ports), sentences, clients, requests))
     return {"replicas": count, "threads_per_replica": threads, **result}
 
 
