@@ -61,7 +61,7 @@ def quantize_int8(model: onnx.ModelProto, weight_bits: int = 8) -> onnx.ModelPro
     graph.ClearField("node")
     graph.node.extend(new_nodes)
     graph.ClearField("initializer")
-    graph.initializer.extend(kept + shared + new_inits)
+    graph.initializer.extend(kept + [init for init in shared if init.name in still_used] + new_inits)
     return model
 
 
