@@ -6,7 +6,8 @@ import asyncio
 import contextlib
 import logging
 import time
-from typing import AsyncIterator
+from dataclasses import dataclass, field
+from typing import AsyncIterator, Iterator
 
 import grpc
 
@@ -22,6 +23,15 @@ from server.scheduler import Row
 log = logging.getLogger("parley.rpc")
 
 
+@dataclass
+class _Call:
+    """One RPC, for its metrics: the model label is known once the request is resolved."""
+
+    method: str
+    model: str = "unknown"
+    started: float = field(default_factory=time.perf_counter)
+
+
 async def _indexed(index: int, future: asyncio.Future):
     return index, await future
 
@@ -33,45 +43,32 @@ class TranslatorServicer(pb_grpc.TranslatorServicer):
         self.active_calls = 0  # Translate/TranslateStream calls between acceptance and answer
 
     async def Translate(self, request: pb.TranslateRequest, context) -> pb.TranslateResponse:
-        started, model_label = time.perf_counter(), "unknown"
+        call = _Call("Translate")
         try:
-            validated = self._accept(request)
-            model_label = validated.model.name
-            with self._inflight(model_label):
-                futures, rows = self._submit(validated, context)
-                try:
-                    results = await asyncio.gather(*futures)
-                finally:
-                    self._cancel_unfinished(validated.model, rows)
-            response = pb.TranslateResponse(model=validated.model.name,
+            with self._queued(request, context, call) as futures:
+                results = await asyncio.gather(*futures)
+            response = pb.TranslateResponse(model=call.model,
                                             translations=[translation_pb(i, r) for i, r in enumerate(results)])
         except BaseException as error:
-            await self._fail(error, context, model_label, "Translate", started)
-        self._record(model_label, "Translate", grpc.StatusCode.OK, started)
+            await self._fail(error, context, call)
+        self._record(call, grpc.StatusCode.OK)
         return response
 
     async def TranslateStream(self, request: pb.TranslateRequest, context) -> AsyncIterator[pb.TranslateResponse]:
-        started, model_label = time.perf_counter(), "unknown"
+        call = _Call("TranslateStream")
         try:
-            validated = self._accept(request)
-            model_label = validated.model.name
-            with self._inflight(model_label):
-                futures, rows = self._submit(validated, context)
-                try:
-                    for done in asyncio.as_completed([_indexed(i, f) for i, f in enumerate(futures)]):
-                        index, result = await done
-                        yield pb.TranslateResponse(model=validated.model.name,
-                                                   translations=[translation_pb(index, result)])
-                finally:
-                    self._cancel_unfinished(validated.model, rows)
+            with self._queued(request, context, call) as futures:
+                for done in asyncio.as_completed([_indexed(i, f) for i, f in enumerate(futures)]):
+                    index, result = await done
+                    yield pb.TranslateResponse(model=call.model, translations=[translation_pb(index, result)])
         except BaseException as error:
-            await self._fail(error, context, model_label, "TranslateStream", started)
-        self._record(model_label, "TranslateStream", grpc.StatusCode.OK, started)
+            await self._fail(error, context, call)
+        self._record(call, grpc.StatusCode.OK)
 
     async def ListModels(self, request: pb.ListModelsRequest, context) -> pb.ListModelsResponse:
-        started = time.perf_counter()
+        call = _Call("ListModels", model="")
         if self.registry is None:
-            await self._fail(Unavailable("models are still loading; retry shortly"), context, "", "ListModels", started)
+            await self._fail(Unavailable("models are still loading; retry shortly"), context, call)
         response = pb.ListModelsResponse(models=[
             pb.ModelInfo(name=m.name, source_language=m.package.source_language,
                          target_language=m.package.target_language, precision=m.engine.precision,
@@ -80,8 +77,21 @@ class TranslatorServicer(pb_grpc.TranslatorServicer):
                          max_output_tokens=min(self.config.max_output_tokens, m.package.max_output_tokens))
             for m in self.registry
         ])
-        self._record("", "ListModels", grpc.StatusCode.OK, started)
+        self._record(call, grpc.StatusCode.OK)
         return response
+
+    @contextlib.contextmanager
+    def _queued(self, request: pb.TranslateRequest, context, call: _Call) -> Iterator[list[asyncio.Future]]:
+        """Validate and queue the texts; yields one future per text. On leaving, whatever is still
+        running (the call failed, was cancelled or expired) is cancelled in the scheduler."""
+        validated = self._accept(request)
+        call.model = validated.model.name
+        with self._inflight(call.model):
+            futures, rows = self._submit(validated, context)
+            try:
+                yield futures
+            finally:
+                self._cancel_unfinished(validated.model, rows)
 
     def _accept(self, request: pb.TranslateRequest) -> ValidatedRequest:
         if self.draining:
@@ -124,18 +134,19 @@ class TranslatorServicer(pb_grpc.TranslatorServicer):
         finally:
             self.active_calls -= 1
 
-    async def _fail(self, error: BaseException, context, model: str, method: str, started: float):
+    async def _fail(self, error: BaseException, context, call: _Call):
+        """Map an error to its status (the only place that does), record it, end the call."""
         if isinstance(error, asyncio.CancelledError):
-            self._record(model, method, grpc.StatusCode.CANCELLED, started)
+            self._record(call, grpc.StatusCode.CANCELLED)
             raise error
         if isinstance(error, ServingError):
             code, message = error.code, str(error)
         else:
-            log.exception("unexpected error", extra={"model": model, "method": method})
+            log.exception("unexpected error", extra={"model": call.model, "method": call.method})
             code, message = grpc.StatusCode.INTERNAL, f"internal error: {type(error).__name__}"
-        self._record(model, method, code, started)
+        self._record(call, code)
         await context.abort(code, message)
 
-    def _record(self, model: str, method: str, code: grpc.StatusCode, started: float) -> None:
-        self.metrics.requests.labels(model, method, code.name).inc()
-        self.metrics.request_duration.labels(model, method).observe(time.perf_counter() - started)
+    def _record(self, call: _Call, code: grpc.StatusCode) -> None:
+        self.metrics.requests.labels(call.model, call.method, code.name).inc()
+        self.metrics.request_duration.labels(call.model, call.method).observe(time.perf_counter() - call.started)
