@@ -23,7 +23,9 @@ class ServerConfig:
     threads: int = field(default=0, metadata={"help": "ONNX Runtime intra-op threads (0: one per core)"})
     max_batch_rows: int = field(default=64, metadata={"help": "decoder rows (texts x beams) per engine step"})
     max_batch_tokens: int = field(default=4096, metadata={"help": "source tokens x beams per engine step"})
-    max_queue_delay_ms: float = field(default=5.0, metadata={"help": "how long an idle engine waits to fill a batch"})
+    # 0: with continuous batching a text that arrives later joins at the next step anyway, so waiting
+    # only adds latency (measured: single-request p50 16 -> 10.5 ms, 64-client throughput unchanged).
+    max_queue_delay_ms: float = field(default=0.0, metadata={"help": "how long an idle engine waits to fill a batch"})
     queue_limit: int = field(default=2048, metadata={"help": "texts waiting per model before RESOURCE_EXHAUSTED"})
     max_texts_per_request: int = field(default=64, metadata={"help": "texts in one request"})
     max_tokens_per_text: int = field(default=200, metadata={"help": "subword tokens in one text"})

@@ -86,6 +86,10 @@ class OnnxStepBackend:
         for buffer, values in zip(self.cross, cross):
             buffer[new, :, :width] = values
             buffer[new, :, width:] = 0
+        for buffer in self.cache:
+            # Spare rows may hold anything (gathers allocate them uninitialised); masked slots get
+            # zero attention weight, but 0 x NaN is NaN, so the values there must be finite.
+            buffer[new] = 0
         self.lengths[new] = 0
         self.row_source[new] = self.sources_seen + np.arange(added)
         self.live = np.concatenate([self.live, np.arange(new.start, new.stop)])

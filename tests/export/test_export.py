@@ -204,3 +204,19 @@ def test_cli_writes_a_package(tiny_checkpoint, tmp_path):
     package = ModelPackage.load(tmp_path / "pkg")
     assert package.precisions == ["fp32"] and package.name == "cli-tiny"
     assert not (tmp_path / "pkg" / "int8").exists()
+
+
+def test_rows_joining_reuse_spare_rows_whatever_they_held(tiny_package):
+    """Regression: a new row written into a spare buffer row must not see the row's old bytes."""
+    sessions = open_sessions(ModelPackage.load(tiny_package), "fp32")
+    batch = OnnxStepBackend(sessions, pad_batch([[5, 6, 3], [7, 8, 9, 3]], 0))
+    batch.step_log_probs(np.array([2, 2]))
+    batch.select(np.array([1, 0]))  # a reorder: gathered into fresh buffers with spare rows
+    for buffer in batch.cache + batch.cross:
+        buffer[batch.used :] = np.nan  # what np.empty may hand out
+    batch.extend(pad_batch([[10, 11, 3]], 0))
+    joined = batch.step_log_probs(np.array([20, 21, 2]))[2]
+    alone = OnnxStepBackend(sessions, pad_batch([[10, 11, 3]], 0)).step_log_probs(np.array([2]))[0]
+    assert np.isfinite(joined).all()
+    np.testing.assert_allclose(joined, alone, atol=2e-5)
+
