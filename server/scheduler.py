@@ -203,7 +203,11 @@ class Scheduler:
         texts = self.engine.detokenize_many([hypotheses for _, hypotheses in finished])  # one call per step
         self.metrics.generated_tokens.labels(self.name).inc(sum(len(h[0].tokens) for _, h in finished if h))
         for (key, _), result in zip(finished, texts):
-            self._resolve(self._active[key], result=result)
+            if result:
+                self._resolve(self._active[key], result=result)
+            else:  # every hypothesis scored NaN or -inf: never answer with an empty translation
+                self._resolve(self._active[key], error=ServingError(
+                    "the model produced no finite-scored translation for this text (numerical failure)"))
 
     def _resolve(self, row: Row, result: list[TextHypothesis] | None = None, error: Exception | None = None) -> None:
         """Answer a text exactly once, on its event loop."""

@@ -1,0 +1,73 @@
+"""Scheduler paths that a healthy model never takes, driven by a stand-in engine."""
+
+import asyncio
+
+import numpy as np
+import pytest
+
+from decoding import DecodingParams
+from server.config import ServerConfig
+from server.errors import ServingError
+from server.metrics import Metrics
+from server.scheduler import Row, Scheduler
+
+
+class NonFiniteBatch:
+    """A decode batch whose every text finishes at once without a finite hypothesis."""
+
+    def __init__(self):
+        self.keys = []
+        self.backend = type("Backend", (), {"rows": 0, "padding_ratio": 0.0})()
+
+    def __len__(self):
+        return len(self.keys)
+
+    def step(self):
+        finished, self.keys = [(key, []) for key in self.keys], []
+        return finished
+
+    def cancel(self, keys):
+        return []
+
+
+class NonFiniteEngine:
+    def new_search(self):
+        return NonFiniteBatch()
+
+    def admit(self, batch, keys, sources, params):
+        batch.keys += list(keys)
+
+    def detokenize_many(self, results):
+        return [[] for _ in results]
+
+
+def test_a_text_without_a_finite_hypothesis_gets_an_error_not_an_empty_answer():
+    async def scenario():
+        scheduler = Scheduler("m", NonFiniteEngine(), ServerConfig(), Metrics())
+        scheduler.start()
+        row = Row([5, 6], DecodingParams(), asyncio.get_running_loop().create_future())
+        scheduler.submit([row])
+        try:
+            with pytest.raises(ServingError, match="no finite-scored translation"):
+                await asyncio.wait_for(row.future, 10)
+        finally:
+            scheduler.stop()
+
+    asyncio.run(scenario())
+
+
+def test_search_reports_no_hypothesis_when_every_score_is_nan():
+    from decoding import Candidates, search
+
+    class NaNBackend:
+        vocab_size = 6
+
+        def step(self, tokens, top_k):
+            rows = len(tokens)
+            return Candidates(np.full((rows, top_k), np.nan, np.float32),
+                              np.tile(np.arange(top_k), (rows, 1)), np.full(rows, np.nan, np.float32))
+
+        def select(self, rows):
+            pass
+
+    assert search(NaNBackend(), [DecodingParams(max_length=2)], bos_id=2, eos_id=3) == [[]]
