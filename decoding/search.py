@@ -163,20 +163,18 @@ class _Group:
             (self.keys[i], sorted(self.finished[i], key=lambda h: -h.score)[: self.num_hypotheses[i]])
             for i in np.nonzero(done)[0]
         ]
-        live = np.nonzero(~done)[0]
-        continuing = np.argsort(ends[live], axis=1, kind="stable")[:, :k]  # first k candidates not ending in EOS
-        live_beams = np.take_along_axis(beams[live], continuing, 1)
-        live_tokens = np.take_along_axis(tokens[live], continuing, 1)
-        history = np.concatenate(
-            [np.take_along_axis(self.history[live], live_beams[:, :, None], 1), live_tokens[:, :, None]], axis=2
+        continuing = np.argsort(ends, axis=1, kind="stable")[:, :k]  # first k candidates not ending in EOS
+        next_beams = np.take_along_axis(beams, continuing, 1)
+        next_tokens = np.take_along_axis(tokens, continuing, 1)
+        self.history = np.concatenate(
+            [np.take_along_axis(self.history, next_beams[:, :, None], 1), next_tokens[:, :, None]], axis=2
         )
-        scores = np.take_along_axis(top_scores[live], continuing, 1)
-        self.keep(live)
+        self.scores = np.take_along_axis(top_scores, continuing, 1)
         self.age += 1
-        self.history = history[:, :, history.shape[2] - int(self.age.max(initial=0)) :]
-        self.scores = scores
-        rows = (live[:, None] * k + live_beams).reshape(-1)
-        return rows, live_tokens.reshape(-1), results
+        live = np.nonzero(~done)[0]
+        self.keep(live)
+        rows = (live[:, None] * k + next_beams[live]).reshape(-1)
+        return rows, next_tokens[live].reshape(-1), results
 
 
 class Search:

@@ -9,16 +9,15 @@ from typing import Sequence
 
 from export.convert import ExportError, ExportOptions, cpu_has_vnni, export_package
 from export.package import PRECISIONS
+from model.data import read_lines
 
 
 def read_sample(path: Path | None) -> list[str] | None:
     if path is None:
         return None
-    from model.data import read_lines
-
     if not path.is_file():
         raise ExportError(f"sample file {path} does not exist")
-    return [line for line in read_lines(path)]
+    return read_lines(path)
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:

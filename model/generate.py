@@ -10,7 +10,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from decoding import Candidates, DecodingParams, Hypothesis, search
+from decoding import Candidates, DecodingParams, Hypothesis, output_budget, search
 from decoding.padding import pad_batch
 from model.transformer import StepOutput, Transformer
 
@@ -30,7 +30,6 @@ class TorchStepBackend:
         shape = (rows, c.num_heads, capacity, c.head_dim)
         self.cache_k = [memory.new_zeros(shape) for _ in range(c.decoder_layers)]
         self.cache_v = [memory.new_zeros(shape) for _ in range(c.decoder_layers)]
-        self.cache_mask = torch.zeros(rows, capacity, dtype=torch.bool, device=src.device)
         self.positions = torch.zeros(rows, dtype=torch.long, device=src.device)
 
     def step(self, tokens: np.ndarray, top_k: int) -> Candidates:
@@ -45,7 +44,9 @@ class TorchStepBackend:
     def _run(self, tokens: np.ndarray, top_k: int) -> StepOutput:
         device = self.positions.device
         out, new_k, new_v = self.model.decode_step(
-            torch.from_numpy(tokens).to(device), self.positions, self.cache_k, self.cache_v, self.cache_mask,
+            torch.from_numpy(tokens).to(device), self.positions, self.cache_k, self.cache_v,
+            # a row's keys fill slots 0 .. position-1, so validity follows from the positions
+            torch.arange(self.cache_k[0].size(2), device=device) < self.positions[:, None],
             self.cross_k, self.cross_v, self.src_mask, torch.tensor(top_k),
         )
         # Every row of one search call is the same age, so the new slot is the same column for all.
@@ -53,7 +54,6 @@ class TorchStepBackend:
         for layer in range(len(self.cache_k)):
             self.cache_k[layer][:, :, slot] = new_k[layer][:, :, 0]
             self.cache_v[layer][:, :, slot] = new_v[layer][:, :, 0]
-        self.cache_mask[:, slot] = True
         self.positions += 1
         return out
 
@@ -64,8 +64,22 @@ class TorchStepBackend:
         self.cross_k = [k.index_select(0, index) for k in self.cross_k]
         self.cross_v = [v.index_select(0, index) for v in self.cross_v]
         self.src_mask = self.src_mask.index_select(0, index)
-        self.cache_mask = self.cache_mask.index_select(0, index)
         self.positions = self.positions.index_select(0, index)
+
+
+def translate_tokens(model: Transformer, sources: Sequence[Sequence[int]], beam_size: int = 1,
+                     batch_size: int = 64) -> list[tuple[int, ...]]:
+    """Best hypothesis of every source, decoded in length-sorted batches (less padding), in input order."""
+    order = sorted(range(len(sources)), key=lambda i: len(sources[i]))
+    outputs: list[tuple[int, ...]] = [()] * len(sources)
+    for start in range(0, len(order), batch_size):
+        chunk = order[start : start + batch_size]
+        params = [DecodingParams(beam_size=beam_size,
+                                 max_length=output_budget(len(sources[i]), model.config.max_positions - 1))
+                  for i in chunk]
+        for i, hyps in zip(chunk, generate(model, [sources[i] for i in chunk], params)):
+            outputs[i] = hyps[0].tokens
+    return outputs
 
 
 @torch.no_grad()

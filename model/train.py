@@ -94,9 +94,7 @@ def validation_loss(model: Transformer, batches: TokenBatches, device: torch.dev
     model.eval()
     loss_sum, tokens = 0.0, 0
     for batch in batches.epoch(0, 0, device):
-        logits = model(batch.src, batch.tgt_in)
-        loss_sum += float(F.cross_entropy(logits.reshape(-1, logits.size(-1)).float(), batch.tgt_out.reshape(-1),
-                                          ignore_index=batches.pad_id, reduction="sum"))
+        loss_sum += float(label_smoothed_loss(model(batch.src, batch.tgt_in), batch.tgt_out, batches.pad_id, 0.0))
         tokens += batch.target_tokens
     model.train()
     return loss_sum / tokens

@@ -187,6 +187,6 @@ def _gather(array: np.ndarray, order: np.ndarray, axis: int, length: int) -> np.
 def _copy_into(array: np.ndarray, shape: tuple) -> np.ndarray:
     """A zero-filled array of `shape` holding `array` in its leading corner."""
     out = np.zeros(shape, array.dtype)
-    out[tuple(slice(0, min(a, b)) for a, b in zip(array.shape, shape))] = \
-        array[tuple(slice(0, min(a, b)) for a, b in zip(array.shape, shape))]
+    common = tuple(slice(0, min(a, b)) for a, b in zip(array.shape, shape))
+    out[common] = array[common]
     return out
