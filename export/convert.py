@@ -25,10 +25,12 @@ from export.io import OPSET
 from export.optimize import merge_parallel_matmuls
 from export.package import FORMAT_VERSION, GRAPHS, MANIFEST_FILE, ModelPackage, file_record
 from export.quantize import convert_fp16, quantize_int8
-from export.verify import Parity, check_variant, pytorch_greedy
+from export.verify import Parity, check_variant
 from model.checkpoint import TOKENIZER_FILE, load_model
+from model.generate import translate_tokens
 from model.transformer import Transformer
-from server.engine.session import cuda_available, open_sessions
+from server.engine.engine import Engine
+from server.engine.session import cuda_available
 
 
 class ExportError(Exception):
@@ -76,10 +78,10 @@ def export_package(checkpoint_dir: Path, out_dir: Path, options: ExportOptions,
         }
         package = ModelPackage(staging, manifest(model, staging, options, records))
         log(f"PyTorch reference: greedy on {len(sample)} sample sentences")
-        expected = pytorch_greedy(model, tokenizer.encode(sample))
+        expected = translate_tokens(model, tokenizer.encode(sample))
         for precision in variants:
             records[precision]["parity"] = verify_variant(
-                model, tokenizer, package, precision, sample, references, expected, options, log)
+                model, package, precision, sample, references, expected, options, log)
         for precision in set(variants) - set(options.precisions):
             shutil.rmtree(staging / precision)
             records.pop(precision)
@@ -126,7 +128,7 @@ def sample_sentences(model: Transformer, tokenizer: Tokenizer, options: ExportOp
     c = model.config
     ordinary = [t for t in range(c.vocab_size) if t not in (c.pad_id, c.unk_id, c.bos_id, c.eos_id)]
     token_lists = [list(rng.choice(ordinary, rng.integers(3, 20))) for _ in range(min(options.sample_size, 64))]
-    return [t for t in tokenizer.decode(token_lists)], None
+    return tokenizer.decode(token_lists), None
 
 
 def build_variants(model: Transformer, staging: Path, options: ExportOptions, log) -> dict[str, dict]:
@@ -154,14 +156,13 @@ def build_variants(model: Transformer, staging: Path, options: ExportOptions, lo
     return variants
 
 
-def verify_variant(model, tokenizer, package, precision, sample, references, expected, options, log) -> dict:
+def verify_variant(model, package, precision, sample, references, expected, options, log) -> dict:
     if precision == "fp16" and not cuda_available() and not options.verify_fp16_on_cpu:
         log("fp16: parity check SKIPPED: no CUDA execution provider here (install onnxruntime-gpu on a GPU "
             "machine and re-export, or pass --verify-fp16-on-cpu for a slow CPU check)")
         return {"skipped": "no CUDA execution provider on the exporting machine"}
     device = "cuda" if precision == "fp16" and cuda_available() else "cpu"
-    sessions = open_sessions(package, precision, device)
-    parity: Parity = check_variant(model, sessions, tokenizer, sample, references, expected)
+    parity: Parity = check_variant(model, Engine(package, precision, device), sample, references, expected)
     log(f"{precision}: {json.dumps(parity.as_record())}")
     failures = []
     if precision == "fp32":

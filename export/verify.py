@@ -11,19 +11,18 @@ Two checks, both on fixed inputs:
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Sequence
 
 import numpy as np
 import sacrebleu
 import torch
 
-from decoding import DecodingParams, output_budget, search
+from decoding import DecodingParams, output_budget
 from decoding.padding import pad_batch
-from decoding.tokenizer import Tokenizer
-from model.generate import generate
 from model.transformer import Transformer
 from server.engine.backend import OnnxStepBackend
+from server.engine.engine import Engine
 from server.engine.session import VariantSessions
 
 
@@ -37,10 +36,9 @@ class Parity:
     token_agreement: float
     bleu_vs_pytorch: float
     bleu_vs_references: float | None = None
-    problems: list[str] = field(default_factory=list)
 
     def as_record(self) -> dict:
-        record = {k: v for k, v in self.__dict__.items() if k != "problems" and v is not None}
+        record = {k: v for k, v in self.__dict__.items() if v is not None}
         return {k: round(v, 6) if isinstance(v, float) else v for k, v in record.items()}
 
 
@@ -65,27 +63,6 @@ def max_logprob_difference(model: Transformer, sessions: VariantSessions, source
     return worst
 
 
-def onnx_greedy(sessions: VariantSessions, model: Transformer, sources: Sequence[Sequence[int]],
-                batch_size: int = 64) -> list[tuple[int, ...]]:
-    c = model.config
-    outputs = []
-    for start in range(0, len(sources), batch_size):
-        chunk = sources[start : start + batch_size]
-        src = pad_batch([list(s) + [c.eos_id] for s in chunk], c.pad_id)
-        params = [DecodingParams(max_length=output_budget(len(s), model.config.max_positions - 1)) for s in chunk]
-        outputs += [hyps[0].tokens for hyps in search(OnnxStepBackend(sessions, src), params, c.bos_id, c.eos_id)]
-    return outputs
-
-
-def pytorch_greedy(model: Transformer, sources: Sequence[Sequence[int]], batch_size: int = 64):
-    outputs = []
-    for start in range(0, len(sources), batch_size):
-        chunk = sources[start : start + batch_size]
-        params = [DecodingParams(max_length=output_budget(len(s), model.config.max_positions - 1)) for s in chunk]
-        outputs += [hyps[0].tokens for hyps in generate(model, chunk, params)]
-    return outputs
-
-
 def token_agreement(a: Sequence[Sequence[int]], b: Sequence[Sequence[int]]) -> float:
     """Share of positions (over the longer of each pair) holding the same token."""
     same = total = 0
@@ -96,17 +73,20 @@ def token_agreement(a: Sequence[Sequence[int]], b: Sequence[Sequence[int]]) -> f
 
 
 def check_variant(
-    model: Transformer, sessions: VariantSessions, tokenizer: Tokenizer, sample: Sequence[str],
-    references: Sequence[str] | None, reference_outputs: Sequence[Sequence[int]],
+    model: Transformer, engine: Engine, sample: Sequence[str], references: Sequence[str] | None,
+    reference_outputs: Sequence[Sequence[int]],
 ) -> Parity:
+    """Compare an engine on one variant with PyTorch's greedy output on the same sample."""
+    tokenizer = engine.tokenizer
     sources = tokenizer.encode(sample)
-    diff = max_logprob_difference(model, sessions, sources[:16])
-    outputs = onnx_greedy(sessions, model, sources)
+    diff = max_logprob_difference(model, engine.sessions, sources[:16])
+    params = [DecodingParams(max_length=output_budget(len(s), engine.package.max_output_tokens)) for s in sources]
+    outputs = [hyps[0].tokens for hyps in engine.decode(sources, params)]
     texts, expected_texts = tokenizer.decode(outputs), tokenizer.decode(reference_outputs)
     exact = float(np.mean([tuple(o) == tuple(r) for o, r in zip(outputs, reference_outputs)]))
     return Parity(
-        precision=sessions.precision,
-        provider=sessions.decoder.get_providers()[0],
+        precision=engine.precision,
+        provider=engine.sessions.decoder.get_providers()[0],
         max_abs_logprob_diff=diff,
         sentences=len(sources),
         exact_match_rate=exact,

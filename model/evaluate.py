@@ -12,32 +12,18 @@ from typing import Sequence
 import sacrebleu
 import torch
 
-from decoding import DecodingParams, output_budget
 from decoding.tokenizer import Tokenizer
 from model.checkpoint import TOKENIZER_FILE, load_model
 from model.data import read_parallel
-from model.generate import generate
+from model.generate import translate_tokens
 from model.transformer import Transformer
 
 
 def translate(
     model: Transformer, tokenizer: Tokenizer, texts: Sequence[str], beam_size: int = 1, batch_size: int = 128
 ) -> list[str]:
-    """Translate texts in length-sorted batches (less padding), returned in input order."""
-    encoded = tokenizer.encode(texts)
-    order = sorted(range(len(texts)), key=lambda i: len(encoded[i]))
-    translations = [""] * len(texts)
-    for start in range(0, len(order), batch_size):
-        chunk = order[start : start + batch_size]
-        sources = [encoded[i] for i in chunk]
-        params = [
-            DecodingParams(beam_size=beam_size, max_length=output_budget(len(s), model.config.max_positions - 1))
-            for s in sources
-        ]
-        best = [hyps[0].tokens for hyps in generate(model, sources, params)]
-        for i, text in zip(chunk, tokenizer.decode(best)):
-            translations[i] = text
-    return translations
+    """Translate texts with the PyTorch reference, returned in input order."""
+    return tokenizer.decode(translate_tokens(model, tokenizer.encode(texts), beam_size, batch_size))
 
 
 def bleu(hypotheses: Sequence[str], references: Sequence[str]) -> sacrebleu.metrics.bleu.BLEUScore:
