@@ -2,9 +2,10 @@
 
 Encoder graph, once per source batch:
     src_tokens (B, S) int64  ->  src_mask (B, S) bool, cross_k_i / cross_v_i (B, H, S, dk)
-Decoder-step graph, once per generated token:
-    tokens (B,), positions (B,) int64; cache_mask (B, C) bool; src_mask (B, S) bool;
-    top_k () int64; cache_k_i / cache_v_i (B, H, C, dk); cross_k_i / cross_v_i (B, H, S, dk)
+Decoder-step graph, once per generated token, B rows of N sources (beams share a source):
+    tokens (B,), positions (B,) int64; cache_mask (B, C) bool; src_mask (N, S) bool;
+    slot_row (N * W,), row_slot (B,) int64 (decoding.grid); top_k () int64;
+    cache_k_i / cache_v_i (B, H, C, dk); cross_k_i / cross_v_i (N, H, S, dk)
     ->  log_probs (B, V) float32, top_log_probs (B, K) float32, top_tokens (B, K) int64,
         eos_log_probs (B,) float32, new_k_i / new_v_i (B, H, 1, dk)
 
@@ -49,12 +50,12 @@ class DecoderStepGraph(nn.Module):
         self.model = model
         self.layers = model.config.decoder_layers
 
-    def forward(self, tokens, positions, cache_mask, src_mask, top_k, *kv):
+    def forward(self, tokens, positions, cache_mask, src_mask, slot_row, row_slot, top_k, *kv):
         n = self.layers
         cache, cross = kv[: 2 * n], kv[2 * n :]
         step, new_k, new_v = self.model.decode_step(
             tokens, positions, list(cache[0::2]), list(cache[1::2]), cache_mask, list(cross[0::2]), list(cross[1::2]),
-            src_mask, top_k,
+            src_mask, slot_row, row_slot, top_k,
         )
         outputs = list(step)
         for k, v in zip(new_k, new_v):
@@ -62,21 +63,23 @@ class DecoderStepGraph(nn.Module):
         return tuple(outputs)
 
 
-def example_inputs(model: Transformer, batch: int = 2, src_len: int = 5, capacity: int = 4):
+def example_inputs(model: Transformer, sources: int = 2, beams: int = 3, src_len: int = 5, capacity: int = 4):
     """Inputs of the right shapes and types for tracing (values do not matter)."""
     c = model.config
-    src = torch.full((batch, src_len), 5, dtype=torch.long)
+    src = torch.full((sources, src_len), 5, dtype=torch.long)
     src[1, -2:] = c.pad_id
-    heads = (batch, c.num_heads)
+    rows = sources * beams
     decoder = [
-        torch.full((batch,), 5, dtype=torch.long),
-        torch.arange(batch, dtype=torch.long),
-        torch.ones(batch, capacity, dtype=torch.bool),
-        torch.ones(batch, src_len, dtype=torch.bool),
+        torch.full((rows,), 5, dtype=torch.long),
+        torch.arange(rows, dtype=torch.long),
+        torch.ones(rows, capacity, dtype=torch.bool),
+        torch.ones(sources, src_len, dtype=torch.bool),
+        torch.arange(rows, dtype=torch.long),
+        torch.arange(rows, dtype=torch.long),
         torch.tensor(3),
     ]
-    decoder += [torch.zeros(*heads, capacity, c.head_dim) for _ in range(2 * c.decoder_layers)]
-    decoder += [torch.zeros(*heads, src_len, c.head_dim) for _ in range(2 * c.decoder_layers)]
+    decoder += [torch.zeros(rows, c.num_heads, capacity, c.head_dim) for _ in range(2 * c.decoder_layers)]
+    decoder += [torch.zeros(sources, c.num_heads, src_len, c.head_dim) for _ in range(2 * c.decoder_layers)]
     return (src,), tuple(decoder)
 
 
@@ -97,10 +100,14 @@ def export_graphs(model: Transformer, directory: Path) -> tuple[Path, Path]:
                       "src_mask": {0: "batch", 1: "src_len"}},
     )
     dynamic = {"tokens": {0: "batch"}, "positions": {0: "batch"}, "cache_mask": {0: "batch", 1: "capacity"},
-               "src_mask": {0: "batch", 1: "src_len"}, "log_probs": {0: "batch"}, "top_log_probs": {0: "batch", 1: "k"},
+               "src_mask": {0: "sources", 1: "src_len"}, "slot_row": {0: "slots"}, "row_slot": {0: "batch"},
+               "log_probs": {0: "batch"}, "top_log_probs": {0: "batch", 1: "k"},
                "top_tokens": {0: "batch", 1: "k"}, "eos_log_probs": {0: "batch"}}
-    for name in decoder_input_names(layers)[5:]:
-        dynamic[name] = {0: "batch", 2: "capacity" if name.startswith("cache") else "src_len"}
+    for name in decoder_input_names(layers):
+        if name.startswith("cache_") and name != "cache_mask":
+            dynamic[name] = {0: "batch", 2: "capacity"}
+        elif name.startswith("cross_"):
+            dynamic[name] = {0: "sources", 2: "src_len"}
     for name in decoder_output_names(layers)[len(STEP_OUTPUTS):]:
         dynamic[name] = {0: "batch"}
     torch.onnx.export(

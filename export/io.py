@@ -14,7 +14,7 @@ def encoder_output_names(layers: int) -> list[str]:
 
 
 def decoder_input_names(layers: int) -> list[str]:
-    names = ["tokens", "positions", "cache_mask", "src_mask", "top_k"]
+    names = ["tokens", "positions", "cache_mask", "src_mask", "slot_row", "row_slot", "top_k"]
     names += [f"cache_{kv}_{i}" for i in range(layers) for kv in ("k", "v")]
     names += [f"cross_{kv}_{i}" for i in range(layers) for kv in ("k", "v")]
     return names

@@ -11,6 +11,7 @@ import numpy as np
 import torch
 
 from decoding import Candidates, DecodingParams, Hypothesis, output_budget, search
+from decoding.grid import query_grid
 from decoding.padding import pad_batch
 from model.transformer import StepOutput, Transformer
 
@@ -31,6 +32,7 @@ class TorchStepBackend:
         self.cache_k = [memory.new_zeros(shape) for _ in range(c.decoder_layers)]
         self.cache_v = [memory.new_zeros(shape) for _ in range(c.decoder_layers)]
         self.positions = torch.zeros(rows, dtype=torch.long, device=src.device)
+        self.row_source = np.arange(rows)  # cross keys/values stay one per source; rows point at theirs
 
     def step(self, tokens: np.ndarray, top_k: int) -> Candidates:
         out = self._run(tokens, top_k)
@@ -43,11 +45,13 @@ class TorchStepBackend:
 
     def _run(self, tokens: np.ndarray, top_k: int) -> StepOutput:
         device = self.positions.device
+        slot_row, row_slot = query_grid(self.row_source, len(self.src_mask))
         out, new_k, new_v = self.model.decode_step(
             torch.from_numpy(tokens).to(device), self.positions, self.cache_k, self.cache_v,
             # a row's keys fill slots 0 .. position-1, so validity follows from the positions
             torch.arange(self.cache_k[0].size(2), device=device) < self.positions[:, None],
-            self.cross_k, self.cross_v, self.src_mask, torch.tensor(top_k),
+            self.cross_k, self.cross_v, self.src_mask, torch.from_numpy(slot_row).to(device),
+            torch.from_numpy(row_slot).to(device), torch.tensor(top_k),
         )
         # Every row of one search call is the same age, so the new slot is the same column for all.
         slot = int(self.positions[0]) if len(self.positions) else 0
@@ -61,9 +65,7 @@ class TorchStepBackend:
         index = torch.from_numpy(rows).to(self.positions.device)
         self.cache_k = [k.index_select(0, index) for k in self.cache_k]
         self.cache_v = [v.index_select(0, index) for v in self.cache_v]
-        self.cross_k = [k.index_select(0, index) for k in self.cross_k]
-        self.cross_v = [v.index_select(0, index) for v in self.cross_v]
-        self.src_mask = self.src_mask.index_select(0, index)
+        self.row_source = self.row_source[rows]
         self.positions = self.positions.index_select(0, index)
 
 

@@ -61,6 +61,20 @@ class MultiHeadAttention(nn.Module):
         q = self.split_heads(self.q_proj(query))
         return self.out_proj(self.merge_heads(scaled_dot_product(q, k, v, mask)))
 
+    def attend_grid(self, query: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor,
+                    slot_row: torch.Tensor, row_slot: torch.Tensor) -> torch.Tensor:
+        """One step of attention over keys/values shared by several rows (see decoding.grid).
+
+        query (R,1,D), one token per row; k/v (N,H,S,dk) and mask (N,1,1,S) once per source;
+        slot_row (N*W,) the row in each grid cell (R: none), row_slot (R,) each row's cell.
+        """
+        q = self.q_proj(query)[:, 0]  # (R, D)
+        q = torch.cat([q, q.new_zeros(1, q.size(1))])  # row R: the zero query of empty cells
+        grid = q.index_select(0, slot_row).view(k.size(0), -1, self.num_heads, self.head_dim).transpose(1, 2)
+        out = scaled_dot_product(grid, k, v, mask)  # (N, H, W, dk)
+        out = out.transpose(1, 2).reshape(-1, self.num_heads * self.head_dim).index_select(0, row_slot)
+        return self.out_proj(out[:, None])  # (R, 1, D)
+
     def step(
         self, query: torch.Tensor, cache_k: torch.Tensor, cache_v: torch.Tensor, cache_mask: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -151,12 +165,18 @@ class DecoderLayer(nn.Module):
 
     def step(
         self, x: torch.Tensor, cache_k: torch.Tensor, cache_v: torch.Tensor, cache_mask: torch.Tensor,
-        cross_k: torch.Tensor, cross_v: torch.Tensor, src_mask: torch.Tensor,
+        cross_k: torch.Tensor, cross_v: torch.Tensor, src_mask: torch.Tensor, slot_row: torch.Tensor,
+        row_slot: torch.Tensor,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """One token per row; cross_k/v and src_mask are per source, rows find theirs through the grid."""
         out, k_new, v_new = self.self_attn.step(self.self_block.enter(x), cache_k, cache_v, cache_mask)
         x = self.self_block.leave(x, out)
-        return self._cross_and_ff(x, cross_k, cross_v, src_mask), k_new, v_new
+        cross = self.cross_attn.attend_grid(self.cross_block.enter(x), cross_k, cross_v, src_mask, slot_row, row_slot)
+        return self._feed_forward(self.cross_block.leave(x, cross)), k_new, v_new
 
     def _cross_and_ff(self, x, cross_k, cross_v, src_mask):
         x = self.cross_block.leave(x, self.cross_attn.attend(self.cross_block.enter(x), cross_k, cross_v, src_mask))
+        return self._feed_forward(x)
+
+    def _feed_forward(self, x):
         return self.ff_block.leave(x, self.feed_forward(self.ff_block.enter(x)))

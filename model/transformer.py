@@ -46,8 +46,11 @@ class Transformer(nn.Module):
         # Pre-LN stacks end un-normalised, so they get a final LayerNorm; post-LN ones do not need it.
         self.encoder_norm = nn.LayerNorm(c.d_model) if c.pre_norm else nn.Identity()
         self.decoder_norm = nn.LayerNorm(c.d_model) if c.pre_norm else nn.Identity()
-        # Special tokens the decoder must never emit.
-        self.register_buffer("never_generate", torch.tensor([c.pad_id, c.bos_id]), persistent=False)
+        # Special tokens the decoder must never emit, as an additive mask on the logits: one add,
+        # which export folds into the output projection's bias.
+        never_generate = torch.zeros(c.vocab_size)
+        never_generate[[c.pad_id, c.bos_id]] = torch.finfo(torch.float32).min
+        self.register_buffer("never_generate", never_generate, persistent=False)
 
     def embed(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """tokens and positions (B, T) -> (B, T, D): scaled embedding plus sinusoidal position."""
@@ -97,25 +100,29 @@ class Transformer(nn.Module):
         cross_k: list[torch.Tensor],
         cross_v: list[torch.Tensor],
         src_mask: torch.Tensor,
+        slot_row: torch.Tensor,
+        row_slot: torch.Tensor,
         top_k: torch.Tensor,
     ) -> tuple[StepOutput, list[torch.Tensor], list[torch.Tensor]]:
         """One token for every row.
 
         tokens, positions (B,): each row's newest token and its own position, so rows of
-        different ages can share a batch. cache_k/v[i] (B, H, C, dk) with cache_mask (B, C);
-        cross_k/v[i] (B, H, S, dk) with src_mask (B, S); top_k: a 0-d int64 tensor.
-        Returns the step's log-probabilities (fp32) with each row's top_k, and each layer's
-        new key/value (B, H, 1, dk).
+        different ages can share a batch. cache_k/v[i] (B, H, C, dk) with cache_mask (B, C).
+        cross_k/v[i] (N, H, S, dk) with src_mask (N, S): once per source, shared by its rows
+        (beams), which slot_row/row_slot place on a query grid (decoding.grid.query_grid).
+        top_k: a 0-d int64 tensor. Returns the step's log-probabilities (fp32) with each
+        row's top_k, and each layer's new key/value (B, H, 1, dk).
         """
         x = self.embed(tokens[:, None], positions[:, None])  # (B, 1, D)
         cross_mask = src_mask[:, None, None, :]
         new_k, new_v = [], []
         for i, layer in enumerate(self.decoder_layers):
-            x, k, v = layer.step(x, cache_k[i], cache_v[i], cache_mask, cross_k[i], cross_v[i], cross_mask)
+            x, k, v = layer.step(x, cache_k[i], cache_v[i], cache_mask, cross_k[i], cross_v[i], cross_mask,
+                                 slot_row, row_slot)
             new_k.append(k)
             new_v.append(v)
-        logits = self.project(self.decoder_norm(x))[:, 0].float()  # (B, V); log-softmax in fp32 for fp16 models
-        logits = logits.index_fill(1, self.never_generate, torch.finfo(logits.dtype).min)
+        logits = self.project(self.decoder_norm(x)[:, 0]).float()  # (B, V); log-softmax in fp32 for fp16 models
+        logits = logits + self.never_generate
         log_probs = torch.log_softmax(logits, dim=-1)
         top_log_probs, top_tokens = torch.topk(log_probs, top_k, dim=-1)
         step = StepOutput(log_probs, top_log_probs, top_tokens, log_probs[:, self.config.eos_id])

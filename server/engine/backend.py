@@ -15,8 +15,9 @@ Memory layout, chosen to copy as little as possible per step:
   DEAD_ROW_SHARE of the buffer, because decoding a few dead rows costs less than copying
   every live row's cache and cross-attention keys at each finish. Beam reordering has to
   gather the cache anyway, and compacts at the same time.
-- Beams of one source share cross-attention keys/values, which are copied only when a
-  gather actually changes which source a buffer row belongs to.
+- Cross-attention keys/values are stored once per source, not once per row: the beams of
+  a source share them (decoding.grid), so beam reordering never copies them, and they are
+  compacted only when sources leave.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from __future__ import annotations
 import numpy as np
 
 from decoding import Candidates
+from decoding.grid import query_grid
 from export.io import STEP_OUTPUTS
 from server.engine.session import VariantSessions
 
@@ -44,15 +46,16 @@ class OnnxStepBackend:
         self.vocab_size = self.decoder.get_outputs()[0].shape[1]
         dtype = _NUMPY_TYPES[inputs["cache_k_0"].type]
         heads, head_dim = inputs["cache_k_0"].shape[1], inputs["cache_k_0"].shape[3]
-        # Buffers indexed by buffer row; rows [0, used) are decoded, `live` lists the ones still wanted.
+        # Row buffers, indexed by buffer row: rows [0, used) are decoded, `live` lists the ones still wanted.
         self.cache = [np.zeros((0, heads, 0, head_dim), dtype) for _ in self.cache_names]
-        self.cross = [np.zeros((0, heads, 0, head_dim), dtype) for _ in self.cross_names]
-        self.src_mask = np.zeros((0, 0), dtype=bool)
         self.lengths = np.zeros(0, dtype=np.int64)  # tokens fed so far = each row's position and next slot
-        self.row_source = np.zeros(0, dtype=np.int64)  # which source each buffer row decodes
+        self.row_source = np.zeros(0, dtype=np.int64)  # each buffer row's source: its index in the source buffers
         self.live = np.zeros(0, dtype=np.int64)  # buffer row of each row the search sees, in its order
         self.used = 0
-        self.sources_seen = 0
+        # Source buffers, one entry per source, shared by its rows: [0, sources) are in use.
+        self.cross = [np.zeros((0, heads, 0, head_dim), dtype) for _ in self.cross_names]
+        self.src_mask = np.zeros((0, 0), dtype=bool)
+        self.sources = 0
         if src_tokens is not None:
             self.extend(src_tokens)
 
@@ -66,35 +69,38 @@ class OnnxStepBackend:
 
     @property
     def padding_ratio(self) -> float:
-        """Share of padded source positions among the rows decoded now."""
-        return 1.0 - float(self.src_mask[: self.used].mean()) if self.used else 0.0
+        """Share of padded positions among the sources decoded now."""
+        return 1.0 - float(self.src_mask[: self.sources].mean()) if self.sources else 0.0
 
     def extend(self, src_tokens: np.ndarray) -> None:
         """Encode new right-padded sources (B, S) and append one fresh row for each."""
         outputs = self.encoder.run(None, {"src_tokens": src_tokens})
         src_mask, cross = outputs[0], outputs[1:]
         added, width = src_mask.shape
-        if self.used + added > len(self.lengths):
+        if self.used + added > len(self.lengths) or self.sources + added > len(self.src_mask):
             self._compact(self.live)
-        if width > self.src_mask.shape[1]:
-            self._resize(width=-(-width // SOURCE_BLOCK) * SOURCE_BLOCK)
         if self.used + added > len(self.lengths):
             self._resize(rows=max(self.used + added, len(self.lengths) * 3 // 2 + 8))
-        new = slice(self.used, self.used + added)
-        self.src_mask[new] = False
-        self.src_mask[new, :width] = src_mask
+        if self.sources + added > len(self.src_mask):
+            self._resize(sources=max(self.sources + added, len(self.src_mask) * 3 // 2 + 8))
+        if width > self.src_mask.shape[1]:
+            self._resize(width=-(-width // SOURCE_BLOCK) * SOURCE_BLOCK)
+        new_sources = slice(self.sources, self.sources + added)
+        self.src_mask[new_sources] = False
+        self.src_mask[new_sources, :width] = src_mask
         for buffer, values in zip(self.cross, cross):
-            buffer[new, :, :width] = values
-            buffer[new, :, width:] = 0
+            buffer[new_sources, :, :width] = values
+            buffer[new_sources, :, width:] = 0
+        new_rows = slice(self.used, self.used + added)
         for buffer in self.cache:
             # Spare rows may hold anything (gathers allocate them uninitialised); masked slots get
             # zero attention weight, but 0 x NaN is NaN, so the values there must be finite.
-            buffer[new] = 0
-        self.lengths[new] = 0
-        self.row_source[new] = self.sources_seen + np.arange(added)
-        self.live = np.concatenate([self.live, np.arange(new.start, new.stop)])
+            buffer[new_rows] = 0
+        self.lengths[new_rows] = 0
+        self.row_source[new_rows] = np.arange(new_sources.start, new_sources.stop)
+        self.live = np.concatenate([self.live, np.arange(new_rows.start, new_rows.stop)])
         self.used += added
-        self.sources_seen += added
+        self.sources += added
 
     def step(self, tokens: np.ndarray, top_k: int) -> Candidates:
         top_log_probs, top_tokens, eos_log_probs = self._run(tokens, top_k, STEP_OUTPUTS[1:])
@@ -114,11 +120,13 @@ class OnnxStepBackend:
         if not all_live:
             fed[live] = tokens
         lengths = self.lengths[:used]
+        slot_row, row_slot = query_grid(self.row_source[:used], self.sources)
         # A row's keys fill slots 0 .. length-1 of its cache, so validity follows from the lengths.
         feeds = {"tokens": fed, "positions": lengths, "cache_mask": np.arange(self.capacity) < lengths[:, None],
-                 "src_mask": self.src_mask[:used], "top_k": np.array(top_k, np.int64)}
+                 "src_mask": self.src_mask[: self.sources], "slot_row": slot_row, "row_slot": row_slot,
+                 "top_k": np.array(top_k, np.int64)}
         feeds.update((name, buffer[:used]) for name, buffer in zip(self.cache_names, self.cache))
-        feeds.update((name, buffer[:used]) for name, buffer in zip(self.cross_names, self.cross))
+        feeds.update((name, buffer[: self.sources]) for name, buffer in zip(self.cross_names, self.cross))
         results = self.decoder.run(outputs + self.new_kv_names, feeds)
         slots = self.lengths[live]
         for buffer, new in zip(self.cache, results[len(outputs) :]):
@@ -138,33 +146,41 @@ class OnnxStepBackend:
             self._compact(chosen)
 
     def _compact(self, order: np.ndarray) -> None:
-        """Gather the buffer rows in `order` to the front, cutting cache and source width to what they need."""
+        """Gather the buffer rows in `order` to the front, dropping sources no row needs any more
+        and cutting cache and source width to what the rows left need."""
         n = len(order)
         next_slot = int(self.lengths[order].max(initial=0)) + 1  # keep room for the coming step
         capacity = min(self.capacity, -(-next_slot // CACHE_BLOCK) * CACHE_BLOCK)
         self.cache = [_gather(c, order, 2, capacity) for c in self.cache]
-        if n > self.used or not np.array_equal(self.row_source[order], self.row_source[:n]):  # else they fit
-            width = int(self.src_mask[order].any(axis=0).nonzero()[0].max(initial=-1)) + 1
+        row_source = self.row_source[order]
+        kept_sources = np.unique(row_source)
+        if len(kept_sources) < self.sources:  # beams reordering within their sources leave these alone
+            width = int(self.src_mask[kept_sources].any(axis=0).nonzero()[0].max(initial=-1)) + 1
             width = -(-width // SOURCE_BLOCK) * SOURCE_BLOCK
-            self.cross = [_gather(c, order, 2, width) for c in self.cross]
-            self.src_mask = _gather(self.src_mask, order, 1, width)
+            self.cross = [_gather(c, kept_sources, 2, width) for c in self.cross]
+            self.src_mask = _gather(self.src_mask, kept_sources, 1, width)
+            renumbered = np.zeros(self.sources, np.int64)
+            renumbered[kept_sources] = np.arange(len(kept_sources))
+            row_source = renumbered[row_source]
+            self.sources = len(kept_sources)
         self.lengths = np.resize(self.lengths[order], len(self.cache[0]))
-        self.row_source = np.resize(self.row_source[order], len(self.cache[0]))
+        self.row_source = np.resize(row_source, len(self.cache[0]))
         self.live = np.arange(n)
         self.used = n
 
-    def _resize(self, rows: int | None = None, capacity: int | None = None, width: int | None = None) -> None:
-        """Reallocate, zero-filled, only the buffers whose rows, cache slots or source positions grow."""
+    def _resize(self, rows: int | None = None, capacity: int | None = None, sources: int | None = None,
+                width: int | None = None) -> None:
+        """Reallocate, zero-filled, only the buffers whose rows, cache slots, sources or source positions grow."""
         if capacity or rows:
             capacity, cache_rows = capacity or self.capacity, rows or len(self.lengths)
             self.cache = [_copy_into(c, (cache_rows, c.shape[1], capacity, c.shape[3])) for c in self.cache]
-        if width or rows:
-            width, cross_rows = width or self.src_mask.shape[1], rows or len(self.lengths)
-            self.cross = [_copy_into(c, (cross_rows, c.shape[1], width, c.shape[3])) for c in self.cross]
-            self.src_mask = _copy_into(self.src_mask, (cross_rows, width))
         if rows:
             self.lengths = _copy_into(self.lengths, (rows,))
             self.row_source = _copy_into(self.row_source, (rows,))
+        if sources or width:
+            width, sources = width or self.src_mask.shape[1], sources or len(self.src_mask)
+            self.cross = [_copy_into(c, (sources, c.shape[1], width, c.shape[3])) for c in self.cross]
+            self.src_mask = _copy_into(self.src_mask, (sources, width))
 
 
 def _gather(array: np.ndarray, order: np.ndarray, axis: int, length: int) -> np.ndarray:
