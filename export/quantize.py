@@ -6,9 +6,14 @@ ORT's DynamicQuantizeLinear takes one scale over the whole batch, so a sentence'
 translation would depend on what else shares its batch; with a scale per row, each row's
 integer matmul is exact and depends on that row alone, so int8 stays batch-invariant.
 
-  MatMul(x, W)   ->  x_u8 = round(x / s_row) + 128, s_row = max|x_row| / 127
-                     y = MatMulInteger(x_u8, W_s8, a_zero_point=128) * s_row * s_col
+  MatMul(x, W)   ->  x_u8 = QuantizeLinear(x * (127 / max|x_row|), scale 1, zero point 128)
+                     y = MatMulIntegerToFloat(x_u8, W_s8, s_row, s_col, 128), s_row = max|x_row| / 127
   Gather(E, ids) ->  Gather(E_s8, ids) * Gather(s_row(E), ids)     (vocabulary-sized tables)
+
+Quantizing takes four passes over the activation (abs, row max, scale, QuantizeLinear's
+round-and-saturate, where Div, Round, Add and Cast took one pass each); the integer GEMM's
+output is scaled inside MatMulIntegerToFloat (ONNX Runtime's contrib op), where a Cast and
+two Muls took three more passes.
 
 Weights are symmetric int8 per output column. Activations are uint8 with zero point 128
 because U8S8 is the integer GEMM that MLAS implements on every x86-64 CPU. On CPUs
@@ -40,7 +45,8 @@ def quantize_int8(model: onnx.ModelProto, weight_bits: int = 8) -> onnx.ModelPro
         numpy_helper.from_array(np.array([-1], dtype=np.int64), "q8_last_axis"),
         numpy_helper.from_array(np.array(1e-12, dtype=np.float32), "q8_tiny"),
         numpy_helper.from_array(np.array(1 / 127, dtype=np.float32), "q8_inv_127"),
-        numpy_helper.from_array(np.array(128, dtype=np.float32), "q8_offset"),
+        numpy_helper.from_array(np.array(127, dtype=np.float32), "q8_127"),
+        numpy_helper.from_array(np.array(1, dtype=np.float32), "q8_one"),
     ]
     for node in graph.node:
         weight = initializers.get(node.input[1]) if node.op_type == "MatMul" and len(node.input) == 2 else None
@@ -62,6 +68,8 @@ def quantize_int8(model: onnx.ModelProto, weight_bits: int = 8) -> onnx.ModelPro
     graph.node.extend(new_nodes)
     graph.ClearField("initializer")
     graph.initializer.extend(kept + [init for init in shared if init.name in still_used] + new_inits)
+    if not any(o.domain == "com.microsoft" for o in model.opset_import):
+        model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
     return model
 
 
@@ -77,19 +85,17 @@ def _quantized_matmul(node: onnx.NodeProto, weight: np.ndarray, q_max: int):
     col_scale = np.maximum(np.abs(weight).max(axis=0), 1e-12) / q_max  # (N,)
     weight_q = np.clip(np.round(weight / col_scale), -q_max, q_max).astype(np.int8)
     x, y = node.input[0], node.output[0]
+    # No bias input: with a per-row a_scale, ONNX Runtime 1.32 scales the bias by it too.
+    inputs = [f"{p}/x_u8", f"{p}/w_s8", f"{p}/row_scale", f"{p}/col_scale", "q8_zero_point"]
     nodes = [
         helper.make_node("Abs", [x], [f"{p}/abs"]),
         helper.make_node("ReduceMax", [f"{p}/abs", "q8_last_axis"], [f"{p}/absmax"], keepdims=1),
         helper.make_node("Max", [f"{p}/absmax", "q8_tiny"], [f"{p}/absmax_safe"]),
         helper.make_node("Mul", [f"{p}/absmax_safe", "q8_inv_127"], [f"{p}/row_scale"]),
-        helper.make_node("Div", [x, f"{p}/row_scale"], [f"{p}/scaled"]),
-        helper.make_node("Round", [f"{p}/scaled"], [f"{p}/rounded"]),
-        helper.make_node("Add", [f"{p}/rounded", "q8_offset"], [f"{p}/shifted"]),
-        helper.make_node("Cast", [f"{p}/shifted"], [f"{p}/x_u8"], to=TensorProto.UINT8),
-        helper.make_node("MatMulInteger", [f"{p}/x_u8", f"{p}/w_s8", "q8_zero_point"], [f"{p}/y_i32"]),
-        helper.make_node("Cast", [f"{p}/y_i32"], [f"{p}/y_f32"], to=TensorProto.FLOAT),
-        helper.make_node("Mul", [f"{p}/y_f32", f"{p}/row_scale"], [f"{p}/y_rows"]),
-        helper.make_node("Mul", [f"{p}/y_rows", f"{p}/col_scale"], [y]),
+        helper.make_node("Div", ["q8_127", f"{p}/absmax_safe"], [f"{p}/inv_row_scale"]),
+        helper.make_node("Mul", [x, f"{p}/inv_row_scale"], [f"{p}/scaled"]),
+        helper.make_node("QuantizeLinear", [f"{p}/scaled", "q8_one", "q8_zero_point"], [f"{p}/x_u8"]),
+        helper.make_node("MatMulIntegerToFloat", inputs, [y], domain="com.microsoft"),
     ]
     inits = [
         numpy_helper.from_array(weight_q, f"{p}/w_s8"),
