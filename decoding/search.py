@@ -11,7 +11,9 @@ The PyTorch reference (model/generate.py) and the ONNX Runtime engine (server/en
 both plug in here, so they agree by construction.
 
 Beam size 1 is greedy search. Sources with the same beam size form one vectorised
-group, and a batch may mix groups. Sources may join a running search at any step
+group, and a batch may mix groups. A new source starts with one row (all its beams would
+be identical) and grows to beam_size rows after its first step, in a group of newcomers
+that then merges into its beam size's group. Sources may join a running search at any step
 (continuous batching: the backend appends their rows, ``Search.add`` adopts them) and
 leave it as soon as they have ``beam_size`` finished hypotheses, reach their length
 cap, or are cancelled, so finished work costs nothing more.
@@ -78,16 +80,17 @@ class StepBackend(Protocol):
 
 
 class _Group:
-    """Live sources sharing one beam size k; their n*k rows are contiguous in the backend.
+    """Live sources sharing one beam size k and one number of rows each (width: 1 before their
+    first step, then k); their n * width rows are contiguous in the backend.
 
     history holds each source's tokens right-aligned: source i's are the last age[i] columns.
     """
 
-    def __init__(self, beam_size: int):
-        self.k = beam_size
+    def __init__(self, beam_size: int, width: int):
+        self.k, self.width = beam_size, width
         self.keys: list[Hashable] = []
-        self.scores = np.zeros((0, beam_size), np.float32)  # cumulative log-probabilities
-        self.history = np.zeros((0, beam_size, 0), np.int64)
+        self.scores = np.zeros((0, width), np.float32)  # cumulative log-probabilities
+        self.history = np.zeros((0, width, 0), np.int64)
         self.age = np.zeros(0, np.int64)  # tokens generated so far
         self.min_length = np.zeros(0, np.int64)
         self.max_length = np.zeros(0, np.int64)
@@ -97,21 +100,31 @@ class _Group:
 
     @property
     def rows(self) -> int:
-        return len(self.keys) * self.k
+        return len(self.keys) * self.width
 
     def append(self, keys: Sequence[Hashable], params: Sequence[DecodingParams]) -> None:
+        """New sources, one row each (a group of newcomers, width 1)."""
         m = len(keys)
-        scores = np.full((m, self.k), -np.inf, np.float32)
-        scores[:, 0] = 0.0  # all beams start identical: only the first may expand at the first step
         self.keys += list(keys)
-        self.scores = np.concatenate([self.scores, scores])
-        self.history = np.concatenate([self.history, np.zeros((m, self.k, self.history.shape[2]), np.int64)])
+        self.scores = np.concatenate([self.scores, np.zeros((m, 1), np.float32)])
+        self.history = np.concatenate([self.history, np.zeros((m, 1, self.history.shape[2]), np.int64)])
         self.age = np.concatenate([self.age, np.zeros(m, np.int64)])
         self.min_length = np.concatenate([self.min_length, [p.min_length for p in params]]).astype(np.int64)
         self.max_length = np.concatenate([self.max_length, [p.max_length for p in params]]).astype(np.int64)
         self.length_penalty = np.concatenate([self.length_penalty, [p.length_penalty for p in params]])
         self.num_hypotheses += [p.num_hypotheses for p in params]
         self.finished += [[] for _ in keys]
+
+    def absorb(self, other: _Group) -> None:
+        """Append another group's sources (same beam size and width), in order."""
+        columns = max(self.history.shape[2], other.history.shape[2])
+        histories = [np.pad(h, ((0, 0), (0, 0), (columns - h.shape[2], 0))) for h in (self.history, other.history)]
+        self.history = np.concatenate(histories)
+        self.keys += other.keys
+        self.num_hypotheses += other.num_hypotheses
+        self.finished += other.finished
+        for name in ("scores", "age", "min_length", "max_length", "length_penalty"):
+            setattr(self, name, np.concatenate([getattr(self, name), getattr(other, name)]))
 
     def keep(self, live: np.ndarray) -> None:
         """Keep these sources (indices), dropping the rest."""
@@ -131,11 +144,13 @@ class _Group:
                 eos_id: int) -> tuple[np.ndarray, np.ndarray, list]:
         """One step for this group, from each row's best K continuations.
 
-        values, choices (n, k, K): log-probabilities and tokens, modified in place;
-        eos_values (n, k). Returns the rows (relative to the group) to keep, each kept
-        row's next token, and the (key, hypotheses) of sources that finished.
+        values, choices (n, width, K): each row's best K log-probabilities and tokens,
+        modified in place; eos_values (n, width). Returns the rows (relative to the group) to keep, k per live
+        source from now on, each kept row's next token, and the (key, hypotheses) of sources
+        that finished.
         """
-        n, k, width = values.shape
+        n, rows_each, per_row = values.shape
+        k = self.k
         values[(self.age < self.min_length)[:, None, None] & (choices == eos_id)] = -np.inf
         at_cap = self.age >= self.max_length
         if at_cap.any():  # the length cap is reached: EOS is the only choice left
@@ -143,14 +158,19 @@ class _Group:
             values[at_cap, :, 0] = eos_values[at_cap]
             choices[at_cap, :, 0] = eos_id
 
-        with np.errstate(over="ignore"):  # -inf scores of not-yet-distinct beams plus dtype-min log-probs
-            candidates = (self.scores[:, :, None] + values).reshape(n, k * width)
+        with np.errstate(over="ignore"):  # -inf scores (masked EOS) plus dtype-min log-probs
+            candidates = (self.scores[:, :, None] + values).reshape(n, rows_each * per_row)
         if k == 1:
             top = candidates.argmax(axis=1)[:, None]
         else:
-            top = np.argsort(-candidates, axis=1, kind="stable")[:, : min(2 * k, k * width)]
+            top = np.argsort(-candidates, axis=1, kind="stable")[:, : min(2 * k, rows_each * per_row)]
         top_scores = np.take_along_axis(candidates, top, 1)
-        beams, tokens = top // width, np.take_along_axis(choices.reshape(n, -1), top, 1)
+        beams, tokens = top // per_row, np.take_along_axis(choices.reshape(n, -1), top, 1)
+        if k > 1 and top.shape[1] < 2 * k:  # fewer candidates than 2k (a tiny vocabulary): dead beams fill in
+            missing = ((0, 0), (0, 2 * k - top.shape[1]))
+            top_scores = np.pad(top_scores, missing, constant_values=-np.inf)
+            beams = np.pad(beams, missing)
+            tokens = np.pad(tokens, missing, constant_values=1 if eos_id == 0 else 0)
         ends = tokens == eos_id
 
         for i, j in zip(*np.nonzero(ends[:, :k] & np.isfinite(top_scores[:, :k]))):
@@ -173,7 +193,8 @@ class _Group:
         self.age += 1
         live = np.nonzero(~done)[0]
         self.keep(live)
-        rows = (live[:, None] * k + next_beams[live]).reshape(-1)
+        rows = (live[:, None] * rows_each + next_beams[live]).reshape(-1)
+        self.width = next_beams.shape[1]
         return rows, next_tokens[live].reshape(-1), results
 
 
@@ -183,42 +204,49 @@ class Search:
     def __init__(self, backend: StepBackend, bos_id: int, eos_id: int):
         self.backend = backend
         self.bos_id, self.eos_id = bos_id, eos_id
-        self.groups: dict[int, _Group] = {}
+        # In backend row order: by beam size, and within one beam size the older (wider) groups first.
+        self.groups: list[_Group] = []
         self.tokens = np.zeros(0, np.int64)  # next input token of every backend row
 
     @property
     def rows(self) -> int:
-        return sum(g.rows for g in self.groups.values())
+        return sum(g.rows for g in self.groups)
 
     def __len__(self) -> int:
-        return sum(len(g.keys) for g in self.groups.values())
+        return sum(len(g.keys) for g in self.groups)
 
     def add(self, keys: Sequence[Hashable], params: Sequence[DecodingParams]) -> None:
         """Adopt new sources whose rows the backend has just appended, one row each, in order."""
         existing = self.rows
-        by_beam: dict[int, list[int]] = {}
-        for j, p in enumerate(params):
-            by_beam.setdefault(p.beam_size, []).append(j)
-        layout, tokens, offset = [], [], 0
-        for k in sorted(set(self.groups) | set(by_beam)):
-            group = self.groups.setdefault(k, _Group(k))
-            old_rows = np.arange(offset, offset + group.rows)
+        old_rows, offset = {}, 0
+        for group in self.groups:
+            old_rows[id(group)] = np.arange(offset, offset + group.rows)
             offset += group.rows
-            new = by_beam.get(k, [])
-            layout += [old_rows, np.repeat(existing + np.array(new, dtype=np.int64), k)]
-            tokens += [self.tokens[old_rows], np.full(len(new) * k, self.bos_id, np.int64)]
+        joining: dict[int, list[int]] = {}  # id(group) -> the new sources it takes
+        for k in sorted({p.beam_size for p in params}):
+            at = sum(g.k <= k for g in self.groups)  # newcomers go after the groups of their beam size
+            if at and self.groups[at - 1].k == k and self.groups[at - 1].width == 1:
+                target = self.groups[at - 1]
+            else:
+                target = _Group(k, 1)
+                self.groups.insert(at, target)
+            joining[id(target)] = [j for j, p in enumerate(params) if p.beam_size == k]
+        layout, tokens = [], []
+        for group in self.groups:
+            old, new = old_rows.get(id(group), np.zeros(0, np.int64)), joining.get(id(group), [])
+            layout += [old, existing + np.array(new, dtype=np.int64)]
+            tokens += [self.tokens[old], np.full(len(new), self.bos_id, np.int64)]
             group.append([keys[j] for j in new], [params[j] for j in new])
-        self.groups = dict(sorted(self.groups.items()))
         self._select(np.concatenate(layout), existing + len(keys))
         self.tokens = np.concatenate(tokens)
 
     def step(self) -> list[tuple[Hashable, list[Hypothesis]]]:
         """Advance every live source by one token; returns the sources that finished."""
-        top_k = min(2 * max(self.groups) + 1, self.backend.vocab_size)
+        top_k = min(2 * max(g.k for g in self.groups) + 1, self.backend.vocab_size)
         step = self.backend.step(self.tokens, top_k)
         kept, next_tokens, finished, offset = [], [], [], 0
-        for group in self.groups.values():
-            rows, shape = group.rows, (len(group.keys), group.k)
+        for group in self.groups:
+            rows, shape = group.rows, (len(group.keys), group.width)
             kept_rows, tokens, results = group.advance(
                 step.log_probs[offset : offset + rows].reshape(*shape, -1),
                 step.tokens[offset : offset + rows].reshape(*shape, -1),
@@ -230,15 +258,16 @@ class Search:
         self._forget_empty_groups()
         self._select(np.concatenate(kept) if kept else np.zeros(0, np.int64), offset)
         self.tokens = np.concatenate(next_tokens) if next_tokens else np.zeros(0, np.int64)
+        self._merge_equal_neighbours()
         return finished
 
     def cancel(self, keys: set) -> list[Hashable]:
         """Drop these sources if live; returns the keys that were dropped."""
         kept, tokens, dropped, offset = [], [], [], 0
-        for group in self.groups.values():
+        for group in self.groups:
             live = np.array([i for i, key in enumerate(group.keys) if key not in keys], dtype=np.int64)
             dropped += [key for key in group.keys if key in keys]
-            rows = (offset + live[:, None] * group.k + np.arange(group.k)).reshape(-1)
+            rows = (offset + live[:, None] * group.width + np.arange(group.width)).reshape(-1)
             kept.append(rows)
             tokens.append(self.tokens[rows])
             offset += group.rows
@@ -250,7 +279,18 @@ class Search:
         return dropped
 
     def _forget_empty_groups(self) -> None:
-        self.groups = {k: g for k, g in self.groups.items() if g.keys}
+        self.groups = [g for g in self.groups if g.keys]
+
+    def _merge_equal_neighbours(self) -> None:
+        """Newcomers have k rows each after their first step: they join the group before them,
+        whose rows they directly follow, so the backend's rows stay where they are."""
+        merged: list[_Group] = []
+        for group in self.groups:
+            if merged and (merged[-1].k, merged[-1].width) == (group.k, group.width):
+                merged[-1].absorb(group)
+            else:
+                merged.append(group)
+        self.groups = merged
 
     def _select(self, rows: np.ndarray, current_rows: int) -> None:
         if not np.array_equal(rows, np.arange(current_rows)):
