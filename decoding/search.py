@@ -236,7 +236,8 @@ class Search:
             old, new = old_rows.get(id(group), np.zeros(0, np.int64)), joining.get(id(group), [])
             layout += [old, existing + np.array(new, dtype=np.int64)]
             tokens += [self.tokens[old], np.full(len(new), self.bos_id, np.int64)]
-            group.append([keys[j] for j in new], [params[j] for j in new])
+            if new:
+                group.append([keys[j] for j in new], [params[j] for j in new])
         self._select(np.concatenate(layout), existing + len(keys))
         self.tokens = np.concatenate(tokens)
 

@@ -32,6 +32,25 @@ def test_a_sentence_decodes_the_same_alone_and_in_a_batch_of_64(engines, precisi
         assert [h.tokens for h in alone] == [h.tokens for h in together[i]], i
 
 
+def test_sources_joining_a_running_batch_decode_as_alone(engines):
+    """Continuous batching: sources of several beam sizes join at different steps, some while
+    others of their beam size are running, and cancellations reorder the rest."""
+    engine = engines["fp32"]
+    sources = mixed_sources(9, seed=4)
+    params = [DecodingParams(beam_size=(2, 3, 1)[i % 3], num_hypotheses=1, max_length=20) for i in range(9)]
+    batch, results = engine.new_search(), {}
+    for first, last, steps in ((0, 2, 2), (2, 5, 1), (5, 6, 0), (6, 9, 3)):  # (5, 6, 0): two joins, no step between
+        engine.admit(batch, range(first, last), sources[first:last], params[first:last])
+        for _ in range(steps):
+            results.update(batch.step())
+    assert batch.cancel({7}) == [7]
+    while len(batch):
+        results.update(batch.step())
+    for i in set(range(9)) - {7}:
+        alone = engine.decode([sources[i]], [params[i]])[0]
+        assert [h.tokens for h in results[i]] == [h.tokens for h in alone], i
+
+
 def test_engine_matches_the_pytorch_reference(engines, tiny_checkpoint):
     model = load_model(tiny_checkpoint)
     sources = mixed_sources(12, seed=1)
