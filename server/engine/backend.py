@@ -9,8 +9,9 @@ Memory layout, chosen to copy as little as possible per step:
   returns only each layer's new key/value (B, H, 1, dk), stored into the row's next slot.
   It grows in blocks of CACHE_BLOCK slots, so a copy happens once per block, not once per
   step (growing by concatenation would copy the whole cache at every step).
-- Rows live in buffers with spare row capacity. New rows are written into the spare rows
-  (no copy of the others); the decoder runs on the prefix [0, used), a zero-copy view.
+- Rows live in buffers with spare row capacity. New rows are written into the buffer rows
+  of finished rows, then into the spare rows (no copy of the others); the decoder runs on
+  the prefix [0, used), a zero-copy view.
 - A finished row is not compacted away at once: it stays, dead, until dead rows exceed
   DEAD_ROW_SHARE of the buffer, because decoding a few dead rows costs less than copying
   every live row's cache and cross-attention keys at each finish. Beam reordering has to
@@ -73,34 +74,41 @@ class OnnxStepBackend:
         return 1.0 - float(self.src_mask[: self.sources].mean()) if self.sources else 0.0
 
     def extend(self, src_tokens: np.ndarray) -> None:
-        """Encode new right-padded sources (B, S) and append one fresh row for each."""
+        """Encode new right-padded sources (B, S) and add one fresh row for each.
+
+        New rows take the buffer rows of finished (dead) rows first and new sources the
+        entries no row reads any more, so a batch that sources keep joining and leaving
+        neither copies its cache nor grows.
+        """
         outputs = self.encoder.run(None, {"src_tokens": src_tokens})
         src_mask, cross = outputs[0], outputs[1:]
         added, width = src_mask.shape
-        if self.used + added > len(self.lengths) or self.sources + added > len(self.src_mask):
-            self._compact(self.live)
-        if self.used + added > len(self.lengths):
-            self._resize(rows=max(self.used + added, len(self.lengths) * 3 // 2 + 8))
-        if self.sources + added > len(self.src_mask):
-            self._resize(sources=max(self.sources + added, len(self.src_mask) * 3 // 2 + 8))
+        reused_rows = np.setdiff1d(np.arange(self.used), self.live)[:added]
+        still_read = np.unique(self.row_source[np.setdiff1d(np.arange(self.used), reused_rows)])
+        reused_sources = np.setdiff1d(np.arange(self.sources), still_read)[:added]
+        more_rows, more_sources = added - len(reused_rows), added - len(reused_sources)
+        if self.used + more_rows > len(self.lengths):
+            self._resize(rows=max(self.used + more_rows, len(self.lengths) * 3 // 2 + 8))
+        if self.sources + more_sources > len(self.src_mask):
+            self._resize(sources=max(self.sources + more_sources, len(self.src_mask) * 3 // 2 + 8))
         if width > self.src_mask.shape[1]:
             self._resize(width=-(-width // SOURCE_BLOCK) * SOURCE_BLOCK)
-        new_sources = slice(self.sources, self.sources + added)
-        self.src_mask[new_sources] = False
-        self.src_mask[new_sources, :width] = src_mask
+        sources = np.concatenate([reused_sources, np.arange(self.sources, self.sources + more_sources)])
+        self.src_mask[sources] = False
+        self.src_mask[sources, :width] = src_mask
         for buffer, values in zip(self.cross, cross):
-            buffer[new_sources, :, :width] = values
-            buffer[new_sources, :, width:] = 0
-        new_rows = slice(self.used, self.used + added)
+            buffer[sources, :, :width] = values
+            buffer[sources, :, width:] = 0
+        rows = np.concatenate([reused_rows, np.arange(self.used, self.used + more_rows)])
         for buffer in self.cache:
             # Spare rows may hold anything (gathers allocate them uninitialised); masked slots get
             # zero attention weight, but 0 x NaN is NaN, so the values there must be finite.
-            buffer[new_rows] = 0
-        self.lengths[new_rows] = 0
-        self.row_source[new_rows] = np.arange(new_sources.start, new_sources.stop)
-        self.live = np.concatenate([self.live, np.arange(new_rows.start, new_rows.stop)])
-        self.used += added
-        self.sources += added
+            buffer[rows] = 0
+        self.lengths[rows] = 0
+        self.row_source[rows] = sources
+        self.live = np.concatenate([self.live, rows])
+        self.used += more_rows
+        self.sources += more_sources
 
     def step(self, tokens: np.ndarray, top_k: int) -> Candidates:
         top_log_probs, top_tokens, eos_log_probs = self._run(tokens, top_k, STEP_OUTPUTS[1:])
@@ -115,9 +123,9 @@ class OnnxStepBackend:
         needed = int(self.lengths[live].max(initial=0)) + 1
         if needed > self.capacity:
             self._resize(capacity=-(-needed // CACHE_BLOCK) * CACHE_BLOCK)
-        all_live = len(live) == used  # live is then 0 .. used-1 (extend appends, compaction sorts)
-        fed = tokens.astype(np.int64, copy=False) if all_live else np.zeros(used, np.int64)
-        if not all_live:
+        in_order = len(live) == used and np.array_equal(live, np.arange(used))  # else dead or reused rows
+        fed = tokens.astype(np.int64, copy=False) if in_order else np.zeros(used, np.int64)
+        if not in_order:
             fed[live] = tokens
         lengths = self.lengths[:used]
         slot_row, row_slot = query_grid(self.row_source[:used], self.sources)
@@ -132,7 +140,7 @@ class OnnxStepBackend:
         for buffer, new in zip(self.cache, results[len(outputs) :]):
             buffer[live, :, slots] = new[live, :, 0]
         self.lengths[live] += 1
-        return results[: len(outputs)] if all_live else [r[live] for r in results[: len(outputs)]]
+        return results[: len(outputs)] if in_order else [r[live] for r in results[: len(outputs)]]
 
     def select(self, rows: np.ndarray) -> None:
         """Keep these rows, in this order; removals are lazy, reorders gather at once."""

@@ -109,6 +109,25 @@ def test_finished_rows_leave_and_reordered_beams_follow_their_cache(tiny_package
     np.testing.assert_allclose(out[2], alone[3].step_log_probs(np.array([41]))[0], atol=2e-5)
 
 
+def test_a_joining_source_takes_the_buffer_row_of_a_finished_one(tiny_package):
+    sessions = open_sessions(ModelPackage.load(tiny_package), "fp32")
+    sources = [[5, 6, 3], [7, 8, 9, 3], [10, 3], [11, 12, 3], [13, 14, 15, 16, 3]]
+    batch = OnnxStepBackend(sessions, pad_batch(sources[:4], 0))
+    alone = [OnnxStepBackend(sessions, pad_batch([s], 0)) for s in sources]
+    for token in (2, 20):
+        batch.step_log_probs(np.full(4, token))
+        for i in (0, 2, 3):
+            alone[i].step_log_probs(np.array([token]))
+    batch.select(np.array([0, 2, 3]))  # source 1 finished: its row stays, dead, until reused
+    batch.extend(pad_batch([sources[4]], 0))
+    assert batch.used == 4 and list(batch.live) == [0, 2, 3, 1]  # no new buffer row, nothing copied
+    for step, token in enumerate((21, 22)):
+        out = batch.step_log_probs(np.array([token, token, token, 2 if step == 0 else 30]))
+        for row, i in enumerate((0, 2, 3)):
+            np.testing.assert_allclose(out[row], alone[i].step_log_probs(np.array([token]))[0], atol=2e-5)
+        np.testing.assert_allclose(out[3], alone[4].step_log_probs(np.array([2 if step == 0 else 30]))[0], atol=2e-5)
+
+
 @pytest.fixture
 def package_copy(tiny_package, tmp_path):
     target = tmp_path / "copy"
