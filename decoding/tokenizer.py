@@ -23,12 +23,15 @@ class Tokenizer:
     def vocab_size(self) -> int:
         return self.processor.get_piece_size()
 
+    # One call per text: SentencePiece's list calls start a thread pool each time, about 50 us
+    # (70 us for one short text against 2.4 us; 83 us to decode 8 texts against 15 us).
+
     def encode(self, texts: Sequence[str]) -> list[list[int]]:
         """Texts -> token ids, without BOS/EOS (the caller adds what its side needs)."""
-        return self.processor.encode(list(texts), out_type=int)
+        return [self.processor.EncodeAsIds(text) for text in texts]
 
     def decode(self, token_ids: Sequence[Sequence[int]]) -> list[str]:
-        return self.processor.decode([list(ids) for ids in token_ids])
+        return [self.processor.DecodeIds(list(ids)) for ids in token_ids]
 
 
 def train_tokenizer(text_files: Sequence[Path], model_prefix: Path, vocab_size: int) -> Path:
