@@ -93,17 +93,20 @@ class OnnxStepBackend:
             self._resize(sources=max(self.sources + more_sources, len(self.src_mask) * 3 // 2 + 8))
         if width > self.src_mask.shape[1]:
             self._resize(width=-(-width // SOURCE_BLOCK) * SOURCE_BLOCK)
-        sources = np.concatenate([reused_sources, np.arange(self.sources, self.sources + more_sources)])
+        appended_sources = slice(self.sources, self.sources + more_sources)
+        sources = np.concatenate([reused_sources, np.arange(appended_sources.start, appended_sources.stop)])
         self.src_mask[sources] = False
         self.src_mask[sources, :width] = src_mask
+        appended_rows = slice(self.used, self.used + more_rows)
+        rows = np.concatenate([reused_rows, np.arange(appended_rows.start, appended_rows.stop)])
         for buffer, values in zip(self.cross, cross):
+            buffer[appended_sources] = 0
             buffer[sources, :, :width] = values
-            buffer[sources, :, width:] = 0
-        rows = np.concatenate([reused_rows, np.arange(self.used, self.used + more_rows)])
         for buffer in self.cache:
             # Spare rows may hold anything (gathers allocate them uninitialised); masked slots get
             # zero attention weight, but 0 x NaN is NaN, so the values there must be finite.
-            buffer[rows] = 0
+            # Reused rows and entries hold values the model computed: finite already.
+            buffer[appended_rows] = 0
         self.lengths[rows] = 0
         self.row_source[rows] = sources
         self.live = np.concatenate([self.live, rows])
