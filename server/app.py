@@ -57,8 +57,9 @@ class ParleyServer:
         try:
             self.registry = await asyncio.to_thread(load_models, self.config, self.metrics)
             for model in self.registry:
-                await asyncio.to_thread(model.engine.translate, ["Warm-up."],
-                                        [DecodingParams(beam_size=2, max_length=8)])
+                lanes = len(model.engine.lanes)  # one text per lane warms every lane
+                await asyncio.to_thread(model.engine.translate, ["Warm-up."] * lanes,
+                                        [DecodingParams(beam_size=2, max_length=8)] * lanes)
                 model.scheduler.start()
         except BaseException:
             await self.grpc_server.stop(0)

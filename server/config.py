@@ -21,6 +21,8 @@ class ServerConfig:
     device: str = field(default="auto", metadata={"help": "auto, cpu or cuda"})
     precision: str = field(default="auto", metadata={"help": "auto (int8 on CPU, fp16 on CUDA), fp32, int8, fp16"})
     threads: int = field(default=0, metadata={"help": "ONNX Runtime intra-op threads (0: one per core)"})
+    lanes: int = field(default=2, metadata={"help": "decode lanes per model: worker threads with their own batch "
+                                                    "and ONNX Runtime sessions, sharing the threads"})
     max_batch_rows: int = field(default=256, metadata={"help": "decoder rows (texts x beams) per engine step"})
     max_batch_tokens: int = field(default=8192, metadata={"help": "source tokens x beams per engine step"})
     # 0: with continuous batching a text that arrives later joins at the next step anyway, so waiting
@@ -45,7 +47,7 @@ class ServerConfig:
             problems.append(f"device must be auto, cpu or cuda, got {self.device!r}")
         if self.precision not in ("auto", "fp32", "int8", "fp16"):
             problems.append(f"precision must be auto, fp32, int8 or fp16, got {self.precision!r}")
-        for name in ("max_batch_rows", "max_batch_tokens", "queue_limit", "max_texts_per_request",
+        for name in ("lanes", "max_batch_rows", "max_batch_tokens", "queue_limit", "max_texts_per_request",
                      "max_tokens_per_text", "max_beam_size", "max_output_tokens"):
             if getattr(self, name) < 1:
                 problems.append(f"{name} must be >= 1")

@@ -69,7 +69,8 @@ def load_models(config: ServerConfig, metrics: Metrics) -> ModelRegistry:
     for path in paths:
         package = ModelPackage.load(path)
         engine = Engine(package, precision=None if config.precision == "auto" else config.precision,
-                        device=None if config.device == "auto" else config.device, threads=config.threads)
+                        device=None if config.device == "auto" else config.device, threads=config.threads,
+                        lanes=config.lanes)
         models.append(LoadedModel(package.name, package, engine, Scheduler(package.name, engine, config, metrics)))
         metrics.model_info.labels(package.name, f"{package.name}/{engine.precision}", engine.precision,
                                   engine.device).set(1)

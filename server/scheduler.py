@@ -1,11 +1,12 @@
 """Continuous batching: texts from many requests share one running decode batch per model.
 
 The event loop only queues work (``submit``) and awaits futures; one worker thread per
-model owns the engine. At every step boundary the worker drops cancelled and expired
-texts, admits queued texts while the batch has room (rows = texts x beams, tokens =
-source tokens x beams), runs one decoder step for the whole batch, and resolves the
-futures of the texts that finished. A short text therefore never waits for a long one
-to finish; it waits at most one step to join.
+engine lane owns that lane's running batch, and the lanes take work from one shared
+queue. At every step boundary a worker drops cancelled and expired texts, admits queued
+texts while its batch has room (rows = texts x beams, tokens = source tokens x beams),
+runs one decoder step for the whole batch, and resolves the futures of the texts that
+finished. A short text therefore never waits for a long one to finish; it waits at most
+one step to join.
 
 Admission prefers, after the oldest waiting text, texts of a similar length (same
 length bucket) so that padding in the shared batch stays small; nothing waits forever
@@ -47,6 +48,7 @@ class Row:
     key: int = field(default_factory=lambda: next(_keys))
     enqueued: float = field(default_factory=time.monotonic)
     answered: bool = False  # set by the worker, which answers every row exactly once
+    cancelled: bool = False  # set by the caller; the worker drops the row at its next step
 
     @property
     def rows(self) -> int:
@@ -62,18 +64,24 @@ class Scheduler:
         self.name, self.engine, self.config, self.metrics = name, engine, config, metrics
         self._condition = threading.Condition()
         self._pending: list[Row] = []
-        self._cancelled: set[int] = set()
         self._accepting = True
         self._stopped = False
-        self._active: dict[int, Row] = {}
-        self._thread = threading.Thread(target=self._run, name=f"parley-engine-{name}", daemon=True)
+        self._active: list[dict[int, Row]] = [{} for _ in engine.lanes]  # per lane: texts in its running batch
+        self._threads = [threading.Thread(target=self._run, args=(lane,), name=f"parley-engine-{name}-{lane}",
+                                          daemon=True) for lane in range(len(engine.lanes))]
 
     def start(self) -> None:
-        self._thread.start()
+        for thread in self._threads:
+            thread.start()
 
     @property
     def queue_depth(self) -> int:
         return len(self._pending)
+
+    @property
+    def texts_in_flight(self) -> int:
+        """Texts queued or decoding."""
+        return len(self._pending) + sum(len(active) for active in self._active)
 
     def submit(self, rows: list[Row]) -> None:
         """Queue texts; all or none are accepted."""
@@ -85,13 +93,14 @@ class Scheduler:
                                  f"{self.config.queue_limit}); retry with backoff")
             self._pending += rows
             self.metrics.queue_depth.labels(self.name).set(len(self._pending))
-            self._condition.notify()
+            self._condition.notify_all()
 
-    def cancel(self, keys: set[int]) -> None:
-        """Stop working on these texts at the next step boundary (their futures are then cancelled)."""
+    def cancel(self, rows: list[Row]) -> None:
+        """Stop working on these texts at the next step boundary (they are answered CANCELLED)."""
         with self._condition:
-            self._cancelled |= keys
-            self._condition.notify()
+            for row in rows:
+                row.cancelled = True
+            self._condition.notify_all()
 
     def stop_accepting(self) -> None:
         with self._condition:
@@ -102,36 +111,38 @@ class Scheduler:
         with self._condition:
             self._accepting = False
             self._stopped = True
-            self._condition.notify()
-        self._thread.join(timeout)
+            self._condition.notify_all()
+        for thread in self._threads:
+            thread.join(timeout)
 
-    def _run(self) -> None:
-        batch = self.engine.new_search()
+    def _run(self, lane: int) -> None:
+        batch = self.engine.new_search(lane)
+        active = self._active[lane]
         while True:
             with self._condition:
-                while not self._stopped and not self._pending and not self._active and not self._cancelled:
+                while not self._stopped and not self._pending and not active:
                     self._condition.wait()
                 if self._stopped:
                     break
-                if not self._active and self._pending:
+                if not active and self._pending:
                     self._wait_to_fill()
-                cancelled, self._cancelled = self._cancelled, set()
-                admitted = self._take_admissible()
+                admitted = self._take_admissible(active)
                 self.metrics.queue_depth.labels(self.name).set(len(self._pending))
             try:
-                self._drop(batch, cancelled)
+                self._drop(batch, active)
                 if admitted:
-                    self._admit(batch, admitted)
+                    self._admit(batch, active, admitted)
                 if len(batch):
-                    self._step(batch)
+                    self._step(batch, active)
             except Exception as error:  # an engine failure fails the texts in the batch, not the server
                 log.exception("engine step failed", extra={"model": self.name})
-                for row in list(self._active.values()):
-                    self._resolve(row, error=ServingError(f"engine failure: {error}"))
-                batch = self.engine.new_search()
-        for row in list(self._active.values()) + self._pending:
-            self._resolve(row, error=Unavailable("the server stopped before this text was translated"))
-        self._pending = []
+                for row in list(active.values()):
+                    self._resolve(active, row, error=ServingError(f"engine failure: {error}"))
+                batch = self.engine.new_search(lane)
+        with self._condition:
+            left, self._pending = list(active.values()) + self._pending, []
+        for row in left:
+            self._resolve(active, row, error=Unavailable("the server stopped before this text was translated"))
 
     def _wait_to_fill(self) -> None:
         """An idle engine waits up to max_queue_delay_ms for more texts, unless a batch is already full."""
@@ -142,10 +153,10 @@ class Scheduler:
                 break
             self._condition.wait(left)
 
-    def _take_admissible(self) -> list[Row]:
+    def _take_admissible(self, active: dict[int, Row]) -> list[Row]:
         """Under the lock: the queued texts that fit the batch now, oldest first, then similar lengths."""
-        rows_used = sum(r.rows for r in self._active.values())
-        tokens_used = sum(r.cost_tokens for r in self._active.values())
+        rows_used = sum(r.rows for r in active.values())
+        tokens_used = sum(r.cost_tokens for r in active.values())
         if not self._pending:
             return []
         head_bucket = length_bucket(len(self._pending[0].tokens))
@@ -155,7 +166,7 @@ class Scheduler:
         for row in order:
             fits = rows_used + row.rows <= self.config.max_batch_rows and \
                 tokens_used + row.cost_tokens <= self.config.max_batch_tokens
-            if not fits and (self._active or admitted):  # an empty batch always takes one text
+            if not fits and (active or admitted):  # an empty batch always takes one text
                 continue
             admitted.append(row)
             rows_used += row.rows
@@ -164,22 +175,24 @@ class Scheduler:
         self._pending = [r for r in self._pending if id(r) not in taken]
         return admitted
 
-    def _drop(self, batch, cancelled: set[int]) -> None:
-        """Remove cancelled and expired texts, queued or running."""
+    def _drop(self, batch, active: dict[int, Row]) -> None:
+        """Remove cancelled and expired texts, queued or running in this lane."""
         now = time.monotonic()
-        expired = {k for k, r in self._active.items() if r.deadline is not None and r.deadline <= now}
         with self._condition:
-            for row in self._pending:
-                if row.key in cancelled or (row.deadline is not None and row.deadline <= now):
-                    self._resolve(row, error=Cancelled("cancelled") if row.key in cancelled else
-                                  DeadlineExceeded("the deadline passed while the text was queued"))
-            self._pending = [r for r in self._pending if not r.answered]
-        gone = batch.cancel((cancelled | expired) & self._active.keys())
-        for key in gone:
-            self._resolve(self._active[key], error=DeadlineExceeded("the deadline passed during translation")
-                          if key in expired else Cancelled("cancelled"))
+            gone = [r for r in self._pending if r.cancelled or (r.deadline is not None and r.deadline <= now)]
+            if gone:
+                leaving = {id(r) for r in gone}
+                self._pending = [r for r in self._pending if id(r) not in leaving]
+        for row in gone:
+            self._resolve(active, row, error=Cancelled("cancelled") if row.cancelled else
+                          DeadlineExceeded("the deadline passed while the text was queued"))
+        expired = {k for k, r in active.items() if r.deadline is not None and r.deadline <= now}
+        cancelled = {k for k, r in active.items() if r.cancelled}
+        for key in batch.cancel(cancelled | expired) if cancelled or expired else []:
+            self._resolve(active, active[key], error=Cancelled("cancelled") if key in cancelled else
+                          DeadlineExceeded("the deadline passed during translation"))
 
-    def _admit(self, batch, rows: list[Row]) -> None:
+    def _admit(self, batch, active: dict[int, Row], rows: list[Row]) -> None:
         now = time.monotonic()
         rows = sorted(rows, key=lambda r: len(r.tokens))  # one encoder run; sorted keeps its padding low
         try:
@@ -187,13 +200,13 @@ class Scheduler:
         except Exception as error:  # these texts could not be encoded; the running batch is untouched
             log.exception("admission failed", extra={"model": self.name})
             for row in rows:
-                self._resolve(row, error=ServingError(f"engine failure: {error}"))
+                self._resolve(active, row, error=ServingError(f"engine failure: {error}"))
             return
         for row in rows:
-            self._active[row.key] = row
+            active[row.key] = row
             self.metrics.queue_duration.labels(self.name).observe(now - row.enqueued)
 
-    def _step(self, batch) -> None:
+    def _step(self, batch, active: dict[int, Row]) -> None:
         backend = batch.backend
         self.metrics.batch_size.labels(self.name).observe(backend.rows)
         self.metrics.padding_ratio.labels(self.name).observe(backend.padding_ratio)
@@ -204,14 +217,15 @@ class Scheduler:
         self.metrics.generated_tokens.labels(self.name).inc(sum(len(h[0].tokens) for _, h in finished if h))
         for (key, _), result in zip(finished, texts):
             if result:
-                self._resolve(self._active[key], result=result)
+                self._resolve(active, active[key], result=result)
             else:  # every hypothesis scored NaN or -inf: never answer with an empty translation
-                self._resolve(self._active[key], error=ServingError(
+                self._resolve(active, active[key], error=ServingError(
                     "the model produced no finite-scored translation for this text (numerical failure)"))
 
-    def _resolve(self, row: Row, result: list[TextHypothesis] | None = None, error: Exception | None = None) -> None:
+    def _resolve(self, active: dict[int, Row], row: Row, result: list[TextHypothesis] | None = None,
+                 error: Exception | None = None) -> None:
         """Answer a text exactly once, on its event loop."""
-        self._active.pop(row.key, None)
+        active.pop(row.key, None)
         row.answered = True
         loop = row.future.get_loop()
 

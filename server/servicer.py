@@ -121,9 +121,9 @@ class TranslatorServicer(pb_grpc.TranslatorServicer):
     @staticmethod
     def _cancel_unfinished(model: LoadedModel, rows: list[Row]) -> None:
         """The call is over (answered, failed, cancelled or expired): stop the work that is left."""
-        keys = {row.key for row in rows if not row.answered}  # futures may be cancelled, rows still running
-        if keys:
-            model.scheduler.cancel(keys)
+        unanswered = [row for row in rows if not row.answered]  # futures may be cancelled, rows still running
+        if unanswered:
+            model.scheduler.cancel(unanswered)
 
     @contextlib.contextmanager
     def _inflight(self, model: str):

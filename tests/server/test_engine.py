@@ -51,6 +51,17 @@ def test_sources_joining_a_running_batch_decode_as_alone(engines):
         assert [h.tokens for h in results[i]] == [h.tokens for h in alone], i
 
 
+def test_two_lanes_decode_what_one_lane_decodes(engines, tiny_package):
+    two_lanes = Engine(ModelPackage.load(tiny_package), precision="int8", device="cpu", threads=2, lanes=2)
+    sources = mixed_sources(9, seed=5)
+    params = [DecodingParams(beam_size=(1, 3)[i % 2], num_hypotheses=1, max_length=20) for i in range(9)]
+    expected = engines["int8"].decode(sources, params)
+    assert [[h.tokens for h in hyps] for hyps in two_lanes.decode(sources, params)] == \
+        [[h.tokens for h in hyps] for hyps in expected]
+    with pytest.raises(ValueError, match="lanes must be >= 1"):
+        Engine(ModelPackage.load(tiny_package), precision="int8", device="cpu", lanes=0)
+
+
 def test_engine_matches_the_pytorch_reference(engines, tiny_checkpoint):
     model = load_model(tiny_checkpoint)
     sources = mixed_sources(12, seed=1)

@@ -31,7 +31,9 @@ class NonFiniteBatch:
 
 
 class NonFiniteEngine:
-    def new_search(self):
+    lanes = [None]
+
+    def new_search(self, lane=0):
         return NonFiniteBatch()
 
     def admit(self, batch, keys, sources, params):

@@ -121,7 +121,7 @@ def wait_until_idle(server, seconds=10):
     scheduler = server.scheduler()
     end = time.monotonic() + seconds
     while time.monotonic() < end:
-        if not scheduler._active and not scheduler._pending:
+        if not scheduler.texts_in_flight:
             return True
         time.sleep(0.01)
     return False
@@ -157,7 +157,7 @@ def test_health_and_graceful_shutdown_drain_in_flight_work(start_server):
     for service in ("", "parley.v1.Translator"):
         assert health.Check(health_pb2.HealthCheckRequest(service=service)).status == health_pb2.HealthCheckResponse.SERVING
     stub = server.stub()
-    in_flight = [stub.Translate.future(long_request(16)) for _ in range(3)]  # 192 rows: several batches
+    in_flight = [stub.Translate.future(long_request(16)) for _ in range(8)]  # 512 rows: several batches per lane
     time.sleep(0.05)
     assert not all(call.done() for call in in_flight)
     stopping = server.stop_soon()
