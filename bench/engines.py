@@ -20,11 +20,12 @@ def output_cap(source_tokens: int) -> int:
 
 
 class ParleyEngine:
-    def __init__(self, package_dir: Path, precision: str, threads: int):
+    def __init__(self, package_dir: Path, precision: str, threads: int, lanes: int):
         from export.package import ModelPackage
         from server.engine.engine import Engine
 
-        self.engine = Engine(ModelPackage.load(package_dir), precision=precision, device="cpu", threads=threads)
+        self.engine = Engine(ModelPackage.load(package_dir), precision=precision, device="cpu", threads=threads,
+                             lanes=lanes)
 
     def translate(self, sources: Sequence[list[int]], beam_size: int) -> list[list[int]]:
         params = [DecodingParams(beam_size=beam_size, max_length=output_cap(len(s))) for s in sources]
@@ -32,18 +33,22 @@ class ParleyEngine:
 
 
 class CTranslate2Engine:
-    def __init__(self, model_dir: Path, compute_type: str, threads: int, tokenizer: Tokenizer):
+    """lanes > 1: CTranslate2's inter_threads, the batch split into that many sub-batches decoded
+    in parallel, each on threads / lanes intra-op threads (its counterpart of Parley's lanes)."""
+
+    def __init__(self, model_dir: Path, compute_type: str, threads: int, tokenizer: Tokenizer, lanes: int):
         import ctranslate2
 
+        self.lanes = lanes
         self.translator = ctranslate2.Translator(str(model_dir), device="cpu", compute_type=compute_type,
-                                                 intra_threads=threads, inter_threads=1)
+                                                 intra_threads=max(1, threads // lanes), inter_threads=lanes)
         self.processor = tokenizer.processor
 
     def translate(self, sources: Sequence[list[int]], beam_size: int) -> list[list[int]]:
         pieces = [[self.processor.id_to_piece(t) for t in s] for s in sources]
         results = self.translator.translate_batch(
             pieces, beam_size=beam_size, max_decoding_length=max(output_cap(len(s)) for s in sources),
-            length_penalty=1.0, max_batch_size=0)
+            length_penalty=1.0, max_batch_size=0 if self.lanes == 1 else -(-len(sources) // self.lanes))
         return [[self.processor.piece_to_id(p) for p in r.hypotheses[0]] for r in results]
 
 

@@ -86,19 +86,23 @@ def agreement(a: list[str] | None, b: list[str] | None) -> float | None:
 
 
 def table(records: list[dict]) -> str:
-    rows = ["| engine | precision | beam | batch | sent/s | tok/s | p50 ms | p95 ms | peak RSS MB | BLEU | vs CT2 |",
-            "|---|---|---|---|---|---|---|---|---|---|---|"]
-    ct2 = {(r["precision"].replace("float32", "fp32"), r["beam_size"], r["batch_size"]): r["sentences_per_s"]
+    rows = ["| engine | precision | lanes | beam | batch | sent/s | tok/s | p50 ms | p95 ms | peak RSS MB | BLEU "
+            "| vs CT2, same lanes | vs CT2's best |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    ct2 = {(r["precision"].replace("float32", "fp32"), r["beam_size"], r["batch_size"], r["lanes"]): r["sentences_per_s"]
            for r in records if r["engine"] == "ctranslate2"}
     for r in records:
         if r["engine"] == "parley-grpc":
             continue
-        ct2_rate = ct2.get((r["precision"], r["beam_size"], r["batch_size"])) if r["engine"] == "parley" else None
-        ratio = f"{r['sentences_per_s'] / ct2_rate:.2f}x" if ct2_rate else ""
-        rows.append(f"| {r['engine']} | {r['precision']} | {r['beam_size']} | {r['batch_size']} | "
+        key = (r["precision"], r["beam_size"], r["batch_size"])
+        same = ct2.get(key + (r["lanes"],)) if r["engine"] == "parley" else None
+        best = max((v for k, v in ct2.items() if k[:3] == key), default=None) if r["engine"] == "parley" else None
+        ratio = f"{r['sentences_per_s'] / same:.2f}x" if same else ""
+        best_ratio = f"{r['sentences_per_s'] / best:.2f}x" if best else ""
+        rows.append(f"| {r['engine']} | {r['precision']} | {r['lanes']} | {r['beam_size']} | {r['batch_size']} | "
                     f"{r['sentences_per_s']:.1f} | {r['tokens_per_s']:.0f} | {r['latency_p50_ms']:.1f} | "
                     f"{r['latency_p95_ms']:.1f} | {r['peak_rss_mb']:.0f} | {r['bleu']:.2f} | "
-                    f"{ratio} |")
+                    f"{ratio} | {best_ratio} |")
     grpc_rows = [r for r in records if r["engine"] == "parley-grpc"]
     if grpc_rows:
         rows += ["", "| parley-grpc int8 | beam | clients | sent/s | p50 ms | p99 ms | share of offline engine | errors |",
@@ -118,11 +122,12 @@ def plot(records: list[dict], path: Path) -> None:
     beams = sorted({r["beam_size"] for r in records})
     fig, axes = plt.subplots(1, len(beams), figsize=(6 * len(beams), 4.5), squeeze=False)
     for ax, beam in zip(axes[0], beams):
-        series = sorted({(r["engine"], r["precision"]) for r in records if r["engine"] != "parley-grpc"})
-        for engine, precision in series:
+        series = sorted({(r["engine"], r["precision"], r["lanes"]) for r in records if r["engine"] != "parley-grpc"})
+        for engine, precision, lanes in series:
             points = sorted((r["batch_size"], r["sentences_per_s"]) for r in records
-                            if (r["engine"], r["precision"], r["beam_size"]) == (engine, precision, beam))
-            ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=f"{engine} {precision}")
+                            if (r["engine"], r["precision"], r.get("lanes"), r["beam_size"]) == (engine, precision, lanes, beam))
+            ax.plot([p[0] for p in points], [p[1] for p in points], marker="o",
+                    label=f"{engine} {precision}, {lanes} lane{'s' if lanes > 1 else ''}")
         ax.set_xscale("log", base=2)
         ax.set_xlabel("batch size (sentences)")
         ax.set_ylabel("sentences / s")
@@ -142,19 +147,26 @@ def main() -> None:
     references = read_lines(s["data_dir"] / "test_2016_flickr.de.gz")[: s["sentences"]]
     common = {"sources": sources, "references": references, "beams": s["beams"], "batch_sizes": s["batch_sizes"],
               "threads": s["threads"], "checkpoint": str(s["checkpoint"]), "package": str(s["package"])}
+    # Each engine with all threads in one batch (lanes 1) and, where it has one, with the threads
+    # split over two batches decoded in parallel (lanes 2: Parley's lanes, CTranslate2's inter_threads).
+    ct2 = {q: str(ctranslate2_model(s["checkpoint"], q)) for q in ("float32", "int8")}
     jobs = [
-        {"engine": "parley", "precision": "fp32"},
-        {"engine": "parley", "precision": "int8"},
-        {"engine": "ctranslate2", "precision": "float32", "ct2_model": str(ctranslate2_model(s["checkpoint"], "float32"))},
-        {"engine": "ctranslate2", "precision": "int8", "ct2_model": str(ctranslate2_model(s["checkpoint"], "int8"))},
-        {"engine": "pytorch", "precision": "fp32"},
+        {"engine": "parley", "precision": "fp32", "lanes": 2},
+        {"engine": "parley", "precision": "int8", "lanes": 1},
+        {"engine": "parley", "precision": "int8", "lanes": 2},
+        {"engine": "ctranslate2", "precision": "float32", "ct2_model": ct2["float32"], "lanes": 1},
+        {"engine": "ctranslate2", "precision": "float32", "ct2_model": ct2["float32"], "lanes": 2},
+        {"engine": "ctranslate2", "precision": "int8", "ct2_model": ct2["int8"], "lanes": 1},
+        {"engine": "ctranslate2", "precision": "int8", "ct2_model": ct2["int8"], "lanes": 2},
+        {"engine": "pytorch", "precision": "fp32", "lanes": 1},
     ]
     records = []
     for job in jobs:
-        print(f"measuring {job['engine']} {job['precision']} ...", flush=True)
+        print(f"measuring {job['engine']} {job['precision']} lanes {job['lanes']} ...", flush=True)
         records += run_worker({**common, **job})["records"]
-    engine_rate = {r["beam_size"]: r["sentences_per_s"] for r in records
-                   if r["engine"] == "parley" and r["precision"] == "int8" and r["batch_size"] == max(s["batch_sizes"])}
+    engine_rate = {r["beam_size"]: r["sentences_per_s"] for r in records  # the server's default: 2 lanes
+                   if r["engine"] == "parley" and r["precision"] == "int8" and r["lanes"] == 2
+                   and r["batch_size"] == max(s["batch_sizes"])}
     print("measuring parley-grpc ...", flush=True)
     records += grpc_records(s, sources, engine_rate)
     kv = run_worker({**common, "task": "kv_cache", "steps": 30, "batch_size": 32})["kv_cache"]
@@ -163,7 +175,7 @@ def main() -> None:
     for r in records:
         texts = r.pop("outputs", None)
         if texts:
-            outputs[(r["engine"], r["precision"], r["beam_size"])] = texts
+            outputs.setdefault((r["engine"], r["precision"], r["beam_size"]), texts)
     checks = {"kv_cache_speedup_at_30_tokens": kv}
     for beam in s["beams"]:  # share of sentences with identical output (largest batch size)
         parley = outputs.get(("parley", "fp32", beam))

@@ -21,9 +21,9 @@ def build(spec: dict, tokenizer: Tokenizer):
     from bench.engines import CTranslate2Engine, ParleyEngine, PyTorchEngine
 
     if spec["engine"] == "parley":
-        return ParleyEngine(Path(spec["package"]), spec["precision"], spec["threads"])
+        return ParleyEngine(Path(spec["package"]), spec["precision"], spec["threads"], spec["lanes"])
     if spec["engine"] == "ctranslate2":
-        return CTranslate2Engine(Path(spec["ct2_model"]), spec["precision"], spec["threads"], tokenizer)
+        return CTranslate2Engine(Path(spec["ct2_model"]), spec["precision"], spec["threads"], tokenizer, spec["lanes"])
     return PyTorchEngine(Path(spec["checkpoint"]), spec["threads"])
 
 
@@ -45,7 +45,7 @@ def measure(spec: dict) -> dict:
             texts = tokenizer.decode(outputs)
             records.append({
                 "engine": spec["engine"], "precision": spec["precision"], "beam_size": beam,
-                "batch_size": batch_size, "threads": spec["threads"], "sentences": len(sources),
+                "batch_size": batch_size, "threads": spec["threads"], "lanes": spec["lanes"], "sentences": len(sources),
                 "seconds": round(seconds, 3),
                 "sentences_per_s": round(len(sources) / seconds, 2),
                 "tokens_per_s": round(sum(len(o) for o in outputs) / seconds, 1),
