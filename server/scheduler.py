@@ -107,7 +107,7 @@ class Scheduler:
             self._accepting = False
 
     def stop(self, timeout: float = 5.0) -> None:
-        """End the worker; every text still queued or running is answered UNAVAILABLE."""
+        """End the workers; every text still queued or running is answered UNAVAILABLE."""
         with self._condition:
             self._accepting = False
             self._stopped = True
