@@ -45,7 +45,6 @@ def quantize_int8(model: onnx.ModelProto, weight_bits: int = 8) -> onnx.ModelPro
         numpy_helper.from_array(np.array([-1], dtype=np.int64), "q8_last_axis"),
         numpy_helper.from_array(np.array(1e-12, dtype=np.float32), "q8_tiny"),
         numpy_helper.from_array(np.array(1 / 127, dtype=np.float32), "q8_inv_127"),
-        numpy_helper.from_array(np.array(127, dtype=np.float32), "q8_127"),
         numpy_helper.from_array(np.array(1, dtype=np.float32), "q8_one"),
     ]
     for node in graph.node:
@@ -92,7 +91,7 @@ def _quantized_matmul(node: onnx.NodeProto, weight: np.ndarray, q_max: int):
         helper.make_node("ReduceMax", [f"{p}/abs", "q8_last_axis"], [f"{p}/absmax"], keepdims=1),
         helper.make_node("Max", [f"{p}/absmax", "q8_tiny"], [f"{p}/absmax_safe"]),
         helper.make_node("Mul", [f"{p}/absmax_safe", "q8_inv_127"], [f"{p}/row_scale"]),
-        helper.make_node("Div", ["q8_127", f"{p}/absmax_safe"], [f"{p}/inv_row_scale"]),
+        helper.make_node("Reciprocal", [f"{p}/row_scale"], [f"{p}/inv_row_scale"]),
         helper.make_node("Mul", [x, f"{p}/inv_row_scale"], [f"{p}/scaled"]),
         helper.make_node("QuantizeLinear", [f"{p}/scaled", "q8_one", "q8_zero_point"], [f"{p}/x_u8"]),
         helper.make_node("MatMulIntegerToFloat", inputs, [y], domain="com.microsoft"),
