@@ -79,6 +79,9 @@ class StepBackend(Protocol):
         """Keep these rows of the cache, in this order; a row may appear more than once."""
 
 
+_PER_SOURCE = ("scores", "history", "age", "min_length", "max_length", "length_penalty")  # arrays, one row each
+
+
 class _Group:
     """Live sources sharing one beam size k and one number of rows each (width: 1 before their
     first step, then k); their n * width rows are contiguous in the backend.
@@ -118,12 +121,12 @@ class _Group:
     def absorb(self, other: _Group) -> None:
         """Append another group's sources (same beam size and width), in order."""
         columns = max(self.history.shape[2], other.history.shape[2])
-        histories = [np.pad(h, ((0, 0), (0, 0), (columns - h.shape[2], 0))) for h in (self.history, other.history)]
-        self.history = np.concatenate(histories)
+        for group in (self, other):  # histories are right-aligned: pad the shorter on the left
+            group.history = np.pad(group.history, ((0, 0), (0, 0), (columns - group.history.shape[2], 0)))
         self.keys += other.keys
         self.num_hypotheses += other.num_hypotheses
         self.finished += other.finished
-        for name in ("scores", "age", "min_length", "max_length", "length_penalty"):
+        for name in _PER_SOURCE:
             setattr(self, name, np.concatenate([getattr(self, name), getattr(other, name)]))
 
     def keep(self, live: np.ndarray) -> None:
@@ -131,7 +134,7 @@ class _Group:
         self.keys = [self.keys[i] for i in live]
         self.num_hypotheses = [self.num_hypotheses[i] for i in live]
         self.finished = [self.finished[i] for i in live]
-        for name in ("scores", "history", "age", "min_length", "max_length", "length_penalty"):
+        for name in _PER_SOURCE:
             setattr(self, name, getattr(self, name)[live])
         width = int(self.age.max(initial=0))
         self.history = self.history[:, :, self.history.shape[2] - width :]  # drop columns no live source uses
@@ -145,9 +148,9 @@ class _Group:
         """One step for this group, from each row's best K continuations.
 
         values, choices (n, width, K): each row's best K log-probabilities and tokens,
-        modified in place; eos_values (n, width). Returns the rows (relative to the group) to keep, k per live
-        source from now on, each kept row's next token, and the (key, hypotheses) of sources
-        that finished.
+        modified in place; eos_values (n, width). Returns the rows (relative to the group) to
+        keep, k per live source from now on, each kept row's next token, and the (key,
+        hypotheses) of sources that finished.
         """
         n, rows_each, per_row = values.shape
         k = self.k

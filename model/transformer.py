@@ -46,8 +46,8 @@ class Transformer(nn.Module):
         # Pre-LN stacks end un-normalised, so they get a final LayerNorm; post-LN ones do not need it.
         self.encoder_norm = nn.LayerNorm(c.d_model) if c.pre_norm else nn.Identity()
         self.decoder_norm = nn.LayerNorm(c.d_model) if c.pre_norm else nn.Identity()
-        # Special tokens the decoder must never emit, as an additive mask on the logits: one add,
-        # which export folds into the output projection's bias.
+        # Special tokens the decoder must never emit, as an additive mask on the logits: one add
+        # over (B, V), where index_fill exported as a scatter copied the logits.
         never_generate = torch.zeros(c.vocab_size)
         never_generate[[c.pad_id, c.bos_id]] = torch.finfo(torch.float32).min
         self.register_buffer("never_generate", never_generate, persistent=False)

@@ -1,4 +1,4 @@
-"""Continuous batching: texts from many requests share one running decode batch per model.
+"""Continuous batching: texts from many requests share running decode batches, one per engine lane.
 
 The event loop only queues work (``submit``) and awaits futures; one worker thread per
 engine lane owns that lane's running batch, and the lanes take work from one shared
