@@ -41,12 +41,15 @@ class Engine:
     """
 
     def __init__(self, package: ModelPackage, precision: str | None = None, device: str | None = None,
-                 threads: int = 0, optimization: str = "all", lanes: int = 1):
+                 threads: int = 0, optimization: str = "all", lanes: int = 1, cache_on_device: bool | None = None):
+        """cache_on_device: keep the decoder's caches on the execution provider's device and run
+        with IO binding (server.engine.device_buffers); default: on CUDA only."""
         if lanes < 1:
             raise ValueError(f"lanes must be >= 1, got {lanes}")
         self.package = package
         self.device = device or ("cuda" if cuda_available() else "cpu")
         self.precision = precision or default_precision(package, self.device)
+        self.cache_on_device = self.device == "cuda" if cache_on_device is None else cache_on_device
         lane_threads = max(1, (threads or os.cpu_count() or 1) // lanes) if lanes > 1 else threads
         self.lanes = [open_sessions(package, self.precision, self.device, lane_threads, optimization)
                       for _ in range(lanes)]
@@ -62,7 +65,7 @@ class Engine:
 
     def new_search(self, lane: int = 0) -> Search:
         """An empty decode batch on one lane that sources can join at any step (see admit)."""
-        return Search(OnnxStepBackend(self.lanes[lane]), self.bos_id, self.eos_id)
+        return Search(OnnxStepBackend(self.lanes[lane], on_device=self.cache_on_device), self.bos_id, self.eos_id)
 
     def admit(self, batch: Search, keys: Sequence[Hashable], sources: Sequence[Sequence[int]],
               params: Sequence[DecodingParams]) -> None:

@@ -231,7 +231,7 @@ def test_rows_joining_reuse_spare_rows_whatever_they_held(tiny_package):
     batch = OnnxStepBackend(sessions, pad_batch([[5, 6, 3], [7, 8, 9, 3]], 0))
     batch.step_log_probs(np.array([2, 2]))
     batch.select(np.array([1, 0]))  # a reorder: gathered into fresh buffers with spare rows
-    for buffer in batch.cache + batch.cross:
+    for buffer in batch.buffers.cache + batch.buffers.cross:
         buffer[batch.used :] = np.nan  # what np.empty may hand out
     batch.extend(pad_batch([[10, 11, 3]], 0))
     joined = batch.step_log_probs(np.array([20, 21, 2]))[2]

@@ -13,7 +13,10 @@ from server.engine.engine import Engine
 @pytest.fixture(scope="module")
 def engines(tiny_package):
     package = ModelPackage.load(tiny_package)
-    return {precision: Engine(package, precision=precision, device="cpu") for precision in ("fp32", "int8")}
+    engines = {precision: Engine(package, precision=precision, device="cpu") for precision in ("fp32", "int8")}
+    # Caches kept as ONNX Runtime values with IO binding, as on CUDA, here on the CPU provider.
+    engines["fp32-on-device"] = Engine(package, precision="fp32", device="cpu", cache_on_device=True)
+    return engines
 
 
 def mixed_sources(n, seed=0):
@@ -21,7 +24,7 @@ def mixed_sources(n, seed=0):
     return [list(rng.integers(4, 120, size=rng.integers(1, 40))) for _ in range(n)]  # padding-heavy mix
 
 
-@pytest.mark.parametrize("precision", ["fp32", "int8"])
+@pytest.mark.parametrize("precision", ["fp32", "int8", "fp32-on-device"])
 def test_a_sentence_decodes_the_same_alone_and_in_a_batch_of_64(engines, precision):
     engine = engines[precision]
     sources = mixed_sources(64)
@@ -32,10 +35,11 @@ def test_a_sentence_decodes_the_same_alone_and_in_a_batch_of_64(engines, precisi
         assert [h.tokens for h in alone] == [h.tokens for h in together[i]], i
 
 
-def test_sources_joining_a_running_batch_decode_as_alone(engines):
+@pytest.mark.parametrize("variant", ["fp32", "fp32-on-device"])
+def test_sources_joining_a_running_batch_decode_as_alone(engines, variant):
     """Continuous batching: sources of several beam sizes join at different steps, some while
     others of their beam size are running, and cancellations reorder the rest."""
-    engine = engines["fp32"]
+    engine = engines[variant]
     sources = mixed_sources(9, seed=4)
     params = [DecodingParams(beam_size=(2, 3, 1)[i % 3], num_hypotheses=1, max_length=20) for i in range(9)]
     batch, results = engine.new_search(), {}
@@ -47,7 +51,7 @@ def test_sources_joining_a_running_batch_decode_as_alone(engines):
     while len(batch):
         results.update(batch.step())
     for i in set(range(9)) - {7}:
-        alone = engine.decode([sources[i]], [params[i]])[0]
+        alone = engines["fp32"].decode([sources[i]], [params[i]])[0]
         assert [h.tokens for h in results[i]] == [h.tokens for h in alone], i
 
 
@@ -62,13 +66,14 @@ def test_two_lanes_decode_what_one_lane_decodes(engines, tiny_package):
         Engine(ModelPackage.load(tiny_package), precision="int8", device="cpu", lanes=0)
 
 
-def test_engine_matches_the_pytorch_reference(engines, tiny_checkpoint):
+@pytest.mark.parametrize("variant", ["fp32", "fp32-on-device"])
+def test_engine_matches_the_pytorch_reference(engines, tiny_checkpoint, variant):
     model = load_model(tiny_checkpoint)
     sources = mixed_sources(12, seed=1)
     for beam in (1, 4):
         params = [DecodingParams(beam_size=beam, num_hypotheses=beam, max_length=25)] * len(sources)
         reference = generate(model, sources, params)
-        onnx = engines["fp32"].decode(sources, params)
+        onnx = engines[variant].decode(sources, params)
         for ref, got in zip(reference, onnx):
             assert [h.tokens for h in got] == [h.tokens for h in ref]
             assert np.allclose([h.score for h in got], [h.score for h in ref], atol=1e-4)

@@ -1,0 +1,132 @@
+"""Host memory for the decoder's caches: numpy buffers with spare rows, written in place.
+
+The backend (backend.py) decides which buffer row holds which beam and which source entry
+which source; a buffer store carries those decisions out on its memory. Two stores share
+one interface: HostBuffers here, for the CPU execution provider, and DeviceBuffers
+(device_buffers.py), which keeps everything on the execution provider's device.
+
+- The self-attention cache is preallocated and written in place: the decoder-step graph
+  returns only each layer's new key/value (B, H, 1, dk), stored into the row's next slot.
+- Buffers keep spare rows and source entries; the decoder runs on the prefix in use, a
+  zero-copy view, so joining rows and sources neither copy nor reallocate.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import onnxruntime as ort
+
+from server.engine.session import VariantSessions
+
+_NUMPY_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16}
+
+
+@dataclass(frozen=True)
+class CacheLayout:
+    """The decoder-step graph's cache inputs and outputs, read off the graph."""
+
+    cache_names: list[str]  # cache_k_0, cache_v_0, cache_k_1, ...
+    cross_names: list[str]  # cross_k_0, cross_v_0, ...
+    new_kv_names: list[str]  # new_k_0, new_v_0, ...
+    dtype: type
+    heads: int
+    head_dim: int
+
+    @classmethod
+    def of(cls, decoder: ort.InferenceSession) -> "CacheLayout":
+        inputs = {i.name: i for i in decoder.get_inputs()}
+        cache = inputs["cache_k_0"]
+        return cls([n for n in inputs if n.startswith("cache_k_") or n.startswith("cache_v_")],
+                   [n for n in inputs if n.startswith("cross_")],
+                   [o.name for o in decoder.get_outputs() if o.name.startswith("new_")],
+                   _NUMPY_TYPES[cache.type], cache.shape[1], cache.shape[3])
+
+
+class HostBuffers:
+    def __init__(self, sessions: VariantSessions, layout: CacheLayout):
+        self.encoder, self.decoder = sessions.encoder, sessions.decoder
+        self.layout = layout
+        empty = (0, layout.heads, 0, layout.head_dim)
+        self.cache = [np.zeros(empty, layout.dtype) for _ in layout.cache_names]
+        self.cross = [np.zeros(empty, layout.dtype) for _ in layout.cross_names]
+
+    @property
+    def capacity(self) -> int:
+        return self.cache[0].shape[2]
+
+    def encode(self, src_tokens: np.ndarray) -> tuple[np.ndarray, list[np.ndarray]]:
+        """src_mask (B, S) and each layer's cross-attention keys/values (B, H, S, dk)."""
+        outputs = self.encoder.run(None, {"src_tokens": src_tokens})
+        return outputs[0], outputs[1:]
+
+    def add_rows(self, used: int, added: int) -> None:
+        """Make rows [used, used + added) part of the decoded prefix."""
+        if used + added > len(self.cache[0]):
+            rows = max(used + added, len(self.cache[0]) * 3 // 2 + 8)
+            self.cache = [copy_into(c, (rows,) + c.shape[1:]) for c in self.cache]
+        for buffer in self.cache:
+            # Spare rows may hold anything (gathers allocate them uninitialised); masked slots get
+            # zero attention weight, but 0 x NaN is NaN, so the values there must be finite.
+            buffer[used : used + added] = 0
+
+    def set_capacity(self, capacity: int) -> None:
+        self.cache = [copy_into(c, c.shape[:2] + (capacity, c.shape[3])) for c in self.cache]
+
+    def place_sources(self, entries: np.ndarray, cross: list[np.ndarray], sources: int, width: int) -> None:
+        """Store new sources' keys/values (B, H, w, dk) at these entries, zero past w: entries
+        [0, sources) are in use after, with `width` positions."""
+        held = len(self.cross[0])
+        if sources > held or width > self.cross[0].shape[2]:
+            rows = max(sources, held * 3 // 2 + 8) if sources > held else held
+            self.cross = [copy_into(c, (rows, c.shape[1], width, c.shape[3])) for c in self.cross]
+        for buffer, values in zip(self.cross, cross):
+            buffer[entries, :, : values.shape[2]] = values
+            buffer[entries, :, values.shape[2] :] = 0  # masked, but must be finite (see add_rows)
+
+    def run_decoder(self, feeds: dict, outputs: list[str], used: int, sources: int) -> tuple[list, list]:
+        """One decoder step on rows [0, used) and source entries [0, sources): the named
+        outputs (numpy) and each layer's new key/value."""
+        feeds = dict(feeds)
+        feeds.update((name, buffer[:used]) for name, buffer in zip(self.layout.cache_names, self.cache))
+        feeds.update((name, buffer[:sources]) for name, buffer in zip(self.layout.cross_names, self.cross))
+        results = self.decoder.run(outputs + self.layout.new_kv_names, feeds)
+        return results[: len(outputs)], results[len(outputs) :]
+
+    def write(self, rows: np.ndarray, slots: np.ndarray, new_kv: list[np.ndarray]) -> None:
+        """Store each row's new key/value in its slot."""
+        for buffer, new in zip(self.cache, new_kv):
+            buffer[rows, :, slots] = new[rows, :, 0]
+
+    def compact(self, order: np.ndarray, capacity: int, kept_sources: np.ndarray | None, width: int) -> None:
+        """Gather the rows in `order` to the front, cut to `capacity` slots; likewise the kept
+        source entries, cut to `width` positions (None: sources unchanged)."""
+        self.cache = [gather(c, order, 2, capacity) for c in self.cache]
+        if kept_sources is not None:
+            self.cross = [gather(c, kept_sources, 2, width) for c in self.cross]
+
+
+def gather(array: np.ndarray, order: np.ndarray, axis: int, length: int) -> np.ndarray:
+    """array[order] cut to `length` along axis, in a buffer with at least as many rows as array.
+
+    A whole-row take is a plain memcpy per row, several times faster than a strided
+    fancy-index copy, so the cut is a separate step, taken only when it shrinks.
+    """
+    rows = max(len(array), len(order))
+    if length >= array.shape[axis]:
+        buffer = np.empty((rows,) + array.shape[1:], array.dtype)
+        np.take(array, order, axis=0, out=buffer[: len(order)], mode="clip")  # "raise" would buffer a copy
+        return buffer
+    taken = np.take(array, order, axis=0)[(slice(None),) * axis + (slice(0, length),)]
+    buffer = np.empty((rows,) + taken.shape[1:], array.dtype)
+    buffer[: len(order)] = taken
+    return buffer
+
+
+def copy_into(array: np.ndarray, shape: tuple) -> np.ndarray:
+    """A zero-filled array of `shape` holding `array` in its leading corner."""
+    out = np.zeros(shape, array.dtype)
+    common = tuple(slice(0, min(a, b)) for a, b in zip(array.shape, shape))
+    out[common] = array[common]
+    return out
