@@ -10,7 +10,7 @@ REPOSITORY := models
 PACKAGE := $(REPOSITORY)/multi30k-en-de
 DATA_DIR ?= ../shared/data/multi30k
 
-.PHONY: setup test serve eval train export bench bench-scale proto clean
+.PHONY: setup test serve eval train export bench bench-scale bench-cuda proto clean
 
 $(READY): requirements/serve.txt requirements/dev.txt pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -59,6 +59,20 @@ bench: setup export $(BENCH_READY)
 # gRPC throughput against the number of replicas on this machine (round_robin over loopback).
 bench-scale: setup export
 	DATA_DIR=$(DATA_DIR) $(BIN)/python -m bench.scale
+
+# On a CUDA machine: onnxruntime-gpu in place of onnxruntime, an fp16 package, host against
+# device-resident caches (bench/results/cuda.json).
+GPU_READY := $(VENV)/.gpu-ready
+GPU_PACKAGE := $(REPOSITORY)/multi30k-en-de-gpu
+$(GPU_READY): requirements/serve-gpu.txt $(READY)
+	$(BIN)/pip uninstall --quiet --yes onnxruntime
+	$(BIN)/pip install --quiet -r requirements/serve-gpu.txt
+	touch $@
+
+bench-cuda: setup $(GPU_READY)
+	$(BIN)/python -m export $(MODEL_DIR) $(GPU_PACKAGE) --name multi30k-en-de --precision fp32,fp16 --force \
+		--sample $(DATA_DIR)/val.en.gz --sample-references $(DATA_DIR)/val.de.gz
+	$(BIN)/python -m bench.cuda $(GPU_PACKAGE) --data-dir $(DATA_DIR)
 
 clean:
 	rm -rf $(VENV) $(REPOSITORY) runs

@@ -23,6 +23,8 @@ which carries out its decisions:
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import numpy as np
 
 from decoding import Candidates
@@ -31,23 +33,26 @@ from export.io import STEP_OUTPUTS
 from server.engine.buffers import CacheLayout, HostBuffers, copy_into, gather
 from server.engine.session import VariantSessions
 
+if TYPE_CHECKING:
+    from server.engine.device_buffers import CacheOps
+
 CACHE_BLOCK = 16  # cache slots are added this many at a time
 SOURCE_BLOCK = 8  # the padded source width grows this many positions at a time
 DEAD_ROW_SHARE = 0.25  # compact when this share of the decoded rows is finished
 
 
 class OnnxStepBackend:
-    def __init__(self, sessions: VariantSessions, src_tokens: np.ndarray | None = None, on_device: bool = False):
-        """on_device: keep caches on the execution provider's device (DeviceBuffers) rather than
-        in host memory; the default for CUDA."""
+    def __init__(self, sessions: VariantSessions, src_tokens: np.ndarray | None = None,
+                 device_ops: CacheOps | None = None):
+        """device_ops: keep the caches on the execution provider's device with these graphs
+        (device_buffers.py; the engine's choice on CUDA) rather than in host memory."""
         self.vocab_size = sessions.decoder.get_outputs()[0].shape[1]
-        layout = CacheLayout.of(sessions.decoder)
-        if on_device:
-            from server.engine.device_buffers import DeviceBuffers  # builds graphs with onnx: GPU serving only
+        if device_ops:
+            from server.engine.device_buffers import DeviceBuffers  # needs onnx: GPU serving only
 
-            self.buffers = DeviceBuffers(sessions, layout)
+            self.buffers = DeviceBuffers(sessions, device_ops)
         else:
-            self.buffers = HostBuffers(sessions, layout)
+            self.buffers = HostBuffers(sessions, CacheLayout.of(sessions.decoder))
         # Rows, indexed by buffer row: rows [0, used) are decoded, `live` lists the ones still wanted.
         self.lengths = np.zeros(0, dtype=np.int64)  # tokens fed so far = each row's position and next slot
         self.row_source = np.zeros(0, dtype=np.int64)  # each buffer row's source: its source entry

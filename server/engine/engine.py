@@ -16,6 +16,12 @@ from server.engine.backend import OnnxStepBackend
 from server.engine.session import cuda_available, open_sessions
 
 
+def _cache_ops(sessions):
+    from server.engine.device_buffers import CacheOps  # needs onnx: GPU serving only
+
+    return CacheOps(sessions)
+
+
 @dataclass(frozen=True)
 class TextHypothesis:
     text: str
@@ -49,10 +55,11 @@ class Engine:
         self.package = package
         self.device = device or ("cuda" if cuda_available() else "cpu")
         self.precision = precision or default_precision(package, self.device)
-        self.cache_on_device = self.device == "cuda" if cache_on_device is None else cache_on_device
+        cache_on_device = self.device == "cuda" if cache_on_device is None else cache_on_device
         lane_threads = max(1, (threads or os.cpu_count() or 1) // lanes) if lanes > 1 else threads
         self.lanes = [open_sessions(package, self.precision, self.device, lane_threads, optimization)
                       for _ in range(lanes)]
+        self._device_ops = [_cache_ops(lane) for lane in self.lanes] if cache_on_device else [None] * lanes
         self._lane_pool = ThreadPoolExecutor(lanes, thread_name_prefix="parley-lane") if lanes > 1 else None
         self.tokenizer = Tokenizer(package.tokenizer_path)
         special = package.special_tokens
@@ -65,7 +72,7 @@ class Engine:
 
     def new_search(self, lane: int = 0) -> Search:
         """An empty decode batch on one lane that sources can join at any step (see admit)."""
-        return Search(OnnxStepBackend(self.lanes[lane], on_device=self.cache_on_device), self.bos_id, self.eos_id)
+        return Search(OnnxStepBackend(self.lanes[lane], device_ops=self._device_ops[lane]), self.bos_id, self.eos_id)
 
     def admit(self, batch: Search, keys: Sequence[Hashable], sources: Sequence[Sequence[int]],
               params: Sequence[DecodingParams]) -> None:
