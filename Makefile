@@ -43,7 +43,7 @@ train: setup
 export: setup $(PACKAGE)/manifest.json
 
 # The default model's package: built from the committed checkpoint, verified on Multi30k val.
-$(PACKAGE)/manifest.json: $(READY) $(wildcard $(MODEL_DIR)/*)
+$(PACKAGE)/manifest.json: $(READY) $(wildcard $(MODEL_DIR)/*) $(wildcard export/*.py)
 	$(BIN)/python -m export $(MODEL_DIR) $(PACKAGE) --name multi30k-en-de --precision fp32,int8 --force \
 		--sample $(DATA_DIR)/val.en.gz --sample-references $(DATA_DIR)/val.de.gz
 

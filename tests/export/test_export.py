@@ -135,6 +135,22 @@ def package_copy(tiny_package, tmp_path):
     return target
 
 
+@pytest.mark.parametrize("precision", ["fp32", "int8", "fp16"])
+def test_reshapes_take_constant_shapes(tiny_package, precision):
+    """The tracer's Shape -> Gather -> Concat chains for views are folded at export: only the
+    decoder's query-grid views, whose (sources, cells) split is not a function of their
+    input's shape, still compute theirs."""
+    package = ModelPackage.load(tiny_package)
+
+    def computed_reshapes(graph: str) -> int:
+        model = onnx.load(str(package.graph_path(precision, graph)))
+        constants = {init.name for init in model.graph.initializer}
+        return sum(n.op_type == "Reshape" and n.input[1] not in constants for n in model.graph.node)
+
+    assert computed_reshapes("encoder") == 0
+    assert computed_reshapes("decoder_step") == package.architecture["decoder_layers"]
+
+
 def test_corrupted_variant_file_is_refused(package_copy):
     path = package_copy / "int8" / "decoder_step.onnx"
     data = bytearray(path.read_bytes())
