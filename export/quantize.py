@@ -6,7 +6,7 @@ ORT's DynamicQuantizeLinear takes one scale over the whole batch, so a sentence'
 translation would depend on what else shares its batch; with a scale per row, each row's
 integer matmul is exact and depends on that row alone, so int8 stays batch-invariant.
 
-  MatMul(x, W)   ->  x_u8 = QuantizeLinear(x * (127 / max|x_row|), scale 1, zero point 128)
+  MatMul(x, W)   ->  x_u8 = QuantizeLinear(x / s_row, scale 1, zero point 128)
                      y = MatMulIntegerToFloat(x_u8, W_s8, s_row, s_col, 128), s_row = max|x_row| / 127
   Gather(E, ids) ->  Gather(E_s8, ids) * Gather(s_row(E), ids)     (vocabulary-sized tables)
 
@@ -91,8 +91,7 @@ def _quantized_matmul(node: onnx.NodeProto, weight: np.ndarray, q_max: int):
         helper.make_node("ReduceMax", [f"{p}/abs", "q8_last_axis"], [f"{p}/absmax"], keepdims=1),
         helper.make_node("Max", [f"{p}/absmax", "q8_tiny"], [f"{p}/absmax_safe"]),
         helper.make_node("Mul", [f"{p}/absmax_safe", "q8_inv_127"], [f"{p}/row_scale"]),
-        helper.make_node("Reciprocal", [f"{p}/row_scale"], [f"{p}/inv_row_scale"]),
-        helper.make_node("Mul", [x, f"{p}/inv_row_scale"], [f"{p}/scaled"]),
+        helper.make_node("Div", [x, f"{p}/row_scale"], [f"{p}/scaled"]),
         helper.make_node("QuantizeLinear", [f"{p}/scaled", "q8_one", "q8_zero_point"], [f"{p}/x_u8"]),
         helper.make_node("MatMulIntegerToFloat", inputs, [y], domain="com.microsoft"),
     ]

@@ -103,7 +103,7 @@ class DeviceBuffers:
 
     def run_decoder(self, feeds: dict, outputs: list[str], used: int, sources: int) -> tuple[list, list]:
         if (used, sources) != (self.cache_rows, self.cross_rows):
-            raise AssertionError(f"device buffers hold {self.cache_rows} rows and {self.cross_rows} sources, "
+            raise RuntimeError(f"device buffers hold {self.cache_rows} rows and {self.cross_rows} sources, "
                                  f"the step has {used} and {sources}")
         if self._pending:
             self._update(np.arange(self.cache_rows), self._capacity)
