@@ -48,9 +48,7 @@ class OnnxStepBackend:
         (device_buffers.py; the engine's choice on CUDA) rather than in host memory."""
         self.vocab_size = sessions.decoder.get_outputs()[0].shape[1]
         if device_ops:
-            from server.engine.device_buffers import DeviceBuffers  # needs onnx: GPU serving only
-
-            self.buffers = DeviceBuffers(sessions, device_ops)
+            self.buffers = device_ops.buffers(sessions)
         else:
             self.buffers = HostBuffers(sessions, CacheLayout.of(sessions.decoder))
         # Rows, indexed by buffer row: rows [0, used) are decoded, `live` lists the ones still wanted.
@@ -85,11 +83,11 @@ class OnnxStepBackend:
         if self.used + more_rows > len(self.lengths):
             rows = max(self.used + more_rows, len(self.lengths) * 3 // 2 + 8)
             self.lengths, self.row_source = copy_into(self.lengths, (rows,)), copy_into(self.row_source, (rows,))
-        entries = max(self.sources + more_sources, len(self.src_mask))
-        if entries > len(self.src_mask) or width > self.src_mask.shape[1]:
-            if entries > len(self.src_mask):
-                entries = max(entries, len(self.src_mask) * 3 // 2 + 8)
-            padded_width = max(self.src_mask.shape[1], -(-width // SOURCE_BLOCK) * SOURCE_BLOCK)
+        entries, held_width = self.src_mask.shape
+        if self.sources + more_sources > entries or width > held_width:
+            if self.sources + more_sources > entries:
+                entries = max(self.sources + more_sources, entries * 3 // 2 + 8)
+            padded_width = max(held_width, -(-width // SOURCE_BLOCK) * SOURCE_BLOCK)
             self.src_mask = copy_into(self.src_mask, (entries, padded_width))
         sources = np.concatenate([reused_sources, np.arange(self.sources, self.sources + more_sources)])
         self.src_mask[sources] = False

@@ -51,6 +51,10 @@ class CacheOps:
         self.place = ort.InferenceSession(_place_graph(count, element, shape).SerializeToString(), options,
                                           providers=providers)
 
+    def buffers(self, sessions: VariantSessions) -> DeviceBuffers:
+        """Empty device buffers for one decode batch on these sessions."""
+        return DeviceBuffers(sessions, self)
+
 
 class DeviceBuffers:
     def __init__(self, sessions: VariantSessions, ops: CacheOps):
