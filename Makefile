@@ -9,6 +9,8 @@ MODEL_DIR := model/default
 REPOSITORY := models
 PACKAGE := $(REPOSITORY)/multi30k-en-de
 DATA_DIR ?= ../shared/data/multi30k
+# Export verifies each variant on Multi30k val against PyTorch and the references.
+VERIFY_ON_VAL = --sample $(DATA_DIR)/val.en.gz --sample-references $(DATA_DIR)/val.de.gz
 
 .PHONY: setup test serve eval train export bench bench-scale bench-cuda proto clean
 
@@ -44,8 +46,7 @@ export: setup $(PACKAGE)/manifest.json
 
 # The default model's package: built from the committed checkpoint, verified on Multi30k val.
 $(PACKAGE)/manifest.json: $(READY) $(wildcard $(MODEL_DIR)/*) $(wildcard export/*.py)
-	$(BIN)/python -m export $(MODEL_DIR) $(PACKAGE) --name multi30k-en-de --precision fp32,int8 --force \
-		--sample $(DATA_DIR)/val.en.gz --sample-references $(DATA_DIR)/val.de.gz
+	$(BIN)/python -m export $(MODEL_DIR) $(PACKAGE) --name multi30k-en-de --precision fp32,int8 --force $(VERIFY_ON_VAL)
 
 BENCH_READY := $(VENV)/.bench-ready
 $(BENCH_READY): requirements/bench.txt $(READY)
@@ -70,8 +71,7 @@ $(GPU_READY): requirements/serve-gpu.txt $(READY)
 	touch $@
 
 bench-cuda: setup $(GPU_READY)
-	$(BIN)/python -m export $(MODEL_DIR) $(GPU_PACKAGE) --name multi30k-en-de --precision fp32,fp16 --force \
-		--sample $(DATA_DIR)/val.en.gz --sample-references $(DATA_DIR)/val.de.gz
+	$(BIN)/python -m export $(MODEL_DIR) $(GPU_PACKAGE) --name multi30k-en-de --precision fp32,fp16 --force $(VERIFY_ON_VAL)
 	$(BIN)/python -m bench.cuda $(GPU_PACKAGE) --data-dir $(DATA_DIR)
 
 clean:

@@ -28,7 +28,6 @@ def merge_parallel_matmuls(model: onnx.ModelProto) -> onnx.ModelProto:
         if node.op_type == "MatMul" and node.input[1] in weights and len(weights[node.input[1]].dims) == 2:
             groups[node.input[0]].append(node)
     merged_into: dict[int, list[onnx.NodeProto]] = {}
-    used_weights = set()
     for activation, nodes in groups.items():
         if len(nodes) < 2:
             continue
@@ -45,19 +44,14 @@ def merge_parallel_matmuls(model: onnx.ModelProto) -> onnx.ModelProto:
         merged_into[id(nodes[0])] = replacement  # the merged node goes where the first one stood
         for n in nodes[1:]:
             merged_into[id(n)] = []
-        used_weights |= {n.input[1] for n in nodes}
     if not merged_into:
         return model
     nodes = []
     for node in graph.node:
         nodes += merged_into.get(id(node), [node])
-    still_read = {name for node in nodes for name in node.input}
-    kept = [init for init in graph.initializer if init.name not in used_weights or init.name in still_read]
     graph.ClearField("node")
     graph.node.extend(nodes)
-    graph.ClearField("initializer")
-    graph.initializer.extend(kept)
-    return model
+    return remove_unused_nodes(model)  # the separate weights
 
 
 def fold_reshape_shapes(model: onnx.ModelProto) -> onnx.ModelProto:
