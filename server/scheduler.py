@@ -194,7 +194,6 @@ class Scheduler:
 
     def _admit(self, batch, active: dict[int, Row], rows: list[Row]) -> None:
         now = time.monotonic()
-        rows = sorted(rows, key=lambda r: len(r.tokens))  # one encoder run; sorted keeps its padding low
         try:
             self.engine.admit(batch, [r.key for r in rows], [r.tokens for r in rows], [r.params for r in rows])
         except Exception as error:  # these texts could not be encoded; the running batch is untouched

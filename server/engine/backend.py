@@ -71,11 +71,11 @@ class OnnxStepBackend:
         """Share of padded positions among the sources decoded now."""
         return 1.0 - float(self.src_mask[: self.sources].mean()) if self.sources else 0.0
 
-    def extend(self, src_tokens: np.ndarray) -> None:
-        """Encode new right-padded sources (B, S) and add one fresh row for each, reusing
-        the buffer rows of finished rows and the entries of sources no row reads any more."""
-        src_mask, cross = self.buffers.encode(src_tokens)
-        added, width = src_mask.shape
+    def extend(self, *src_batches: np.ndarray) -> None:
+        """Encode new sources, given as right-padded (B, S) batches of one encoder run each, and
+        add one fresh row for each, in order, reusing the buffer rows of finished rows and the
+        entries of sources no row reads any more. Buffers grow once for all the batches."""
+        added, width = sum(len(b) for b in src_batches), max(b.shape[1] for b in src_batches)
         reused_rows = np.setdiff1d(np.arange(self.used), self.live)[:added]
         still_read = np.unique(self.row_source[np.setdiff1d(np.arange(self.used), reused_rows)])
         reused_sources = np.setdiff1d(np.arange(self.sources), still_read)[:added]
@@ -91,9 +91,14 @@ class OnnxStepBackend:
             self.src_mask = copy_into(self.src_mask, (entries, padded_width))
         sources = np.concatenate([reused_sources, np.arange(self.sources, self.sources + more_sources)])
         self.src_mask[sources] = False
-        self.src_mask[sources, :width] = src_mask
         self.sources += more_sources
-        self.buffers.place_sources(sources, cross, self.sources, self.src_mask.shape[1])
+        first = 0
+        for src_tokens in src_batches:
+            src_mask, cross = self.buffers.encode(src_tokens)
+            entries = sources[first : first + len(src_tokens)]
+            self.src_mask[entries, : src_mask.shape[1]] = src_mask
+            self.buffers.place_sources(entries, cross, self.sources, self.src_mask.shape[1])
+            first += len(src_tokens)
         rows = np.concatenate([reused_rows, np.arange(self.used, self.used + more_rows)])
         self.buffers.add_rows(self.used, more_rows)
         self.lengths[rows] = 0

@@ -76,7 +76,8 @@ class HostBuffers:
 
     def place_sources(self, entries: np.ndarray, cross: list[np.ndarray], sources: int, width: int) -> None:
         """Store new sources' keys/values (B, H, w, dk) at these entries, zero past w: entries
-        [0, sources) are in use after, with `width` positions."""
+        [0, sources) are in use after, with `width` positions (the backend places the sources
+        of several encoder runs one run at a time, with the final sources and width)."""
         held = len(self.cross[0])
         if sources > held or width > self.cross[0].shape[2]:
             rows = max(sources, held * 3 // 2 + 8) if sources > held else held

@@ -15,6 +15,11 @@ from export.package import ModelPackage
 from server.engine.backend import OnnxStepBackend
 from server.engine.session import cuda_available, open_sessions
 
+# Sources are encoded this many at a time, sorted by length, so each encoder run pads only to
+# the longest of similar lengths. Measured, int8, 64 test sentences (56% padding as one run):
+# 29.7 ms as one run, 17.3 ms in runs of 16, 15.7 ms in runs of 8, 15.1 ms in runs of 4.
+ENCODE_ROWS = 8
+
 
 def _cache_ops(sessions):
     from server.engine.device_buffers import CacheOps  # needs onnx: GPU serving only
@@ -80,8 +85,11 @@ class Engine:
         too_long = [len(s) for s in sources if len(s) > self.max_source_tokens]
         if too_long:
             raise ValueError(f"source of {max(too_long)} tokens exceeds the model's limit of {self.max_source_tokens}")
-        batch.backend.extend(pad_batch([list(s) + [self.eos_id] for s in sources], self.pad_id))
-        batch.add(keys, params)
+        by_length = sorted(range(len(sources)), key=lambda i: len(sources[i]))
+        batch.backend.extend(*(
+            pad_batch([list(sources[i]) + [self.eos_id] for i in by_length[first : first + ENCODE_ROWS]], self.pad_id)
+            for first in range(0, len(by_length), ENCODE_ROWS)))
+        batch.add([keys[i] for i in by_length], [params[i] for i in by_length])
 
     def decode(self, sources: Sequence[Sequence[int]], params: Sequence[DecodingParams]) -> list[list[Hypothesis]]:
         """Decode a fixed batch to completion (offline use); one DecodingParams per source.
