@@ -1,20 +1,23 @@
 """The two ONNX graphs of a model package, as thin wrappers with flat, named inputs and outputs.
 
 Encoder graph, once per source batch:
-    src_tokens (B, S) int64  ->  src_mask (B, S) bool, cross_k_i / cross_v_i (B, H, S, dk)
+    src_tokens (B, S) int64  ->  src_mask (B, S) bool, cross_k_i (B, H, dk, S), cross_v_i (B, H, S, dk)
 Decoder-step graph, once per generated token, B rows of N sources (beams share a source):
     tokens (B,), positions (B,) int64; cache_mask (B, C) bool; src_mask (N, S) bool;
     slot_row (N * W,), row_slot (B,) int64 (decoding.grid); top_k () int64;
-    cache_k_i / cache_v_i (B, H, C, dk); cross_k_i / cross_v_i (N, H, S, dk)
+    cache_k_i (B, H, dk, C), cache_v_i (B, H, C, dk); cross_k_i (N, H, dk, S), cross_v_i (N, H, S, dk)
     ->  log_probs (B, V) float32, top_log_probs (B, K) float32, top_tokens (B, K) int64,
-        eos_log_probs (B,) float32, new_k_i / new_v_i (B, H, 1, dk)
+        eos_log_probs (B,) float32, new_k_i (B, H, dk, 1), new_v_i (B, H, 1, dk)
+
+Keys are stored transposed (model.layers.MultiHeadAttention.project_kv); the engine reads
+each tensor's position axis off the graph's input shapes.
 
 The search needs only each row's best K tokens (K = 2 x beam + 1); selecting them with
 TopK inside the graph is about 5x faster than numpy's argpartition over the vocabulary
 and keeps the (B, V) matrix in ONNX Runtime. log_probs stays an output for verification.
 
 The self-attention cache is preallocated by the engine and written in place there: the
-graph reads it and returns only the new token's key/value (B, H, 1, dk). Growing the
+graph reads it and returns only the new token's key and value. Growing the
 cache by concatenation inside the graph would copy all of it at every step; here a step
 copies nothing of the cache (see MultiHeadAttention.step), and C may exceed what is
 valid: cache_mask says which slots hold keys, so rows of different ages share a batch.
@@ -78,9 +81,16 @@ def example_inputs(model: Transformer, sources: int = 2, beams: int = 3, src_len
         torch.arange(rows, dtype=torch.long),
         torch.tensor(3),
     ]
-    decoder += [torch.zeros(rows, c.num_heads, capacity, c.head_dim) for _ in range(2 * c.decoder_layers)]
-    decoder += [torch.zeros(sources, c.num_heads, src_len, c.head_dim) for _ in range(2 * c.decoder_layers)]
+    keys_values = [(c.head_dim, capacity), (capacity, c.head_dim)] * c.decoder_layers  # keys transposed
+    decoder += [torch.zeros(rows, c.num_heads, *shape) for shape in keys_values]
+    cross_keys_values = [(c.head_dim, src_len), (src_len, c.head_dim)] * c.decoder_layers
+    decoder += [torch.zeros(sources, c.num_heads, *shape) for shape in cross_keys_values]
     return (src,), tuple(decoder)
+
+
+def _position_axis(name: str) -> int:
+    """Keys (cache_k_i, cross_k_i) are stored transposed, (B, H, dk, positions); values (B, H, positions, dk)."""
+    return 3 if name.split("_")[1] == "k" else 2
 
 
 def export_graphs(model: Transformer, directory: Path) -> tuple[Path, Path]:
@@ -96,7 +106,7 @@ def export_graphs(model: Transformer, directory: Path) -> tuple[Path, Path]:
         EncoderGraph(model).eval(), encoder_args, str(encoder_path), input_names=["src_tokens"],
         output_names=encoder_output_names(layers), opset_version=OPSET, dynamo=False,
         dynamic_axes={"src_tokens": {0: "batch", 1: "src_len"},
-                      **{name: {0: "batch", 2: "src_len"} for name in encoder_output_names(layers)[1:]},
+                      **{name: {0: "batch", _position_axis(name): "src_len"} for name in encoder_output_names(layers)[1:]},
                       "src_mask": {0: "batch", 1: "src_len"}},
     )
     dynamic = {"tokens": {0: "batch"}, "positions": {0: "batch"}, "cache_mask": {0: "batch", 1: "capacity"},
@@ -105,9 +115,9 @@ def export_graphs(model: Transformer, directory: Path) -> tuple[Path, Path]:
                "top_tokens": {0: "batch", 1: "k"}, "eos_log_probs": {0: "batch"}}
     for name in decoder_input_names(layers):
         if name.startswith("cache_") and name != "cache_mask":
-            dynamic[name] = {0: "batch", 2: "capacity"}
+            dynamic[name] = {0: "batch", _position_axis(name): "capacity"}
         elif name.startswith("cross_"):
-            dynamic[name] = {0: "sources", 2: "src_len"}
+            dynamic[name] = {0: "sources", _position_axis(name): "src_len"}
     for name in decoder_output_names(layers)[len(STEP_OUTPUTS):]:
         dynamic[name] = {0: "batch"}
     torch.onnx.export(

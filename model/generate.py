@@ -28,9 +28,8 @@ class TorchStepBackend:
         self.cross_v = [v for _, v in cross]
         c = model.config
         rows = src.size(0)
-        shape = (rows, c.num_heads, capacity, c.head_dim)
-        self.cache_k = [memory.new_zeros(shape) for _ in range(c.decoder_layers)]
-        self.cache_v = [memory.new_zeros(shape) for _ in range(c.decoder_layers)]
+        self.cache_k = [memory.new_zeros(rows, c.num_heads, c.head_dim, capacity) for _ in range(c.decoder_layers)]
+        self.cache_v = [memory.new_zeros(rows, c.num_heads, capacity, c.head_dim) for _ in range(c.decoder_layers)]
         self.positions = torch.zeros(rows, dtype=torch.long, device=src.device)
         self.row_source = np.arange(rows)  # cross keys/values stay one per source; rows point at theirs
 
@@ -49,14 +48,14 @@ class TorchStepBackend:
         out, new_k, new_v = self.model.decode_step(
             torch.from_numpy(tokens).to(device), self.positions, self.cache_k, self.cache_v,
             # a row's keys fill slots 0 .. position-1, so validity follows from the positions
-            torch.arange(self.cache_k[0].size(2), device=device) < self.positions[:, None],
+            torch.arange(self.cache_v[0].size(2), device=device) < self.positions[:, None],
             self.cross_k, self.cross_v, self.src_mask, torch.from_numpy(slot_row).to(device),
             torch.from_numpy(row_slot).to(device), torch.tensor(top_k),
         )
         # Every row of one search call is the same age, so the new slot is the same column for all.
         slot = int(self.positions[0]) if len(self.positions) else 0
         for layer in range(len(self.cache_k)):
-            self.cache_k[layer][:, :, slot] = new_k[layer][:, :, 0]
+            self.cache_k[layer][..., slot] = new_k[layer][..., 0]
             self.cache_v[layer][:, :, slot] = new_v[layer][:, :, 0]
         self.positions += 1
         return out

@@ -24,8 +24,9 @@ def sinusoidal_table(max_positions: int, d_model: int) -> torch.Tensor:
 
 
 def scaled_dot_product(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """softmax(q k^T / sqrt(d_k)) v with q (B,H,Tq,dk), k/v (B,H,Tk,dk), mask broadcastable to (B,H,Tq,Tk)."""
-    scores = q @ k.transpose(-2, -1) / math.sqrt(q.size(-1))  # (B, H, Tq, Tk)
+    """softmax(q k^T / sqrt(d_k)) v with q (B,H,Tq,dk), keys transposed k (B,H,dk,Tk), values v (B,H,Tk,dk),
+    mask broadcastable to (B,H,Tq,Tk)."""
+    scores = q @ k / math.sqrt(q.size(-1))  # (B, H, Tq, Tk)
     scores = scores.masked_fill(~mask, torch.finfo(scores.dtype).min)
     return torch.softmax(scores, dim=-1) @ v  # (B, H, Tq, dk)
 
@@ -49,15 +50,22 @@ class MultiHeadAttention(nn.Module):
         return x.transpose(1, 2).reshape(batch, length, self.num_heads * self.head_dim)  # (B, T, D)
 
     def project_kv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Keys and values of x, split into heads: what a cache holds."""
-        return self.split_heads(self.k_proj(x)), self.split_heads(self.v_proj(x))
+        """Keys and values of x split into heads, as a cache holds them: keys transposed (B, H, dk, T),
+        values (B, H, T, dk).
+
+        Both products of a decoding step then take the cache as it lies: q @ k and weights @ v.
+        Keys in (B, H, T, dk) made q @ k^T a transposed GEMM operand, which ONNX Runtime's CPU
+        GEMM packs more slowly. Measured on one thread, 64 rows, 4 heads, 40 positions, the
+        cache out of CPU caches: 135 -> 82 us per product.
+        """
+        return self.split_heads(self.k_proj(x)).transpose(-2, -1), self.split_heads(self.v_proj(x))
 
     def forward(self, query: torch.Tensor, context: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         k, v = self.project_kv(context)
         return self.attend(query, k, v, mask)
 
     def attend(self, query: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """Attention of query (B,Tq,D) over keys/values already split into heads."""
+        """Attention of query (B,Tq,D) over keys/values laid out as project_kv returns them."""
         q = self.split_heads(self.q_proj(query))
         return self.out_proj(self.merge_heads(scaled_dot_product(q, k, v, mask)))
 
@@ -65,7 +73,7 @@ class MultiHeadAttention(nn.Module):
                     slot_row: torch.Tensor, row_slot: torch.Tensor) -> torch.Tensor:
         """One step of attention over keys/values shared by several rows (see decoding.grid).
 
-        query (R,1,D), one token per row; k/v (N,H,S,dk) and mask (N,1,1,S) once per source;
+        query (R,1,D), one token per row; k (N,H,dk,S), v (N,H,S,dk) and mask (N,1,1,S) once per source;
         slot_row (N*W,) the row in each grid cell (R: none), row_slot (R,) each row's cell.
         """
         q = self.q_proj(query)[:, 0]  # (R, D)
@@ -80,21 +88,22 @@ class MultiHeadAttention(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """One decoding step of self-attention over a preallocated cache.
 
-        query (B,1,D); cache_k/v (B,H,C,dk), valid where cache_mask (B,C) is True. The new
-        token attends to the valid slots and to itself. Scores for the cache and for the new
-        key are computed apart and only the (B,H,1,C+1) score row is concatenated, so the
-        cache is never copied; the caller writes the returned new key/value into its slot.
+        query (B,1,D); cache_k (B,H,dk,C) and cache_v (B,H,C,dk) (see project_kv), valid where
+        cache_mask (B,C) is True. The new token attends to the valid slots and to itself.
+        Scores for the cache and for the new key are computed apart and only the (B,H,1,C+1)
+        score row is concatenated, so the cache is never copied; the caller writes the
+        returned new key (B,H,dk,1) and value (B,H,1,dk) into its slot.
         """
         q = self.split_heads(self.q_proj(query))  # (B, H, 1, dk)
-        k_new, v_new = self.project_kv(query)  # (B, H, 1, dk)
+        k_new, v_new = self.split_heads(self.k_proj(query)), self.split_heads(self.v_proj(query))  # (B, H, 1, dk)
         scale = 1.0 / math.sqrt(self.head_dim)
-        cache_scores = (q @ cache_k.transpose(-2, -1)) * scale  # (B, H, 1, C)
+        cache_scores = (q @ cache_k) * scale  # (B, H, 1, C)
         cache_scores = cache_scores.masked_fill(~cache_mask[:, None, None, :], torch.finfo(q.dtype).min)
         self_score = (q * k_new).sum(-1, keepdim=True) * scale  # (B, H, 1, 1)
         weights = torch.softmax(torch.cat([cache_scores, self_score], dim=-1), dim=-1)  # (B, H, 1, C+1)
-        capacity = cache_k.size(2)
+        capacity = cache_v.size(2)
         out = weights[..., :capacity] @ cache_v + weights[..., capacity:] * v_new  # (B, H, 1, dk)
-        return self.out_proj(self.merge_heads(out)), k_new, v_new
+        return self.out_proj(self.merge_heads(out)), k_new.transpose(-2, -1), v_new
 
 
 class FeedForward(nn.Module):

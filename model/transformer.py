@@ -68,7 +68,7 @@ class Transformer(nn.Module):
         return self.encoder_norm(x), src_mask
 
     def cross_kv(self, memory: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """Cross-attention keys/values of every decoder layer, (B, H, S, dk) each: computed once per source."""
+        """Cross-attention keys (B, H, dk, S) and values (B, H, S, dk) of every decoder layer, once per source."""
         return [layer.cross_attn.project_kv(memory) for layer in self.decoder_layers]
 
     def project(self, x: torch.Tensor) -> torch.Tensor:
@@ -107,11 +107,11 @@ class Transformer(nn.Module):
         """One token for every row.
 
         tokens, positions (B,): each row's newest token and its own position, so rows of
-        different ages can share a batch. cache_k/v[i] (B, H, C, dk) with cache_mask (B, C).
-        cross_k/v[i] (N, H, S, dk) with src_mask (N, S): once per source, shared by its rows
+        different ages can share a batch. cache_k[i] (B, H, dk, C), cache_v[i] (B, H, C, dk) with
+        cache_mask (B, C) (keys transposed: MultiHeadAttention.project_kv). cross_k/v[i] (N, H, dk, S) / (N, H, S, dk) with src_mask (N, S): once per source, shared by its rows
         (beams), which slot_row/row_slot place on a query grid (decoding.grid.query_grid).
         top_k: a 0-d int64 tensor. Returns the step's log-probabilities (fp32) with each
-        row's top_k, and each layer's new key/value (B, H, 1, dk).
+        row's top_k, and each layer's new key (B, H, dk, 1) and value (B, H, 1, dk).
         """
         x = self.embed(tokens[:, None], positions[:, None])  # (B, 1, D)
         cross_mask = src_mask[:, None, None, :]

@@ -6,7 +6,10 @@ one interface: HostBuffers here, for the CPU execution provider, and DeviceBuffe
 (device_buffers.py), which keeps everything on the execution provider's device.
 
 - The self-attention cache is preallocated and written in place: the decoder-step graph
-  returns only each layer's new key/value (B, H, 1, dk), stored into the row's next slot.
+  returns only each layer's new key/value, stored into the row's next slot.
+- Keys are stored transposed, (rows, H, dk, positions), values (rows, H, positions, dk)
+  (model.layers.MultiHeadAttention.project_kv); the position axis of each tensor is read off
+  the graph (CacheLayout), and the code here works on views with positions on axis 2.
 - Buffers keep spare rows and source entries; the decoder runs on the prefix in use, a
   zero-copy view, so joining rows and sources neither copy nor reallocate.
 """
@@ -28,8 +31,9 @@ class CacheLayout:
     """The decoder-step graph's cache inputs and outputs, read off the graph."""
 
     cache_names: list[str]  # cache_k_0, cache_v_0, cache_k_1, ...
-    cross_names: list[str]  # cross_k_0, cross_v_0, ...
+    cross_names: list[str]  # cross_k_0, cross_v_0, ...: keys and values in the same order
     new_kv_names: list[str]  # new_k_0, new_v_0, ...
+    axes: list[int]  # each cache (and cross, and new) tensor's position axis: 3 for keys, 2 for values
     dtype: type
     heads: int
     head_dim: int
@@ -37,27 +41,34 @@ class CacheLayout:
     @classmethod
     def of(cls, decoder: ort.InferenceSession) -> "CacheLayout":
         inputs = {i.name: i for i in decoder.get_inputs()}
-        cache = inputs["cache_k_0"]
-        return cls([n for n in inputs if n.startswith("cache_k_") or n.startswith("cache_v_")],
-                   [n for n in inputs if n.startswith("cross_")],
-                   [o.name for o in decoder.get_outputs() if o.name.startswith("new_")],
-                   _NUMPY_TYPES[cache.type], cache.shape[1], cache.shape[3])
+        cache_names = [n for n in inputs if n.startswith("cache_k_") or n.startswith("cache_v_")]
+        # The position axis is the dynamic one of the last two; the other is the head size.
+        axes = [2 if isinstance(inputs[n].shape[2], str) else 3 for n in cache_names]
+        shape = inputs[cache_names[0]].shape
+        return cls(cache_names, [n for n in inputs if n.startswith("cross_")],
+                   [o.name for o in decoder.get_outputs() if o.name.startswith("new_")], axes,
+                   _NUMPY_TYPES[inputs[cache_names[0]].type], shape[1], shape[5 - axes[0]])
+
+    def shape(self, rows: int, positions: int, axis: int) -> tuple[int, ...]:
+        """A cache tensor's shape with its positions on `axis`."""
+        if axis == 2:
+            return (rows, self.heads, positions, self.head_dim)
+        return (rows, self.heads, self.head_dim, positions)
 
 
 class HostBuffers:
     def __init__(self, sessions: VariantSessions, layout: CacheLayout):
         self.encoder, self.decoder = sessions.encoder, sessions.decoder
         self.layout = layout
-        empty = (0, layout.heads, 0, layout.head_dim)
-        self.cache = [np.zeros(empty, layout.dtype) for _ in layout.cache_names]
-        self.cross = [np.zeros(empty, layout.dtype) for _ in layout.cross_names]
+        self.cache = [np.zeros(layout.shape(0, 0, axis), layout.dtype) for axis in layout.axes]
+        self.cross = [np.zeros(layout.shape(0, 0, axis), layout.dtype) for axis in layout.axes]
 
     @property
     def capacity(self) -> int:
-        return self.cache[0].shape[2]
+        return self.cache[0].shape[self.layout.axes[0]]
 
     def encode(self, src_tokens: np.ndarray) -> tuple[np.ndarray, list[np.ndarray]]:
-        """src_mask (B, S) and each layer's cross-attention keys/values (B, H, S, dk)."""
+        """src_mask (B, S) and each layer's cross-attention keys/values."""
         outputs = self.encoder.run(None, {"src_tokens": src_tokens})
         return outputs[0], outputs[1:]
 
@@ -72,17 +83,19 @@ class HostBuffers:
             buffer[used : used + added] = 0
 
     def set_capacity(self, capacity: int) -> None:
-        self.cache = [copy_into(c, c.shape[:2] + (capacity, c.shape[3])) for c in self.cache]
+        self.cache = [copy_into(c, self.layout.shape(len(c), capacity, axis))
+                      for c, axis in zip(self.cache, self.layout.axes)]
 
     def place_sources(self, entries: np.ndarray, cross: list[np.ndarray], sources: int, width: int) -> None:
-        """Store new sources' keys/values (B, H, w, dk) at these entries, zero past w: entries
+        """Store new sources' keys/values (w positions) at these entries, zero past w: entries
         [0, sources) are in use after, with `width` positions (the backend places the sources
         of several encoder runs one run at a time, with the final sources and width)."""
-        held = len(self.cross[0])
-        if sources > held or width > self.cross[0].shape[2]:
+        held, axes = len(self.cross[0]), self.layout.axes
+        if sources > held or width > self.cross[0].shape[axes[0]]:
             rows = max(sources, held * 3 // 2 + 8) if sources > held else held
-            self.cross = [copy_into(c, (rows, c.shape[1], width, c.shape[3])) for c in self.cross]
-        for buffer, values in zip(self.cross, cross):
+            self.cross = [copy_into(c, self.layout.shape(rows, width, axis)) for c, axis in zip(self.cross, axes)]
+        for buffer, values, axis in zip(self.cross, cross, axes):
+            buffer, values = positions_on_2(buffer, axis), positions_on_2(values, axis)
             buffer[entries, :, : values.shape[2]] = values
             buffer[entries, :, values.shape[2] :] = 0  # masked, but must be finite (see add_rows)
 
@@ -97,15 +110,20 @@ class HostBuffers:
 
     def write(self, rows: np.ndarray, slots: np.ndarray, new_kv: list[np.ndarray]) -> None:
         """Store each row's new key/value in its slot."""
-        for buffer, new in zip(self.cache, new_kv):
-            buffer[rows, :, slots] = new[rows, :, 0]
+        for buffer, new, axis in zip(self.cache, new_kv, self.layout.axes):
+            positions_on_2(buffer, axis)[rows, :, slots] = positions_on_2(new, axis)[rows, :, 0]
 
     def compact(self, order: np.ndarray, capacity: int, kept_sources: np.ndarray | None, width: int) -> None:
         """Gather the rows in `order` to the front, cut to `capacity` slots; likewise the kept
         source entries, cut to `width` positions (None: sources unchanged)."""
-        self.cache = [gather(c, order, 2, capacity) for c in self.cache]
+        self.cache = [gather(c, order, axis, capacity) for c, axis in zip(self.cache, self.layout.axes)]
         if kept_sources is not None:
-            self.cross = [gather(c, kept_sources, 2, width) for c in self.cross]
+            self.cross = [gather(c, kept_sources, axis, width) for c, axis in zip(self.cross, self.layout.axes)]
+
+
+def positions_on_2(array: np.ndarray, axis: int) -> np.ndarray:
+    """A view of a cache tensor with its positions on axis 2: (rows, H, positions, dk)."""
+    return array if axis == 2 else array.swapaxes(2, 3)
 
 
 def gather(array: np.ndarray, order: np.ndarray, axis: int, length: int) -> np.ndarray:

@@ -14,7 +14,7 @@ decoder's execution provider:
              that follows it in beam search (a step's write is held until the next update)
     place:   y_i = concat(fit(x_i, width), fit(v_i, width))[order]
              new sources' keys/values into their entries, growing the buffer as needed
-where fit cuts or zero-pads axis 2. ONNX has no in-place update, so each returns new
+where fit cuts or zero-pads the position axis (3 for keys, 2 for values: buffers.py). ONNX has no in-place update, so each returns new
 tensors: a cache copy per step on the device, far cheaper than the host round trip.
 
 Unlike HostBuffers, tensors hold exactly the rows and source entries in use (a device
@@ -41,15 +41,12 @@ class CacheOps:
     def __init__(self, sessions: VariantSessions):
         self.layout = CacheLayout.of(sessions.decoder)
         self.device = "cuda" if sessions.device == "cuda" else "cpu"
-        count, element = len(self.layout.cache_names), _ONNX_TYPES[self.layout.dtype]
-        shape = (self.layout.heads, self.layout.head_dim)
         options = ort.SessionOptions()
         options.log_severity_level = 3
         providers = sessions.decoder.get_providers()
-        self.update = ort.InferenceSession(_update_graph(count, element, shape).SerializeToString(), options,
+        self.update = ort.InferenceSession(_update_graph(self.layout).SerializeToString(), options,
                                            providers=providers)
-        self.place = ort.InferenceSession(_place_graph(count, element, shape).SerializeToString(), options,
-                                          providers=providers)
+        self.place = ort.InferenceSession(_place_graph(self.layout).SerializeToString(), options, providers=providers)
 
     def buffers(self, sessions: VariantSessions) -> DeviceBuffers:
         """Empty device buffers for one decode batch on these sessions."""
@@ -60,11 +57,11 @@ class DeviceBuffers:
     def __init__(self, sessions: VariantSessions, ops: CacheOps):
         self.encoder, self.decoder = sessions.encoder, sessions.decoder
         self.ops, self.layout, self.device = ops, ops.layout, ops.device
-        self.cache: list[ort.OrtValue] = []  # (rows, H, capacity, dk) each, or none while rows == 0
+        self.cache: list[ort.OrtValue] = []  # rows x capacity each (CacheLayout.shape), or none while rows == 0
         self.cache_rows = 0
         self._capacity = 0
         self._pending: tuple[np.ndarray, list[ort.OrtValue]] | None = None  # a step's write, not yet applied
-        self.cross: list[ort.OrtValue] = []  # (sources, H, width, dk) each, or none while sources == 0
+        self.cross: list[ort.OrtValue] = []  # sources x width each, or none while sources == 0
         self.cross_rows = 0
 
     @property
@@ -72,7 +69,7 @@ class DeviceBuffers:
         return self._capacity
 
     def encode(self, src_tokens: np.ndarray) -> tuple[np.ndarray, list[ort.OrtValue]]:
-        """src_mask (B, S) on the host; cross-attention keys/values (B, H, S, dk) on the device."""
+        """src_mask (B, S) on the host; cross-attention keys/values on the device."""
         binding = self.encoder.io_binding()
         binding.bind_cpu_input("src_tokens", src_tokens)
         names = [o.name for o in self.encoder.get_outputs()]
@@ -152,7 +149,7 @@ class DeviceBuffers:
             self.cache = self._take(self.cache, order, length)
 
     def _take(self, values: list[ort.OrtValue], order: np.ndarray, length: int) -> list[ort.OrtValue]:
-        """Rows `order` of values, fitted to `length` along axis 2 (the update graph writing nothing:
+        """Rows `order` of values, fitted to `length` positions (the update graph writing nothing:
         where(false, x, x) = x)."""
         return self._run(self.ops.update, {"x": values, "new": values}, onehot=np.zeros((1, 1), bool), order=order,
                          length=np.array([length]))
@@ -171,57 +168,59 @@ class DeviceBuffers:
         return binding.get_outputs()
 
     def _zeros(self, rows: int, length: int) -> list[ort.OrtValue]:
-        shape = (rows, self.layout.heads, length, self.layout.head_dim)
-        return [ort.OrtValue.ortvalue_from_numpy(np.zeros(shape, self.layout.dtype), self.device, 0)
-                for _ in self.layout.cache_names]
+        return [ort.OrtValue.ortvalue_from_numpy(np.zeros(self.layout.shape(rows, length, axis), self.layout.dtype),
+                                                 self.device, 0) for axis in self.layout.axes]
 
 
-def _tensor(name: str, element: int, shape: tuple[int, int], rows: str, length: str):
-    return helper.make_tensor_value_info(name, element, [rows, shape[0], length, shape[1]])
+def _tensor(name: str, layout: CacheLayout, axis: int, rows: str, length: str):
+    return helper.make_tensor_value_info(name, _ONNX_TYPES[layout.dtype], list(layout.shape(rows, length, axis)))
 
 
 def _int64(name: str, dims: list):
     return helper.make_tensor_value_info(name, TensorProto.INT64, dims)
 
 
-def _fit_nodes(x: str, length1: str, y: str) -> list:
-    """y = x with axis 2 cut or zero-padded to length1 (a 1-element tensor)."""
-    return [helper.make_node("Slice", [x, "zero1", length1, "two1"], [f"{y}_cut"]),
-            helper.make_node("Shape", [f"{y}_cut"], [f"{y}_held"], start=2, end=3),
+def _fit_nodes(x: str, length1: str, y: str, axis: int) -> list:
+    """y = x with `axis` (2 or 3) cut or zero-padded to length1 (a 1-element tensor)."""
+    pads_after = ["zeros6", f"{y}_grow", "zero1"] if axis == 2 else ["zeros7", f"{y}_grow"]  # begins, then ends
+    return [helper.make_node("Slice", [x, "zero1", length1, f"axis{axis}"], [f"{y}_cut"]),
+            helper.make_node("Shape", [f"{y}_cut"], [f"{y}_held"], start=axis, end=axis + 1),
             helper.make_node("Sub", [length1, f"{y}_held"], [f"{y}_grow"]),
-            helper.make_node("Concat", ["zeros6", f"{y}_grow", "zero1"], [f"{y}_pads"], axis=0),
+            helper.make_node("Concat", pads_after, [f"{y}_pads"], axis=0),
             helper.make_node("Pad", [f"{y}_cut", f"{y}_pads"], [y])]
 
 
 def _model(nodes: list, name: str, inputs: list, outputs: list):
     constants = [numpy_helper.from_array(np.array(value, np.int64), name) for name, value in
-                 (("zero1", [0]), ("two1", [2]), ("zeros6", [0] * 6), ("axes13", [1, 3]))]
+                 (("zero1", [0]), ("axis2", [2]), ("axis3", [3]), ("zeros6", [0] * 6), ("zeros7", [0] * 7),
+                  ("axes13", [1, 3]), ("axes12", [1, 2]))]
     graph = helper.make_graph(nodes, name, inputs, outputs, initializer=constants)
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", _OPSET)], ir_version=_IR_VERSION)
 
 
-def _update_graph(count: int, element: int, shape: tuple[int, int]):
-    nodes = [helper.make_node("Unsqueeze", ["onehot", "axes13"], ["slot"])]  # (rows, 1, capacity, 1)
-    for i in range(count):
-        nodes += [helper.make_node("Where", ["slot", f"new_{i}", f"x_{i}"], [f"written_{i}"]),
+def _update_graph(layout: CacheLayout):
+    nodes = [helper.make_node("Unsqueeze", ["onehot", "axes13"], ["slot2"]),  # (rows, 1, capacity, 1)
+             helper.make_node("Unsqueeze", ["onehot", "axes12"], ["slot3"])]  # (rows, 1, 1, capacity)
+    for i, axis in enumerate(layout.axes):
+        nodes += [helper.make_node("Where", [f"slot{axis}", f"new_{i}", f"x_{i}"], [f"written_{i}"]),
                   helper.make_node("Gather", [f"written_{i}", "order"], [f"taken_{i}"], axis=0)]
-        nodes += _fit_nodes(f"taken_{i}", "length", f"y_{i}")
-    inputs = [_tensor(f"x_{i}", element, shape, "rows", "capacity") for i in range(count)]
-    inputs += [_tensor(f"new_{i}", element, shape, "rows", "new_capacity") for i in range(count)]
+        nodes += _fit_nodes(f"taken_{i}", "length", f"y_{i}", axis)
+    inputs = [_tensor(f"x_{i}", layout, axis, "rows", "capacity") for i, axis in enumerate(layout.axes)]
+    inputs += [_tensor(f"new_{i}", layout, axis, "rows", "new_capacity") for i, axis in enumerate(layout.axes)]
     inputs += [helper.make_tensor_value_info("onehot", TensorProto.BOOL, ["onehot_rows", "onehot_capacity"]),
                _int64("order", ["taken"]), _int64("length", [1])]
-    outputs = [_tensor(f"y_{i}", element, shape, "taken", "length") for i in range(count)]
+    outputs = [_tensor(f"y_{i}", layout, axis, "taken", "length") for i, axis in enumerate(layout.axes)]
     return _model(nodes, "update", inputs, outputs)
 
 
-def _place_graph(count: int, element: int, shape: tuple[int, int]):
+def _place_graph(layout: CacheLayout):
     nodes = []
-    for i in range(count):
-        nodes += _fit_nodes(f"x_{i}", "width", f"held_{i}") + _fit_nodes(f"v_{i}", "width", f"placed_{i}")
+    for i, axis in enumerate(layout.axes):
+        nodes += _fit_nodes(f"x_{i}", "width", f"held_{i}", axis) + _fit_nodes(f"v_{i}", "width", f"placed_{i}", axis)
         nodes += [helper.make_node("Concat", [f"held_{i}", f"placed_{i}"], [f"both_{i}"], axis=0),
                   helper.make_node("Gather", [f"both_{i}", "order"], [f"y_{i}"], axis=0)]
-    inputs = [_tensor(f"x_{i}", element, shape, "rows", "held_width") for i in range(count)]
-    inputs += [_tensor(f"v_{i}", element, shape, "placed", "placed_width") for i in range(count)]
+    inputs = [_tensor(f"x_{i}", layout, axis, "rows", "held_width") for i, axis in enumerate(layout.axes)]
+    inputs += [_tensor(f"v_{i}", layout, axis, "placed", "placed_width") for i, axis in enumerate(layout.axes)]
     inputs += [_int64("order", ["taken"]), _int64("width", [1])]
-    outputs = [_tensor(f"y_{i}", element, shape, "taken", "width") for i in range(count)]
+    outputs = [_tensor(f"y_{i}", layout, axis, "taken", "width") for i, axis in enumerate(layout.axes)]
     return _model(nodes, "place", inputs, outputs)

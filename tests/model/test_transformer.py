@@ -25,7 +25,8 @@ def test_positional_encoding_matches_formula():
 
 def test_padded_keys_get_zero_attention_weight():
     torch.manual_seed(0)
-    q, k, v = (torch.randn(2, 2, 3, 4) for _ in range(3))
+    q, v = (torch.randn(2, 2, 3, 4) for _ in range(2))
+    k = torch.randn(2, 2, 4, 3)  # keys transposed, as caches hold them
     mask = torch.tensor([[True, True, True], [True, False, False]])[:, None, None, :]
     out = scaled_dot_product(q, k, v, mask)
     v_poisoned = v.clone()
