@@ -7,7 +7,7 @@ from decoding import DecodingParams
 from export.package import ModelPackage
 from model.checkpoint import load_model
 from model.generate import generate
-from server.engine.engine import Engine
+from server.engine.engine import Engine, length_shares
 
 
 @pytest.fixture(scope="module")
@@ -64,6 +64,16 @@ def test_two_lanes_decode_what_one_lane_decodes(engines, tiny_package):
         [[h.tokens for h in hyps] for hyps in expected]
     with pytest.raises(ValueError, match="lanes must be >= 1"):
         Engine(ModelPackage.load(tiny_package), precision="int8", device="cpu", lanes=0)
+
+
+def test_lanes_get_length_sorted_shares_of_equal_token_counts():
+    lengths = [5, 30, 1, 12, 3, 9, 2, 2, 7, 20]
+    shares = length_shares(lengths, 2)
+    assert sorted(shares[0] + shares[1]) == list(range(10))  # every source once
+    assert max(lengths[i] for i in shares[0]) <= min(lengths[i] for i in shares[1])  # short ones together
+    tokens = [sum(lengths[i] + 1 for i in share) for share in shares]
+    assert abs(tokens[0] - tokens[1]) <= max(lengths) + 1  # balanced up to one source
+    assert [len(s) for s in length_shares([3, 3], 2)] == [1, 1]
 
 
 @pytest.mark.parametrize("variant", ["fp32", "fp32-on-device"])
