@@ -1,7 +1,7 @@
 """Decoder rows laid out on a (sources, width) grid, for cross-attention shared by a source's beams.
 
 The beams of one source attend to the same encoder keys/values, so these are stored once
-per source (N, H, S, dk) instead of once per row. The decoder step then gathers each
+per source instead of once per row. The decoder step then gathers each
 source's row queries into one grid row (N, width, ...) and attends with a small matrix
 product per source: width queries against keys read once, where one row per query would
 read them width times. Rows may come in any order and sources may have different numbers

@@ -167,8 +167,9 @@ class _Group:
             top = candidates.argmax(axis=1)[:, None]
         else:
             top = np.argsort(-candidates, axis=1, kind="stable")[:, : min(2 * k, rows_each * per_row)]
-        top_scores = np.take_along_axis(candidates, top, 1)
-        beams, tokens = top // per_row, np.take_along_axis(choices.reshape(n, -1), top, 1)
+        sources = np.arange(n)[:, None]  # fancy indexing, not take_along_axis: the search's biggest Python cost
+        top_scores = candidates[sources, top]
+        beams, tokens = top // per_row, choices.reshape(n, -1)[sources, top]
         if k > 1 and top.shape[1] < 2 * k:  # fewer candidates than 2k (a tiny vocabulary): dead beams fill in
             missing = ((0, 0), (0, 2 * k - top.shape[1]))
             top_scores = np.pad(top_scores, missing, constant_values=-np.inf)
@@ -187,12 +188,9 @@ class _Group:
             for i in np.nonzero(done)[0]
         ]
         continuing = np.argsort(ends, axis=1, kind="stable")[:, :k]  # first k candidates not ending in EOS
-        next_beams = np.take_along_axis(beams, continuing, 1)
-        next_tokens = np.take_along_axis(tokens, continuing, 1)
-        self.history = np.concatenate(
-            [np.take_along_axis(self.history, next_beams[:, :, None], 1), next_tokens[:, :, None]], axis=2
-        )
-        self.scores = np.take_along_axis(top_scores, continuing, 1)
+        next_beams, next_tokens = beams[sources, continuing], tokens[sources, continuing]
+        self.history = np.concatenate([self.history[sources, next_beams], next_tokens[:, :, None]], axis=2)
+        self.scores = top_scores[sources, continuing]
         self.age += 1
         live = np.nonzero(~done)[0]
         self.keep(live)

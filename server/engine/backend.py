@@ -76,9 +76,15 @@ class OnnxStepBackend:
         add one fresh row for each, in order, reusing the buffer rows of finished rows and the
         entries of sources no row reads any more. Buffers grow once for all the batches."""
         added, width = sum(len(b) for b in src_batches), max(b.shape[1] for b in src_batches)
-        reused_rows = np.setdiff1d(np.arange(self.used), self.live)[:added]
-        still_read = np.unique(self.row_source[np.setdiff1d(np.arange(self.used), reused_rows)])
-        reused_sources = np.setdiff1d(np.arange(self.sources), still_read)[:added]
+        # Masks, not setdiff1d/unique: this runs at every admission, and they sort.
+        dead = np.ones(self.used, bool)
+        dead[self.live] = False
+        reused_rows = np.flatnonzero(dead)[:added]
+        kept = np.ones(self.used, bool)
+        kept[reused_rows] = False
+        read = np.zeros(self.sources, bool)
+        read[self.row_source[: self.used][kept]] = True
+        reused_sources = np.flatnonzero(~read)[:added]
         more_rows, more_sources = added - len(reused_rows), added - len(reused_sources)
         if self.used + more_rows > len(self.lengths):
             rows = max(self.used + more_rows, len(self.lengths) * 3 // 2 + 8)
@@ -138,7 +144,9 @@ class OnnxStepBackend:
         """Keep these rows, in this order; removals are lazy, reorders gather at once."""
         chosen = self.live[rows]
         if np.all(np.diff(rows) > 0):  # rows only leave: keep them in place as dead rows for now
-            self.lengths[np.setdiff1d(self.live, chosen)] = 0  # a dead row's position must stay in range
+            leaving = np.ones(len(self.live), bool)
+            leaving[rows] = False
+            self.lengths[self.live[leaving]] = 0  # a dead row's position must stay in range
             self.live = chosen
             if self.used and (self.used - len(chosen)) / self.used > DEAD_ROW_SHARE:
                 self._compact(chosen)
