@@ -5,8 +5,8 @@ per source instead of once per row. The decoder step then gathers each
 source's row queries into one grid row (N, width, ...) and attends with a small matrix
 product per source: width queries against keys read once, where one row per query would
 read them width times. Rows may come in any order and sources may have different numbers
-of rows (mixed beam sizes, dead rows kept for a while); unused grid cells get a zero query
-and are never read back.
+of rows (mixed beam sizes, dead rows kept for a while); unused grid cells repeat row 0's
+query and are never read back (a real row, so the graph needs no extra zero row to point at).
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import numpy as np
 def query_grid(row_source: np.ndarray, sources: int) -> tuple[np.ndarray, np.ndarray]:
     """Place rows on the grid; row_source (R,) holds each row's source index in [0, sources).
 
-    Returns slot_row (sources * width,): the row in each cell, R (the zero query) where empty;
+    Returns slot_row (sources * width,): the row in each cell, 0 where empty;
     and row_slot (R,): each row's cell. width is the largest number of rows of one source.
     """
     rows = len(row_source)
@@ -28,6 +28,6 @@ def query_grid(row_source: np.ndarray, sources: int) -> tuple[np.ndarray, np.nda
     rank = np.empty(rows, np.int64)
     rank[by_source] = np.arange(rows) - first_of_source[row_source[by_source]]
     row_slot = row_source * width + rank
-    slot_row = np.full(sources * width, rows, np.int64)
+    slot_row = np.zeros(sources * width, np.int64)
     slot_row[row_slot] = np.arange(rows)
     return slot_row, row_slot

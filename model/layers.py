@@ -74,11 +74,11 @@ class MultiHeadAttention(nn.Module):
         """One step of attention over keys/values shared by several rows (see decoding.grid).
 
         query (R,1,D), one token per row; k (N,H,dk,S), v (N,H,S,dk) and mask (N,1,1,S) once per source;
-        slot_row (N*W,) the row in each grid cell (R: none), row_slot (R,) each row's cell.
+        slot_row (N*W,) the row in each grid cell, row_slot (R,) each row's cell.
+        Sizes come from the mask, shared by all layers, so the exported graph computes them once.
         """
         q = self.q_proj(query)[:, 0]  # (R, D)
-        q = torch.cat([q, q.new_zeros(1, q.size(1))])  # row R: the zero query of empty cells
-        grid = q.index_select(0, slot_row).view(k.size(0), -1, self.num_heads, self.head_dim).transpose(1, 2)
+        grid = q.index_select(0, slot_row).view(mask.size(0), -1, self.num_heads, self.head_dim).transpose(1, 2)
         out = scaled_dot_product(grid, k, v, mask)  # (N, H, W, dk)
         out = out.transpose(1, 2).reshape(-1, self.num_heads * self.head_dim).index_select(0, row_slot)
         return self.out_proj(out[:, None])  # (R, 1, D)
@@ -101,7 +101,7 @@ class MultiHeadAttention(nn.Module):
         cache_scores = cache_scores.masked_fill(~cache_mask[:, None, None, :], torch.finfo(q.dtype).min)
         self_score = (q * k_new).sum(-1, keepdim=True) * scale  # (B, H, 1, 1)
         weights = torch.softmax(torch.cat([cache_scores, self_score], dim=-1), dim=-1)  # (B, H, 1, C+1)
-        capacity = cache_v.size(2)
+        capacity = cache_mask.size(1)  # the mask's, shared by all layers: computed once in the graph
         out = weights[..., :capacity] @ cache_v + weights[..., capacity:] * v_new  # (B, H, 1, dk)
         return self.out_proj(self.merge_heads(out)), k_new.transpose(-2, -1), v_new
 

@@ -14,8 +14,8 @@ def test_rows_of_mixed_sources_get_distinct_cells_in_their_source_row():
     np.testing.assert_array_equal(row_slot // width, row_source)  # in its own source's grid row
     np.testing.assert_array_equal(slot_row[row_slot], np.arange(len(row_source)))  # the two maps agree
     empty = np.setdiff1d(np.arange(len(slot_row)), row_slot)
-    assert np.all(slot_row[empty] == len(row_source))  # empty cells point past the rows: the zero query
-    assert np.all(slot_row[3 * width : 4 * width] == len(row_source))  # a source without rows
+    assert np.all(slot_row[empty] == 0)  # empty cells repeat a real row, never read back
+    assert np.all(slot_row[3 * width : 4 * width] == 0)  # a source without rows
 
 
 def test_uniform_beams_in_source_order_are_the_identity():
