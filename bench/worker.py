@@ -1,6 +1,9 @@
 """One engine's measurements, in a process of its own (so peak RSS is that engine's).
 
     python -m bench.worker SPEC_JSON  ->  prints one JSON object
+
+Every engine runs with the malloc settings the Parley server applies to itself
+(server.engine.memory): CTranslate2 gains from them too, so the comparison stays even.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ import numpy as np
 import sacrebleu
 
 from decoding.tokenizer import Tokenizer
+from server.engine.memory import keep_freed_memory
 
 
 def build(spec: dict, tokenizer: Tokenizer):
@@ -94,6 +98,7 @@ def kv_cache_speedup(spec: dict) -> dict:
 
 
 if __name__ == "__main__":
+    keep_freed_memory()
     job = json.loads(Path(sys.argv[1]).read_text())
     result = kv_cache_speedup(job) if job.get("task") == "kv_cache" else measure(job)
     print(json.dumps(result))

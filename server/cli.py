@@ -9,12 +9,14 @@ from typing import Sequence
 from export.package import PackageError
 from server.app import serve
 from server.config import parse_config
+from server.engine.memory import keep_freed_memory
 from server.logs import configure_logging
 
 
 def main(argv: Sequence[str] | None = None) -> None:
     config = parse_config(argv)
     configure_logging(config.log_level, config.log_format)
+    keep_freed_memory()
     try:
         asyncio.run(serve(config))
     except (FileNotFoundError, PackageError, ValueError, RuntimeError) as error:

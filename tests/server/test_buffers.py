@@ -1,8 +1,11 @@
-"""Host cache buffers: gathers that reuse the previous buffer."""
+"""Host cache buffers: gathers that reuse the previous buffer, and the process's malloc settings."""
+
+import platform
 
 import numpy as np
 
 from server.engine.buffers import gather
+from server.engine.memory import keep_freed_memory
 
 
 def test_gather_takes_rows_into_a_spare_of_the_same_shape():
@@ -24,3 +27,6 @@ def test_gather_allocates_when_the_spare_does_not_fit():
     cut = gather(cache, order[:2], 2, 2, np.zeros_like(cache))  # cut along positions: another shape
     np.testing.assert_array_equal(cut[:2], cache[order[:2], :, :2])
 
+
+def test_malloc_settings_apply_on_glibc():
+    assert keep_freed_memory() == (platform.system() == "Linux" and platform.libc_ver()[0] == "glibc")
