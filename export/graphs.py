@@ -106,7 +106,8 @@ def export_graphs(model: Transformer, directory: Path) -> tuple[Path, Path]:
         EncoderGraph(model).eval(), encoder_args, str(encoder_path), input_names=["src_tokens"],
         output_names=encoder_output_names(layers), opset_version=OPSET, dynamo=False,
         dynamic_axes={"src_tokens": {0: "batch", 1: "src_len"},
-                      **{name: {0: "batch", _position_axis(name): "src_len"} for name in encoder_output_names(layers)[1:]},
+                      **{name: {0: "batch", _position_axis(name): "src_len"}
+                         for name in encoder_output_names(layers)[1:]},
                       "src_mask": {0: "batch", 1: "src_len"}},
     )
     dynamic = {"tokens": {0: "batch"}, "positions": {0: "batch"}, "cache_mask": {0: "batch", 1: "capacity"},

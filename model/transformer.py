@@ -107,9 +107,11 @@ class Transformer(nn.Module):
         """One token for every row.
 
         tokens, positions (B,): each row's newest token and its own position, so rows of
-        different ages can share a batch. cache_k[i] (B, H, dk, C), cache_v[i] (B, H, C, dk) with
-        cache_mask (B, C) (keys transposed: MultiHeadAttention.project_kv). cross_k/v[i] (N, H, dk, S) / (N, H, S, dk) with src_mask (N, S): once per source, shared by its rows
-        (beams), which slot_row/row_slot place on a query grid (decoding.grid.query_grid).
+        different ages can share a batch. cache_k[i] (B, H, dk, C) and cache_v[i] (B, H, C, dk),
+        keys transposed (MultiHeadAttention.project_kv), valid where cache_mask (B, C).
+        cross_k[i] (N, H, dk, S) and cross_v[i] (N, H, S, dk) with src_mask (N, S): once per
+        source, shared by its rows (beams), which slot_row/row_slot place on a query grid
+        (decoding.grid.query_grid).
         top_k: a 0-d int64 tensor. Returns the step's log-probabilities (fp32) with each
         row's top_k, and each layer's new key (B, H, dk, 1) and value (B, H, 1, dk).
         """

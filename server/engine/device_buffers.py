@@ -14,8 +14,9 @@ decoder's execution provider:
              that follows it in beam search (a step's write is held until the next update)
     place:   y_i = concat(fit(x_i, width), fit(v_i, width))[order]
              new sources' keys/values into their entries, growing the buffer as needed
-where fit cuts or zero-pads the position axis (3 for keys, 2 for values: buffers.py). ONNX has no in-place update, so each returns new
-tensors: a cache copy per step on the device, far cheaper than the host round trip.
+where fit cuts or zero-pads the position axis (3 for keys, 2 for values: buffers.py). ONNX
+has no in-place update, so each returns new tensors: a cache copy per step on the device,
+far cheaper than the host round trip.
 
 Unlike HostBuffers, tensors hold exactly the rows and source entries in use (a device
 tensor cannot be fed as a prefix view): new rows start as copies of row 0, which the

@@ -51,7 +51,8 @@ def length_shares(lengths: Sequence[int], lanes: int) -> list[list[int]]:
     """
     order = sorted(range(len(lengths)), key=lambda i: lengths[i])
     cost = np.cumsum([lengths[i] + 1 for i in order])  # + 1: the EOS every source gets
-    cuts = [0] + [int(np.searchsorted(cost, cost[-1] * k / lanes, side="right")) for k in range(1, lanes)] + [len(order)]
+    inner = [int(np.searchsorted(cost, cost[-1] * k / lanes, side="right")) for k in range(1, lanes)]
+    cuts = [0] + inner + [len(order)]
     return [order[cuts[k] : cuts[k + 1]] for k in range(lanes)]
 
 
