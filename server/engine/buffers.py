@@ -45,9 +45,10 @@ class CacheLayout:
         # The position axis is the dynamic one of the last two; the other is the head size.
         axes = [2 if isinstance(inputs[n].shape[2], str) else 3 for n in cache_names]
         shape = inputs[cache_names[0]].shape
+        head_dim = shape[3] if axes[0] == 2 else shape[2]
         return cls(cache_names, [n for n in inputs if n.startswith("cross_")],
                    [o.name for o in decoder.get_outputs() if o.name.startswith("new_")], axes,
-                   _NUMPY_TYPES[inputs[cache_names[0]].type], shape[1], shape[5 - axes[0]])
+                   _NUMPY_TYPES[inputs[cache_names[0]].type], shape[1], head_dim)
 
     def shape(self, rows: int, positions: int, axis: int) -> tuple[int, ...]:
         """A cache tensor's shape with its positions on `axis`."""
@@ -138,8 +139,9 @@ def gather(array: np.ndarray, order: np.ndarray, axis: int, length: int, spare: 
 
     A whole-row take is a plain memcpy per row, several times faster than a strided
     fancy-index copy, so the cut is a separate step, taken only when it shrinks. Reusing
-    the previous buffer spares the kernel's page faults on fresh memory: beam search
-    compacts at every step (int8 beam 4, 2 lanes: 250k page faults in 512 sentences).
+    the previous buffer spares the kernel's page faults on fresh memory, and beam search
+    compacts at every step (int8, 2 lanes, 512 sentences greedy and beam 4: 240k -> 205k
+    page faults).
     """
     rows = max(len(array), len(order))
     cut = (slice(None),) * axis + (slice(0, length),)
