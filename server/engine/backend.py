@@ -75,7 +75,8 @@ class OnnxStepBackend:
         """Encode new sources, given as right-padded (B, S) batches of one encoder run each, and
         add one fresh row for each, in order, reusing the buffer rows of finished rows and the
         entries of sources no row reads any more. Buffers grow once for all the batches."""
-        added, width = sum(len(b) for b in src_batches), max(b.shape[1] for b in src_batches)
+        encoded = [self.buffers.encode(b) for b in src_batches]  # first: a failed run leaves the batch as it was
+        added, width = sum(len(m) for m, _ in encoded), max(m.shape[1] for m, _ in encoded)
         # Masks, not setdiff1d/unique: this runs at every admission, and they sort.
         dead = np.ones(self.used, bool)
         dead[self.live] = False
@@ -99,12 +100,11 @@ class OnnxStepBackend:
         self.src_mask[sources] = False
         self.sources += more_sources
         first = 0
-        for src_tokens in src_batches:
-            src_mask, cross = self.buffers.encode(src_tokens)
-            entries = sources[first : first + len(src_tokens)]
+        for src_mask, cross in encoded:
+            entries = sources[first : first + len(src_mask)]
             self.src_mask[entries, : src_mask.shape[1]] = src_mask
             self.buffers.place_sources(entries, cross, self.sources, self.src_mask.shape[1])
-            first += len(src_tokens)
+            first += len(src_mask)
         rows = np.concatenate([reused_rows, np.arange(self.used, self.used + more_rows)])
         self.buffers.add_rows(self.used, more_rows)
         self.lengths[rows] = 0

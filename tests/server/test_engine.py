@@ -66,6 +66,35 @@ def test_two_lanes_decode_what_one_lane_decodes(engines, tiny_package):
         Engine(ModelPackage.load(tiny_package), precision="int8", device="cpu", lanes=0)
 
 
+def test_a_failed_encoder_run_leaves_the_running_batch_as_it_was(engines):
+    engine = engines["fp32"]
+    sources = mixed_sources(14, seed=3)
+    params = [DecodingParams(max_length=20)] * 14
+    batch = engine.new_search()
+    engine.admit(batch, range(4), sources[:4], params[:4])
+    results = dict(batch.step())
+    backend = batch.backend
+    before = (backend.rows, backend.used, backend.sources, backend.lengths[backend.live].tolist())
+    encode, runs = backend.buffers.encode, []
+
+    def second_run_fails(src_tokens):
+        runs.append(len(src_tokens))
+        if len(runs) == 2:
+            raise RuntimeError("encoder failure")
+        return encode(src_tokens)
+
+    backend.buffers.encode = second_run_fails
+    with pytest.raises(RuntimeError, match="encoder failure"):
+        engine.admit(batch, range(4, 14), sources[4:], params[4:])  # 10 sources: two encoder runs
+    assert len(runs) == 2
+    assert (backend.rows, backend.used, backend.sources, backend.lengths[backend.live].tolist()) == before
+    backend.buffers.encode = encode
+    while len(batch):
+        results.update(batch.step())
+    alone = engine.decode(sources[:4], params[:4])
+    assert [results[i][0].tokens for i in range(4)] == [hyps[0].tokens for hyps in alone]
+
+
 def test_lanes_get_length_sorted_shares_of_equal_token_counts():
     lengths = [5, 30, 1, 12, 3, 9, 2, 2, 7, 20]
     shares = length_shares(lengths, 2)
