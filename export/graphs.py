@@ -81,16 +81,22 @@ def example_inputs(model: Transformer, sources: int = 2, beams: int = 3, src_len
         torch.arange(rows, dtype=torch.long),
         torch.tensor(3),
     ]
-    keys_values = [(c.head_dim, capacity), (capacity, c.head_dim)] * c.decoder_layers  # keys transposed
-    decoder += [torch.zeros(rows, c.num_heads, *shape) for shape in keys_values]
-    cross_keys_values = [(c.head_dim, src_len), (src_len, c.head_dim)] * c.decoder_layers
-    decoder += [torch.zeros(sources, c.num_heads, *shape) for shape in cross_keys_values]
+    project_kv = model.decoder_layers[0].self_attn.project_kv  # the cache layout is defined there
+    with torch.no_grad():
+        for count, positions in ((rows, capacity), (sources, src_len)):  # self-attention cache, then cross
+            key, value = project_kv(torch.zeros(count, positions, c.d_model))
+            decoder += [t.clone() for _ in range(c.decoder_layers) for t in (key, value)]
     return (src,), tuple(decoder)
 
 
-def _position_axis(name: str) -> int:
-    """Keys (cache_k_i, cross_k_i) are stored transposed, (B, H, dk, positions); values (B, H, positions, dk)."""
-    return 3 if name.split("_")[1] == "k" else 2
+def position_axes(model: Transformer) -> dict[str, int]:
+    """The positions' axis of a cached key ("k") and value ("v"): the axis that grows with the
+    input of MultiHeadAttention.project_kv, so the layout is stated in one place."""
+    project_kv = model.decoder_layers[0].self_attn.project_kv
+    with torch.no_grad():
+        one, two = (project_kv(torch.zeros(1, n, model.config.d_model)) for n in (1, 2))
+    return {kv: next(axis for axis, (a, b) in enumerate(zip(x.shape, y.shape)) if a != b)
+            for kv, x, y in zip("kv", one, two)}
 
 
 def export_graphs(model: Transformer, directory: Path) -> tuple[Path, Path]:
@@ -100,13 +106,14 @@ def export_graphs(model: Transformer, directory: Path) -> tuple[Path, Path]:
     model = model.eval()
     warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)  # shape arithmetic traced as constants: intended
     layers = model.config.decoder_layers
+    axes = position_axes(model)
     encoder_args, decoder_args = example_inputs(model)
     encoder_path, decoder_path = directory / "encoder.onnx", directory / "decoder_step.onnx"
     torch.onnx.export(
         EncoderGraph(model).eval(), encoder_args, str(encoder_path), input_names=["src_tokens"],
         output_names=encoder_output_names(layers), opset_version=OPSET, dynamo=False,
         dynamic_axes={"src_tokens": {0: "batch", 1: "src_len"},
-                      **{name: {0: "batch", _position_axis(name): "src_len"}
+                      **{name: {0: "batch", axes[name.split("_")[1]]: "src_len"}
                          for name in encoder_output_names(layers)[1:]},
                       "src_mask": {0: "batch", 1: "src_len"}},
     )
@@ -116,9 +123,9 @@ def export_graphs(model: Transformer, directory: Path) -> tuple[Path, Path]:
                "top_tokens": {0: "batch", 1: "k"}, "eos_log_probs": {0: "batch"}}
     for name in decoder_input_names(layers):
         if name.startswith("cache_") and name != "cache_mask":
-            dynamic[name] = {0: "batch", _position_axis(name): "capacity"}
+            dynamic[name] = {0: "batch", axes[name.split("_")[1]]: "capacity"}
         elif name.startswith("cross_"):
-            dynamic[name] = {0: "sources", _position_axis(name): "src_len"}
+            dynamic[name] = {0: "sources", axes[name.split("_")[1]]: "src_len"}
     for name in decoder_output_names(layers)[len(STEP_OUTPUTS):]:
         dynamic[name] = {0: "batch"}
     torch.onnx.export(
