@@ -1,4 +1,4 @@
-"""Right-padding of token lists into one array."""
+"""Right-padding of token lists into one array, and the length order that keeps padding low."""
 
 from __future__ import annotations
 
@@ -14,3 +14,8 @@ def pad_batch(sequences: Sequence[Sequence[int]], pad_id: int) -> np.ndarray:
     for i, seq in enumerate(sequences):
         batch[i, : len(seq)] = seq
     return batch
+
+
+def length_order(lengths: Sequence[int]) -> list[int]:
+    """Indices shortest first (stable): batches cut from this order pad little."""
+    return sorted(range(len(lengths)), key=lengths.__getitem__)

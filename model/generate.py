@@ -12,7 +12,7 @@ import torch
 
 from decoding import Candidates, DecodingParams, Hypothesis, output_budget, search
 from decoding.grid import query_grid
-from decoding.padding import pad_batch
+from decoding.padding import length_order, pad_batch
 from model.transformer import StepOutput, Transformer
 
 
@@ -71,7 +71,7 @@ class TorchStepBackend:
 def translate_tokens(model: Transformer, sources: Sequence[Sequence[int]], beam_size: int = 1,
                      batch_size: int = 64) -> list[tuple[int, ...]]:
     """Best hypothesis of every source, decoded in length-sorted batches (less padding), in input order."""
-    order = sorted(range(len(sources)), key=lambda i: len(sources[i]))
+    order = length_order([len(s) for s in sources])
     outputs: list[tuple[int, ...]] = [()] * len(sources)
     for start in range(0, len(order), batch_size):
         chunk = order[start : start + batch_size]

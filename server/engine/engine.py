@@ -10,7 +10,7 @@ from typing import Hashable, Sequence
 import numpy as np
 
 from decoding import DecodingParams, Hypothesis
-from decoding.padding import pad_batch
+from decoding.padding import length_order, pad_batch
 from decoding.search import Search
 from decoding.tokenizer import Tokenizer
 from export.package import ModelPackage
@@ -49,7 +49,7 @@ def length_shares(lengths: Sequence[int], lanes: int) -> list[list[int]]:
     counts let the lanes finish together. Measured, int8, 2 lanes, batch 64, 512 sentences:
     greedy 936 -> 996-1028, beam 4 331-343 -> 361-371 sentences/s against dealing in turn.
     """
-    order = sorted(range(len(lengths)), key=lambda i: lengths[i])
+    order = length_order(lengths)
     cost = np.cumsum([lengths[i] + 1 for i in order])  # + 1: the EOS every source gets
     inner = [int(np.searchsorted(cost, cost[-1] * k / lanes, side="right")) for k in range(1, lanes)]
     cuts = [0] + inner + [len(order)]
@@ -101,7 +101,7 @@ class Engine:
         too_long = [len(s) for s in sources if len(s) > self.max_source_tokens]
         if too_long:
             raise ValueError(f"source of {max(too_long)} tokens exceeds the model's limit of {self.max_source_tokens}")
-        by_length = sorted(range(len(sources)), key=lambda i: len(sources[i]))
+        by_length = length_order([len(s) for s in sources])
         batch.backend.extend(*(
             pad_batch([list(sources[i]) + [self.eos_id] for i in by_length[first : first + ENCODE_ROWS]], self.pad_id)
             for first in range(0, len(by_length), ENCODE_ROWS)))
