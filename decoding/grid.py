@@ -5,7 +5,7 @@ per source instead of once per row. The decoder step then gathers each
 source's row queries into one grid row (N, width, ...) and attends with a small matrix
 product per source: width queries against keys read once, where one row per query would
 read them width times. Rows may come in any order and sources may have different numbers
-of rows (mixed beam sizes, dead rows kept for a while); unused grid cells repeat row 0's
+of rows (mixed beam sizes, beams reordered in place); unused grid cells repeat row 0's
 query and are never read back (a real row, so the graph needs no extra zero row to point at).
 """
 

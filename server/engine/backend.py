@@ -10,12 +10,16 @@ buffer store (buffers.py: host memory; device_buffers.py: the execution provider
 which carries out its decisions:
 - The self-attention cache grows in blocks of CACHE_BLOCK slots, so a copy happens once per
   block, not once per step.
-- New rows take the buffer rows of finished rows first, new sources the entries no row
-  reads any more, so a batch that sources keep joining and leaving neither copies nor grows.
-- A finished row is not compacted away at once: it stays, dead, until dead rows exceed
-  DEAD_ROW_SHARE of the buffer, because decoding a few dead rows costs less than copying
-  every live row's cache at each finish. Beam reordering has to gather the cache anyway,
-  and compacts at the same time.
+- The decoded rows are always buffer rows [0, used), none dead, and `live` maps the search's
+  order onto them, so reordering beams moves no cache. When rows leave or a beam is kept
+  twice (beam search continuing it two ways), only the rows that must move are copied: a
+  second keep, or a row above the new end, into a buffer row that no kept row holds. A
+  step thus copies the rows that finished or branched, never every row. Measured, int8,
+  one lane, one thread (CPU time): beam 4 +12-15% offline and in continuous batching
+  against gathering every row at each reorder and decoding finished rows until they were
+  a quarter of the batch.
+- New rows are appended, new sources take the entries no row reads any more, so a batch
+  that sources keep joining and leaving does not grow.
 - Cross-attention keys/values are stored once per source, not once per row: the beams of
   a source share them (decoding.grid), so beam reordering never copies them, and they are
   compacted only when sources leave.
@@ -38,7 +42,7 @@ if TYPE_CHECKING:
 
 CACHE_BLOCK = 16  # cache slots are added this many at a time
 SOURCE_BLOCK = 8  # the padded source width grows this many positions at a time
-DEAD_ROW_SHARE = 0.25  # compact when this share of the decoded rows is finished
+UNREAD_SOURCE_SHARE = 0.25  # compact when this share of the source entries has no row left
 
 
 class OnnxStepBackend:
@@ -51,7 +55,7 @@ class OnnxStepBackend:
             self.buffers = device_ops.buffers(sessions)
         else:
             self.buffers = HostBuffers(sessions, CacheLayout.of(sessions.decoder))
-        # Rows, indexed by buffer row: rows [0, used) are decoded, `live` lists the ones still wanted.
+        # Rows, indexed by buffer row: rows [0, used) are decoded, `live` orders them as the search does.
         self.lengths = np.zeros(0, dtype=np.int64)  # tokens fed so far = each row's position and next slot
         self.row_source = np.zeros(0, dtype=np.int64)  # each buffer row's source: its source entry
         self.live = np.zeros(0, dtype=np.int64)  # buffer row of each row the search sees, in its order
@@ -73,28 +77,17 @@ class OnnxStepBackend:
 
     def extend(self, *src_batches: np.ndarray) -> None:
         """Encode new sources, given as right-padded (B, S) batches of one encoder run each, and
-        add one fresh row for each, in order, reusing the buffer rows of finished rows and the
-        entries of sources no row reads any more. Buffers grow once for all the batches."""
+        add one fresh row for each, in order, reusing the entries of sources no row reads any
+        more. Buffers grow once for all the batches."""
         encoded = [self.buffers.encode(b) for b in src_batches]  # first: a failed run leaves the batch as it was
         added, width = sum(len(m) for m, _ in encoded), max(m.shape[1] for m, _ in encoded)
-        # Masks, not setdiff1d/unique: this runs at every admission, and they sort.
-        dead = np.ones(self.used, bool)
-        dead[self.live] = False
-        reused_rows = np.flatnonzero(dead)[:added]
-        kept = np.ones(self.used, bool)
-        kept[reused_rows] = False
-        read = np.zeros(self.sources, bool)
-        read[self.row_source[: self.used][kept]] = True
-        reused_sources = np.flatnonzero(~read)[:added]
-        more_rows, more_sources = added - len(reused_rows), added - len(reused_sources)
-        if self.used + more_rows > len(self.lengths):
-            rows = max(self.used + more_rows, len(self.lengths) * 3 // 2 + 8)
-            self.lengths, self.row_source = copy_into(self.lengths, (rows,)), copy_into(self.row_source, (rows,))
+        reused_sources = np.flatnonzero(~self._sources_read())[:added]
+        more_sources = added - len(reused_sources)
         entries, held_width = self.src_mask.shape
         if self.sources + more_sources > entries or width > held_width:
             if self.sources + more_sources > entries:
                 entries = max(self.sources + more_sources, entries * 3 // 2 + 8)
-            padded_width = max(held_width, -(-width // SOURCE_BLOCK) * SOURCE_BLOCK)
+            padded_width = max(held_width, _blocks(width, SOURCE_BLOCK))
             self.src_mask = copy_into(self.src_mask, (entries, padded_width))
         sources = np.concatenate([reused_sources, np.arange(self.sources, self.sources + more_sources)])
         self.src_mask[sources] = False
@@ -105,12 +98,25 @@ class OnnxStepBackend:
             self.src_mask[entries, : src_mask.shape[1]] = src_mask
             self.buffers.place_sources(entries, cross, self.sources, self.src_mask.shape[1])
             first += len(src_mask)
-        rows = np.concatenate([reused_rows, np.arange(self.used, self.used + more_rows)])
-        self.buffers.add_rows(self.used, more_rows)
+        rows = self._add_rows(added)
         self.lengths[rows] = 0
         self.row_source[rows] = sources
         self.live = np.concatenate([self.live, rows])
-        self.used += more_rows
+
+    def _add_rows(self, count: int) -> np.ndarray:
+        """Append `count` buffer rows to the decoded prefix; returns their indices."""
+        if self.used + count > len(self.lengths):
+            rows = max(self.used + count, len(self.lengths) * 3 // 2 + 8)
+            self.lengths, self.row_source = copy_into(self.lengths, (rows,)), copy_into(self.row_source, (rows,))
+        self.buffers.add_rows(self.used, count)
+        self.used += count
+        return np.arange(self.used - count, self.used)
+
+    def _sources_read(self) -> np.ndarray:
+        """Which source entries a decoded row reads (a mask, not np.unique: this runs often)."""
+        read = np.zeros(self.sources, bool)
+        read[self.row_source[: self.used]] = True
+        return read
 
     def step(self, tokens: np.ndarray, top_k: int) -> Candidates:
         top_log_probs, top_tokens, eos_log_probs = self._run(tokens, top_k, STEP_OUTPUTS[1:])
@@ -124,8 +130,8 @@ class OnnxStepBackend:
         live, used = self.live, self.used
         needed = int(self.lengths[live].max(initial=0)) + 1
         if needed > self.buffers.capacity:
-            self.buffers.set_capacity(-(-needed // CACHE_BLOCK) * CACHE_BLOCK)
-        in_order = len(live) == used and np.array_equal(live, np.arange(used))  # else dead or reused rows
+            self.buffers.set_capacity(_blocks(needed, CACHE_BLOCK), used)
+        in_order = np.array_equal(live, np.arange(used))  # else beams were reordered
         fed = tokens.astype(np.int64, copy=False) if in_order else np.zeros(used, np.int64)
         if not in_order:
             fed[live] = tokens
@@ -141,28 +147,43 @@ class OnnxStepBackend:
         return results if in_order else [r[live] for r in results]
 
     def select(self, rows: np.ndarray) -> None:
-        """Keep these rows, in this order; removals are lazy, reorders gather at once."""
+        """Keep these rows, in this order, as buffer rows [0, len(rows)): a kept row stays in its
+        buffer row where it can; a second keep of a row, or a row above the new end, is copied
+        into a buffer row no staying row holds."""
         chosen = self.live[rows]
-        if np.all(np.diff(rows) > 0):  # rows only leave: keep them in place as dead rows for now
-            leaving = np.ones(len(self.live), bool)
-            leaving[rows] = False
-            self.lengths[self.live[leaving]] = 0  # a dead row's position must stay in range
-            self.live = chosen
-            if self.used and (self.used - len(chosen)) / self.used > DEAD_ROW_SHARE:
-                self._compact(chosen)
-        else:
+        kept = len(chosen)
+        if kept > self.used:  # a newcomer's beams widen
+            self._add_rows(kept - self.used)
+        by_row = np.argsort(chosen, kind="stable")
+        stays = chosen < kept
+        stays[by_row[1:][chosen[by_row[1:]] == chosen[by_row[:-1]]]] = False  # every keep after the first
+        held = np.zeros(kept, bool)
+        held[chosen[stays]] = True
+        targets, copied = np.flatnonzero(~held), chosen[~stays]
+        if len(targets) or kept < self.used:
+            self.buffers.move_rows(copied, targets, kept)
+            self.lengths[targets], self.row_source[targets] = self.lengths[copied], self.row_source[copied]
+            chosen[~stays] = targets
+        self.live, self.used = chosen, kept
+        read = self._sources_read()
+        next_slot = int(self.lengths[:kept].max(initial=0)) + 1  # keep room for the coming step
+        if self.sources and 1 - read.mean() > UNREAD_SOURCE_SHARE:
             self._compact(chosen)
+        elif self.buffers.capacity > _blocks(next_slot + CACHE_BLOCK, CACHE_BLOCK):
+            # A block of headroom stays, so a batch whose oldest rows keep leaving does not
+            # shrink and regrow its cache at every block boundary.
+            self.buffers.set_capacity(_blocks(next_slot, CACHE_BLOCK), kept)
 
     def _compact(self, order: np.ndarray) -> None:
         """Gather the buffer rows in `order` to the front, dropping sources no row needs any more
         and cutting cache and source width to what the rows left need."""
         next_slot = int(self.lengths[order].max(initial=0)) + 1  # keep room for the coming step
-        capacity = min(self.buffers.capacity, -(-next_slot // CACHE_BLOCK) * CACHE_BLOCK)
+        capacity = min(self.buffers.capacity, _blocks(next_slot, CACHE_BLOCK))
         row_source = self.row_source[order]
         kept_sources, width = np.unique(row_source), self.src_mask.shape[1]
         if len(kept_sources) < self.sources:  # beams reordering within their sources leave these alone
             width = int(self.src_mask[kept_sources].any(axis=0).nonzero()[0].max(initial=-1)) + 1
-            width = -(-width // SOURCE_BLOCK) * SOURCE_BLOCK
+            width = _blocks(width, SOURCE_BLOCK)
             self.src_mask = gather(self.src_mask, kept_sources, 1, width)
             renumbered = np.zeros(self.sources, np.int64)
             renumbered[kept_sources] = np.arange(len(kept_sources))
@@ -175,3 +196,8 @@ class OnnxStepBackend:
         self.row_source = np.resize(row_source, len(self.lengths))
         self.live = np.arange(len(order))
         self.used = len(order)
+
+
+def _blocks(size: int, block: int) -> int:
+    """size rounded up to whole blocks."""
+    return -(-size // block) * block

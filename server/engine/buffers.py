@@ -86,9 +86,17 @@ class HostBuffers:
             # zero attention weight, but 0 x NaN is NaN, so the values there must be finite.
             buffer[used : used + added] = 0
 
-    def set_capacity(self, capacity: int) -> None:
-        self.cache = [copy_into(c, self.layout.shape(len(c), capacity, axis))
-                      for c, axis in zip(self.cache, self.layout.axes)]
+    def set_capacity(self, capacity: int, used: int) -> None:
+        """Resize every row's cache to `capacity` slots; rows [0, used) keep their slots (spare
+        rows are zeroed when they join: add_rows)."""
+        resized = []
+        for old, axis in zip(self.cache, self.layout.axes):
+            new = np.empty(self.layout.shape(len(old), capacity, axis), old.dtype)
+            kept = min(capacity, old.shape[axis])
+            positions_on_2(new, axis)[:used, :, :kept] = positions_on_2(old, axis)[:used, :, :kept]
+            positions_on_2(new, axis)[:used, :, kept:] = 0
+            resized.append(new)
+        self.cache = resized
 
     def place_sources(self, entries: np.ndarray, cross: list[np.ndarray], sources: int, width: int) -> None:
         """Store new sources' keys/values (w positions) at these entries, zero past w: entries
@@ -116,6 +124,12 @@ class HostBuffers:
         """Store each row's new key/value in its slot."""
         for buffer, new, axis in zip(self.cache, new_kv, self.layout.axes):
             positions_on_2(buffer, axis)[rows, :, slots] = positions_on_2(new, axis)[rows, :, 0]
+
+    def move_rows(self, rows: np.ndarray, targets: np.ndarray, used: int) -> None:
+        """Copy the caches of `rows` into the `targets` rows (no row is both); rows from `used`
+        on are no longer decoded (they stay as spare rows)."""
+        for buffer in self.cache:
+            buffer[targets] = buffer[rows]
 
     def compact(self, order: np.ndarray, capacity: int, kept_sources: np.ndarray | None, width: int) -> None:
         """Gather the rows in `order` to the front, cut to `capacity` slots; likewise the kept

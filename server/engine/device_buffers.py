@@ -10,8 +10,8 @@ ONNX Runtime's Python API has no operations on device tensors, so the two this s
 are tiny ONNX graphs (CacheOps), built for the model's cache shape and type and run on the
 decoder's execution provider:
     update:  y_i = fit(where(onehot, new_i, x_i)[order], length)
-             each row's new key/value into its slot, fused with the reorder or compaction
-             that follows it in beam search (a step's write is held until the next update)
+             each row's new key/value into its slot, fused with the row copies or the
+             compaction that follow it (a step's write is held until the next update)
     place:   y_i = concat(fit(x_i, width), fit(v_i, width))[order]
              new sources' keys/values into their entries, growing the buffer as needed
 where fit cuts or zero-pads the position axis (3 for keys, 2 for values: buffers.py). ONNX
@@ -91,7 +91,7 @@ class DeviceBuffers:
             self._update(np.r_[np.arange(used), np.zeros(added, np.int64)], self._capacity)
         self.cache_rows = used + added
 
-    def set_capacity(self, capacity: int) -> None:
+    def set_capacity(self, capacity: int, used: int) -> None:
         if self.cache_rows:
             self._update(np.arange(self.cache_rows), capacity)
         self._capacity = capacity
@@ -128,6 +128,12 @@ class DeviceBuffers:
         onehot = np.zeros((self.cache_rows, self._capacity), dtype=bool)
         onehot[rows, slots] = True
         self._pending = (onehot, new_kv)
+
+    def move_rows(self, rows: np.ndarray, targets: np.ndarray, used: int) -> None:
+        order = np.arange(used)
+        order[targets] = rows
+        self._update(order, self._capacity)
+        self.cache_rows = used
 
     def compact(self, order: np.ndarray, capacity: int, kept_sources: np.ndarray | None, width: int) -> None:
         if len(order):

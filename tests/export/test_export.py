@@ -93,7 +93,7 @@ def test_finished_rows_leave_and_reordered_beams_follow_their_cache(tiny_package
     batch = OnnxStepBackend(sessions, pad_batch(sources, 0))
     alone = [OnnxStepBackend(sessions, pad_batch([s], 0)) for s in sources]
     row_sources = [0, 1, 2, 3]
-    # identity, a removal (kept lazily as a dead row), a reorder (gathered)
+    # identity, a removal (the last row moves into the hole), a reorder (no row moves)
     for step, keep in enumerate(([0, 1, 2, 3], [0, 2, 3], [2, 0])):
         tokens = np.array([2 if step == 0 else 20 + step] * len(row_sources))
         out = batch.step_log_probs(tokens)
@@ -109,7 +109,7 @@ def test_finished_rows_leave_and_reordered_beams_follow_their_cache(tiny_package
     np.testing.assert_allclose(out[2], alone[3].step_log_probs(np.array([41]))[0], atol=2e-5)
 
 
-def test_a_joining_source_takes_the_buffer_row_of_a_finished_one(tiny_package):
+def test_a_joining_source_takes_the_source_entry_of_a_finished_one(tiny_package):
     sessions = open_sessions(ModelPackage.load(tiny_package), "fp32")
     sources = [[5, 6, 3], [7, 8, 9, 3], [10, 3], [11, 12, 3], [13, 14, 15, 16, 3]]
     batch = OnnxStepBackend(sessions, pad_batch(sources[:4], 0))
@@ -118,14 +118,35 @@ def test_a_joining_source_takes_the_buffer_row_of_a_finished_one(tiny_package):
         batch.step_log_probs(np.full(4, token))
         for i in (0, 2, 3):
             alone[i].step_log_probs(np.array([token]))
-    batch.select(np.array([0, 2, 3]))  # source 1 finished: its row stays, dead, until reused
+    batch.select(np.array([0, 2, 3]))  # source 1 finished: the last row moves into its buffer row
+    assert batch.used == 3 and list(batch.live) == [0, 2, 1]
     batch.extend(pad_batch([sources[4]], 0))
-    assert batch.used == 4 and list(batch.live) == [0, 2, 3, 1]  # no new buffer row, nothing copied
+    assert batch.used == 4 and list(batch.live) == [0, 2, 1, 3] and batch.sources == 4  # entry 1 reused
     for step, token in enumerate((21, 22)):
         out = batch.step_log_probs(np.array([token, token, token, 2 if step == 0 else 30]))
         for row, i in enumerate((0, 2, 3)):
             np.testing.assert_allclose(out[row], alone[i].step_log_probs(np.array([token]))[0], atol=2e-5)
         np.testing.assert_allclose(out[3], alone[4].step_log_probs(np.array([2 if step == 0 else 30]))[0], atol=2e-5)
+
+
+def test_a_beam_step_copies_only_the_rows_that_must_move(tiny_package):
+    sessions = open_sessions(ModelPackage.load(tiny_package), "fp32")
+    batch = OnnxStepBackend(sessions, pad_batch([[5, 6, 3], [7, 8, 9, 3], [10, 3]], 0))
+    batch.step_log_probs(np.array([2, 2, 2]))
+    moves = []
+    move_rows = batch.buffers.move_rows
+    batch.buffers.move_rows = lambda rows, targets, used: moves.append((list(rows), list(targets))) or \
+        move_rows(rows, targets, used)
+    cache = [c[:3].copy() for c in batch.buffers.cache]
+    batch.select(np.array([2, 0, 1]))  # a reorder
+    assert moves == [] and list(batch.live) == [2, 0, 1]
+    assert all(np.array_equal(a, b[:3]) for a, b in zip(cache, batch.buffers.cache))
+    batch.select(np.array([1, 1, 0]))  # buffer row 0 kept twice, row 1 not kept: one copy, 0 -> 1
+    assert moves == [([0], [1])] and list(batch.live) == [0, 1, 2] and batch.used == 3
+    for buffer in batch.buffers.cache:
+        np.testing.assert_array_equal(buffer[1], buffer[0])
+    batch.select(np.array([2]))  # rows leave: the one kept moves down to buffer row 0
+    assert moves[1] == ([2], [0]) and list(batch.live) == [0] and batch.used == 1
 
 
 @pytest.fixture
@@ -246,7 +267,7 @@ def test_rows_joining_reuse_spare_rows_whatever_they_held(tiny_package):
     sessions = open_sessions(ModelPackage.load(tiny_package), "fp32")
     batch = OnnxStepBackend(sessions, pad_batch([[5, 6, 3], [7, 8, 9, 3]], 0))
     batch.step_log_probs(np.array([2, 2]))
-    batch.select(np.array([1, 0]))  # a reorder: gathered into fresh buffers with spare rows
+    batch.select(np.array([1, 0]))
     for buffer in batch.buffers.cache + batch.buffers.cross:
         buffer[batch.used :] = np.nan  # what np.empty may hand out
     batch.extend(pad_batch([[10, 11, 3]], 0))
