@@ -92,7 +92,7 @@ def table(records: list[dict]) -> str:
     ct2 = {(r["precision"].replace("float32", "fp32"), r["beam_size"], r["batch_size"], r["lanes"]): r["sentences_per_s"]
            for r in records if r["engine"] == "ctranslate2"}
     for r in records:
-        if r["engine"] == "parley-grpc":
+        if r["engine"] in ("parley-grpc", "parley-scheduler"):
             continue
         key = (r["precision"], r["beam_size"], r["batch_size"])
         same = ct2.get(key + (r["lanes"],)) if r["engine"] == "parley" else None
@@ -103,13 +103,14 @@ def table(records: list[dict]) -> str:
                     f"{r['sentences_per_s']:.1f} | {r['tokens_per_s']:.0f} | {r['latency_p50_ms']:.1f} | "
                     f"{r['latency_p95_ms']:.1f} | {r['peak_rss_mb']:.0f} | {r['bleu']:.2f} | "
                     f"{ratio} | {best_ratio} |")
-    grpc_rows = [r for r in records if r["engine"] == "parley-grpc"]
-    if grpc_rows:
-        rows += ["", "| parley-grpc int8 | beam | clients | sent/s | p50 ms | p99 ms | share of offline engine | errors |",
-                 "|---|---|---|---|---|---|---|---|"]
-        for r in grpc_rows:
-            rows.append(f"| | {r['beam_size']} | {r['clients']} | {r['sentences_per_s']:.1f} | {r['latency_p50_ms']:.1f} | "
-                        f"{r['latency_p99_ms']:.1f} | {r['share_of_engine']} | {r['errors'] or 0} |")
+    served = [r for r in records if r["engine"] in ("parley-grpc", "parley-scheduler")]
+    if served:
+        rows += ["", "| one sentence per request, int8 | beam | clients | sent/s | p50 ms | p99 ms "
+                 "| share of offline engine | errors |", "|---|---|---|---|---|---|---|---|"]
+        for r in served:
+            rows.append(f"| {r['engine']} | {r['beam_size']} | {r['clients']} | {r['sentences_per_s']:.1f} | "
+                        f"{r['latency_p50_ms']:.1f} | {r['latency_p99_ms']:.1f} | {r['share_of_engine']} | "
+                        f"{r.get('errors') or 0} |")
     return "\n".join(rows)
 
 
@@ -122,7 +123,7 @@ def plot(records: list[dict], path: Path) -> None:
     beams = sorted({r["beam_size"] for r in records})
     fig, axes = plt.subplots(1, len(beams), figsize=(6 * len(beams), 4.5), squeeze=False)
     for ax, beam in zip(axes[0], beams):
-        series = sorted({(r["engine"], r["precision"], r["lanes"]) for r in records if r["engine"] != "parley-grpc"})
+        series = sorted({(r["engine"], r["precision"], r["lanes"]) for r in records if "lanes" in r})  # offline engines
         for engine, precision, lanes in series:
             points = sorted((r["batch_size"], r["sentences_per_s"]) for r in records
                             if (r["engine"], r["precision"], r.get("lanes"), r["beam_size"]) == (engine, precision, lanes, beam))
@@ -169,6 +170,11 @@ def main() -> None:
                    and r["batch_size"] == max(s["batch_sizes"])}
     print("measuring parley-grpc ...", flush=True)
     records += grpc_records(s, sources, engine_rate)
+    print("measuring parley-scheduler (the server without gRPC) ...", flush=True)
+    clients = max(s["grpc_clients"])
+    for r in run_worker({**common, "task": "scheduler", "clients": clients, "requests": s["grpc_requests"]})["records"]:
+        offline = engine_rate.get(r["beam_size"])
+        records.append({**r, "share_of_engine": round(r["sentences_per_s"] / offline, 3) if offline else None})
     kv = run_worker({**common, "task": "kv_cache", "steps": 30, "batch_size": 32})["kv_cache"]
 
     outputs = {}

@@ -97,8 +97,56 @@ def kv_cache_speedup(spec: dict) -> dict:
                          "speedup": round(timings["full_recompute"] / timings["kv_cache"], 2)}}
 
 
+def scheduler_throughput(spec: dict) -> dict:
+    """The server's scheduler and engine (default configuration) in this process, without gRPC:
+    `clients` closed-loop clients queue one sentence at a time, as parley-grpc's do, so the
+    two records split the server's distance from the offline engine into what continuous
+    batching costs and what gRPC costs."""
+    import asyncio
+
+    from decoding import DecodingParams
+    from export.package import ModelPackage
+    from server.config import ServerConfig
+    from server.engine.engine import Engine
+    from server.metrics import Metrics
+    from server.scheduler import Row, Scheduler
+
+    config = ServerConfig()
+    engine = Engine(ModelPackage.load(Path(spec["package"])), precision="int8", device="cpu", threads=spec["threads"],
+                    lanes=config.lanes)
+    scheduler = Scheduler("bench", engine, config, Metrics())
+    scheduler.start()
+    sources = engine.tokenizer.encode(spec["sources"])
+
+    async def load(beam: int, requests: int) -> dict:
+        loop, latencies, counter = asyncio.get_running_loop(), [], iter(range(requests))
+
+        async def client() -> None:
+            for n in counter:
+                future, started = loop.create_future(), time.perf_counter()
+                scheduler.submit([Row(sources[n % len(sources)], DecodingParams(beam_size=beam), future)])
+                await future
+                latencies.append(time.perf_counter() - started)
+
+        started = time.perf_counter()
+        await asyncio.gather(*(client() for _ in range(spec["clients"])))
+        seconds = time.perf_counter() - started
+        return {"engine": "parley-scheduler", "precision": "int8", "beam_size": beam, "batch_size": 1,
+                "threads": spec["threads"], "clients": spec["clients"], "requests": requests,
+                "seconds": round(seconds, 3), "sentences_per_s": round(requests / seconds, 2),
+                "latency_p50_ms": round(1000 * float(np.percentile(latencies, 50)), 2),
+                "latency_p99_ms": round(1000 * float(np.percentile(latencies, 99)), 2)}
+
+    try:
+        asyncio.run(load(1, min(spec["requests"], 200)))  # warm-up
+        return {"records": [asyncio.run(load(beam, spec["requests"])) for beam in spec["beams"]]}
+    finally:
+        scheduler.stop()
+
+
 if __name__ == "__main__":
     keep_freed_memory()
     job = json.loads(Path(sys.argv[1]).read_text())
-    result = kv_cache_speedup(job) if job.get("task") == "kv_cache" else measure(job)
+    tasks = {"kv_cache": kv_cache_speedup, "scheduler": scheduler_throughput}
+    result = tasks.get(job.get("task"), measure)(job)
     print(json.dumps(result))
