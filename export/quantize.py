@@ -6,14 +6,17 @@ ORT's DynamicQuantizeLinear takes one scale over the whole batch, so a sentence'
 translation would depend on what else shares its batch; with a scale per row, each row's
 integer matmul is exact and depends on that row alone, so int8 stays batch-invariant.
 
-  MatMul(x, W)   ->  x_u8 = QuantizeLinear(x / s_row, scale 1, zero point 128)
+  MatMul(x, W)   ->  x_u8 = QuantizeLinear(x, s_row, zero point 128, blocks of a whole row)
                      y = MatMulIntegerToFloat(x_u8, W_s8, s_row, s_col, 128), s_row = max|x_row| / 127
   Gather(E, ids) ->  Gather(E_s8, ids) * Gather(s_row(E), ids)     (vocabulary-sized tables)
 
-Quantizing takes four passes over the activation (abs, row max, scale, QuantizeLinear's
-round-and-saturate, where Div, Round, Add and Cast took one pass each); the integer GEMM's
-output is scaled inside MatMulIntegerToFloat (ONNX Runtime's contrib op), where a Cast and
-two Muls took three more passes.
+Quantizing takes three passes over the activation (abs, row max, and QuantizeLinear's
+divide-round-saturate: opset 21's blocked QuantizeLinear takes the per-row scale itself,
+where a Div and a QuantizeLinear with scale 1 took two passes and gave the same bytes;
+where Div, Round, Add and Cast took one pass each before that); the integer GEMM's output
+is scaled inside MatMulIntegerToFloat (ONNX Runtime's contrib op), where a Cast and two
+Muls took three more passes. The blocked zero point must have the scale's shape: one
+(rows..., 1) tensor of 128s, made once for all activations of the same leading shape.
 
 Weights are symmetric int8 per output column. Activations are uint8 with zero point 128
 because U8S8 is the integer GEMM that MLAS implements on every x86-64 CPU. On CPUs
@@ -40,18 +43,24 @@ def quantize_int8(model: onnx.ModelProto, weight_bits: int = 8) -> onnx.ModelPro
     graph = model.graph
     initializers = {init.name: init for init in graph.initializer}
     new_nodes, new_inits, replaced = [], [], set()
+    row_shapes = _leading_shapes(model)
+    zero_points: dict[tuple, str] = {}  # activations of one leading shape share a zero-point tensor
     shared = [
         numpy_helper.from_array(np.array(128, dtype=np.uint8), "q8_zero_point"),
+        numpy_helper.from_array(np.array([128], dtype=np.uint8), "q8_zero_point_row"),
         numpy_helper.from_array(np.array([-1], dtype=np.int64), "q8_last_axis"),
         numpy_helper.from_array(np.array(1e-12, dtype=np.float32), "q8_tiny"),
         numpy_helper.from_array(np.array(1 / 127, dtype=np.float32), "q8_inv_127"),
-        numpy_helper.from_array(np.array(1, dtype=np.float32), "q8_one"),
     ]
     for node in graph.node:
         weight = initializers.get(node.input[1]) if node.op_type == "MatMul" and len(node.input) == 2 else None
         table = initializers.get(node.input[0]) if node.op_type == "Gather" else None
         if weight is not None and len(weight.dims) == 2 and weight.data_type == TensorProto.FLOAT:
-            nodes, inits = _quantized_matmul(node, numpy_helper.to_array(weight), q_max)
+            rows = row_shapes.get(node.input[0])
+            nodes, inits, zero_point = _quantized_matmul(node, numpy_helper.to_array(weight), q_max,
+                                                         zero_points.get(rows))
+            if rows is not None:
+                zero_points.setdefault(rows, zero_point)
         elif table is not None and len(table.dims) == 2 and table.dims[0] >= GATHER_MIN_ROWS \
                 and table.data_type == TensorProto.FLOAT and _attr(node, "axis", 0) == 0:
             nodes, inits = _quantized_gather(node, numpy_helper.to_array(table))
@@ -67,6 +76,9 @@ def quantize_int8(model: onnx.ModelProto, weight_bits: int = 8) -> onnx.ModelPro
     graph.node.extend(new_nodes)
     graph.ClearField("initializer")
     graph.initializer.extend(kept + [init for init in shared if init.name in still_used] + new_inits)
+    for opset in model.opset_import:
+        if opset.domain in ("", "ai.onnx"):
+            opset.version = max(opset.version, 21)
     if not any(o.domain == "com.microsoft" for o in model.opset_import):
         model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
     return model
@@ -79,7 +91,23 @@ def _attr(node: onnx.NodeProto, name: str, default: int) -> int:
     return default
 
 
-def _quantized_matmul(node: onnx.NodeProto, weight: np.ndarray, q_max: int):
+def _leading_shapes(model: onnx.ModelProto) -> dict[str, tuple]:
+    """Each tensor's dimensions but the last, where shape inference knows them all (symbols
+    included: one symbol is one size at run time)."""
+    from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
+
+    inferred = SymbolicShapeInference.infer_shapes(model, auto_merge=True)
+    shapes = {}
+    for info in list(inferred.graph.value_info) + list(inferred.graph.input):
+        dims = [d.dim_value if d.HasField("dim_value") else d.dim_param or None for d in info.type.tensor_type.shape.dim]
+        if dims and None not in dims:
+            shapes[info.name] = tuple(dims[:-1])
+    return shapes
+
+
+def _quantized_matmul(node: onnx.NodeProto, weight: np.ndarray, q_max: int, zero_point: str | None):
+    """The int8 chain for one MatMul; returns its nodes, initializers and the name of its
+    (rows..., 1) zero-point tensor: `zero_point` if given (one of the same shape), else its own."""
     p = node.name or node.output[0]
     col_scale = np.maximum(np.abs(weight).max(axis=0), 1e-12) / q_max  # (N,)
     weight_q = np.clip(np.round(weight / col_scale), -q_max, q_max).astype(np.int8)
@@ -91,15 +119,21 @@ def _quantized_matmul(node: onnx.NodeProto, weight: np.ndarray, q_max: int):
         helper.make_node("ReduceMax", [f"{p}/abs", "q8_last_axis"], [f"{p}/absmax"], keepdims=1),
         helper.make_node("Max", [f"{p}/absmax", "q8_tiny"], [f"{p}/absmax_safe"]),
         helper.make_node("Mul", [f"{p}/absmax_safe", "q8_inv_127"], [f"{p}/row_scale"]),
-        helper.make_node("Div", [x, f"{p}/row_scale"], [f"{p}/scaled"]),
-        helper.make_node("QuantizeLinear", [f"{p}/scaled", "q8_one", "q8_zero_point"], [f"{p}/x_u8"]),
+    ]
+    if zero_point is None:  # blocked QuantizeLinear wants a zero point of its scale's shape
+        zero_point = f"{p}/row_zero_point"
+        nodes += [helper.make_node("Shape", [f"{p}/row_scale"], [f"{p}/rows"]),
+                  helper.make_node("Expand", ["q8_zero_point_row", f"{p}/rows"], [zero_point])]
+    nodes += [
+        helper.make_node("QuantizeLinear", [x, f"{p}/row_scale", zero_point], [f"{p}/x_u8"],
+                         axis=-1, block_size=weight.shape[0]),
         helper.make_node("MatMulIntegerToFloat", inputs, [y], domain="com.microsoft"),
     ]
     inits = [
         numpy_helper.from_array(weight_q, f"{p}/w_s8"),
         numpy_helper.from_array(col_scale.astype(np.float32), f"{p}/col_scale"),
     ]
-    return nodes, inits
+    return nodes, inits, zero_point
 
 
 def _quantized_gather(node: onnx.NodeProto, table: np.ndarray):

@@ -156,6 +156,20 @@ def package_copy(tiny_package, tmp_path):
     return target
 
 
+@pytest.mark.parametrize("graph", ["encoder", "decoder_step"])
+def test_int8_quantizes_each_activation_in_one_pass_with_shared_zero_points(tiny_package, graph):
+    """Blocked QuantizeLinear divides by the row scale itself (no Div pass); the (rows..., 1)
+    zero points it needs are made once per leading shape, not once per matmul."""
+    model = onnx.load(str(ModelPackage.load(tiny_package).graph_path("int8", graph)))
+    nodes = model.graph.node
+    quantizers = [n for n in nodes if n.op_type == "QuantizeLinear"]
+    assert len(quantizers) == sum(n.op_type == "MatMulIntegerToFloat" for n in nodes) > 0
+    assert all({a.name for a in q.attribute} == {"axis", "block_size"} for q in quantizers)
+    producer = {output: n.op_type for n in nodes for output in n.output}
+    assert not [q.name for q in quantizers if producer.get(q.input[0]) == "Div"]
+    assert 1 <= len({q.input[2] for q in quantizers}) <= 2  # per graph: (rows, 1) and (rows, 1, 1)
+
+
 @pytest.mark.parametrize("precision", ["fp32", "int8", "fp16"])
 def test_reshapes_take_constant_shapes(tiny_package, precision):
     """The tracer's Shape -> Gather -> Concat chains for views are folded at export: only the
