@@ -154,7 +154,9 @@ class _Group:
         """
         n, rows_each, per_row = values.shape
         k = self.k
-        values[(self.age < self.min_length)[:, None, None] & (choices == eos_id)] = -np.inf
+        too_short = self.age < self.min_length
+        if too_short.any():
+            values[too_short[:, None, None] & (choices == eos_id)] = -np.inf
         at_cap = self.age >= self.max_length
         if at_cap.any():  # the length cap is reached: EOS is the only choice left
             values[at_cap] = -np.inf
@@ -177,23 +179,25 @@ class _Group:
             tokens = np.pad(tokens, missing, constant_values=1 if eos_id == 0 else 0)
         ends = tokens == eos_id
 
+        done = at_cap.copy()  # or k finished hypotheses: live sources had fewer before this step
         for i, j in zip(*np.nonzero(ends[:, :k] & np.isfinite(top_scores[:, :k]))):
             length = int(self.age[i]) + 1
             score = float(top_scores[i, j]) / length ** self.length_penalty[i]
             self.finished[i].append(Hypothesis(self.tokens_of(i, int(beams[i, j])), score))
-
-        done = np.array([len(f) >= k for f in self.finished], dtype=bool) | at_cap
+            done[i] |= len(self.finished[i]) >= k
         results = [
             (self.keys[i], sorted(self.finished[i], key=lambda h: -h.score)[: self.num_hypotheses[i]])
             for i in np.nonzero(done)[0]
         ]
         continuing = np.argsort(ends, axis=1, kind="stable")[:, :k]  # first k candidates not ending in EOS
         next_beams, next_tokens = beams[sources, continuing], tokens[sources, continuing]
-        self.history = np.concatenate([self.history[sources, next_beams], next_tokens[:, :, None]], axis=2)
+        history = self.history if k == 1 else self.history[sources, next_beams]  # greedy: each row its own past
+        self.history = np.concatenate([history, next_tokens[:, :, None]], axis=2)
         self.scores = top_scores[sources, continuing]
         self.age += 1
         live = np.nonzero(~done)[0]
-        self.keep(live)
+        if len(live) < n:
+            self.keep(live)
         rows = (live[:, None] * rows_each + next_beams[live]).reshape(-1)
         self.width = next_beams.shape[1]
         return rows, next_tokens[live].reshape(-1), results
