@@ -63,9 +63,6 @@ class HostBuffers:
         self.layout = layout
         self.cache = [np.zeros(layout.shape(0, 0, axis), layout.dtype) for axis in layout.axes]
         self.cross = [np.zeros(layout.shape(0, 0, axis), layout.dtype) for axis in layout.axes]
-        # The arrays a compaction gathered from, reused by the next one (see gather).
-        self._spare_cache: list[np.ndarray | None] = [None] * len(layout.axes)
-        self._spare_cross: list[np.ndarray | None] = [None] * len(layout.axes)
 
     @property
     def capacity(self) -> int:
@@ -82,21 +79,18 @@ class HostBuffers:
             rows = max(used + added, len(self.cache[0]) * 3 // 2 + 8)
             self.cache = [copy_into(c, (rows,) + c.shape[1:]) for c in self.cache]
         for buffer in self.cache:
-            # Spare rows may hold anything (gathers allocate them uninitialised); masked slots get
+            # Spare rows may hold anything (resizes leave them uninitialised); masked slots get
             # zero attention weight, but 0 x NaN is NaN, so the values there must be finite.
             buffer[used : used + added] = 0
 
     def set_capacity(self, capacity: int, used: int) -> None:
         """Resize every row's cache to `capacity` slots; rows [0, used) keep their slots (spare
         rows are zeroed when they join: add_rows)."""
-        resized = []
-        for old, axis in zip(self.cache, self.layout.axes):
-            new = np.empty(self.layout.shape(len(old), capacity, axis), old.dtype)
-            kept = min(capacity, old.shape[axis])
-            positions_on_2(new, axis)[:used, :, :kept] = positions_on_2(old, axis)[:used, :, :kept]
-            positions_on_2(new, axis)[:used, :, kept:] = 0
-            resized.append(new)
-        self.cache = resized
+        self.cache = [resized(c, axis, capacity, used) for c, axis in zip(self.cache, self.layout.axes)]
+
+    def set_width(self, width: int, sources: int) -> None:
+        """Cut the source entries to `width` positions; entries [0, sources) keep theirs."""
+        self.cross = [resized(c, axis, width, sources) for c, axis in zip(self.cross, self.layout.axes)]
 
     def place_sources(self, entries: np.ndarray, cross: list[np.ndarray], sources: int, width: int) -> None:
         """Store new sources' keys/values (w positions) at these entries, zero past w: entries
@@ -131,15 +125,11 @@ class HostBuffers:
         for buffer in self.cache:
             buffer[targets] = buffer[rows]
 
-    def compact(self, order: np.ndarray, capacity: int, kept_sources: np.ndarray | None, width: int) -> None:
-        """Gather the rows in `order` to the front, cut to `capacity` slots; likewise the kept
-        source entries, cut to `width` positions (None: sources unchanged)."""
-        axes = self.layout.axes
-        self.cache, self._spare_cache = [gather(c, order, axis, capacity, spare)
-                                         for c, axis, spare in zip(self.cache, axes, self._spare_cache)], self.cache
-        if kept_sources is not None:
-            self.cross, self._spare_cross = [gather(c, kept_sources, axis, width, spare)
-                                             for c, axis, spare in zip(self.cross, axes, self._spare_cross)], self.cross
+    def move_sources(self, entries: np.ndarray, targets: np.ndarray, sources: int) -> None:
+        """Copy source entries into the target entries (no entry is both); entries from
+        `sources` on are no longer read (they stay as spare entries)."""
+        for buffer in self.cross:
+            buffer[targets] = buffer[entries]
 
 
 def positions_on_2(array: np.ndarray, axis: int) -> np.ndarray:
@@ -147,26 +137,14 @@ def positions_on_2(array: np.ndarray, axis: int) -> np.ndarray:
     return array if axis == 2 else array.swapaxes(2, 3)
 
 
-def gather(array: np.ndarray, order: np.ndarray, axis: int, length: int, spare: np.ndarray | None = None) -> np.ndarray:
-    """array[order] cut to `length` along axis, in a buffer with at least as many rows as array:
-    `spare` where it has the shape, else a new one.
-
-    A whole-row take is a plain memcpy per row, several times faster than a strided
-    fancy-index copy, so the cut is a separate step, taken only when it shrinks. Reusing
-    the previous buffer spares the kernel's page faults on fresh memory, and beam search
-    compacts at every step (int8, 2 lanes, 512 sentences greedy and beam 4: 240k -> 205k
-    page faults).
-    """
-    rows = max(len(array), len(order))
-    cut = (slice(None),) * axis + (slice(0, length),)
-    shape = array[cut].shape[1:]
-    buffer = spare if spare is not None and len(spare) >= rows and spare.shape[1:] == shape else \
-        np.empty((rows,) + shape, array.dtype)
-    if length >= array.shape[axis]:
-        np.take(array, order, axis=0, out=buffer[: len(order)], mode="clip")  # "raise" would buffer a copy
-    else:
-        buffer[: len(order)] = np.take(array, order, axis=0)[cut]
-    return buffer
+def resized(array: np.ndarray, axis: int, length: int, used: int) -> np.ndarray:
+    """A cache tensor with `length` positions on `axis`: rows [0, used) keep theirs, zero-padded;
+    other rows are left uninitialised (whoever takes them writes them first)."""
+    resized = np.empty(array.shape[:axis] + (length,) + array.shape[axis + 1 :], array.dtype)
+    kept = min(length, array.shape[axis])
+    positions_on_2(resized, axis)[:used, :, :kept] = positions_on_2(array, axis)[:used, :, :kept]
+    positions_on_2(resized, axis)[:used, :, kept:] = 0
+    return resized
 
 
 def copy_into(array: np.ndarray, shape: tuple) -> np.ndarray:

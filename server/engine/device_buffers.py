@@ -10,8 +10,8 @@ ONNX Runtime's Python API has no operations on device tensors, so the two this s
 are tiny ONNX graphs (CacheOps), built for the model's cache shape and type and run on the
 decoder's execution provider:
     update:  y_i = fit(where(onehot, new_i, x_i)[order], length)
-             each row's new key/value into its slot, fused with the row copies or the
-             compaction that follow it (a step's write is held until the next update)
+             each row's new key/value into its slot, fused with the row copies that
+             follow it (a step's write is held until the next update)
     place:   y_i = concat(fit(x_i, width), fit(v_i, width))[order]
              new sources' keys/values into their entries, growing the buffer as needed
 where fit cuts or zero-pads the position axis (3 for keys, 2 for values: buffers.py). ONNX
@@ -130,20 +130,26 @@ class DeviceBuffers:
         self._pending = (onehot, new_kv)
 
     def move_rows(self, rows: np.ndarray, targets: np.ndarray, used: int) -> None:
-        order = np.arange(used)
-        order[targets] = rows
-        self._update(order, self._capacity)
-        self.cache_rows = used
-
-    def compact(self, order: np.ndarray, capacity: int, kept_sources: np.ndarray | None, width: int) -> None:
-        if len(order):
-            self._update(order, capacity)
+        if used:
+            order = np.arange(used)
+            order[targets] = rows
+            self._update(order, self._capacity)
         else:
             self.cache, self._pending = [], None
-        self.cache_rows, self._capacity = len(order), capacity
-        if kept_sources is not None:
-            self.cross = self._take(self.cross, kept_sources, width) if len(kept_sources) else []
-            self.cross_rows = len(kept_sources)
+        self.cache_rows = used
+
+    def move_sources(self, entries: np.ndarray, targets: np.ndarray, sources: int) -> None:
+        if sources:
+            order = np.arange(sources)
+            order[targets] = entries
+            self.cross = self._take(self.cross, order, self.cross[0].shape()[self.layout.axes[0]])
+        else:
+            self.cross = []
+        self.cross_rows = sources
+
+    def set_width(self, width: int, sources: int) -> None:
+        if sources:
+            self.cross = self._take(self.cross, np.arange(sources), width)
 
     def _update(self, order: np.ndarray, length: int) -> None:
         """Apply the pending write, if any, then take rows `order` fitted to `length` slots."""

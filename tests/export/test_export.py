@@ -109,7 +109,7 @@ def test_finished_rows_leave_and_reordered_beams_follow_their_cache(tiny_package
     np.testing.assert_allclose(out[2], alone[3].step_log_probs(np.array([41]))[0], atol=2e-5)
 
 
-def test_a_joining_source_takes_the_source_entry_of_a_finished_one(tiny_package):
+def test_finished_sources_leave_their_rows_and_entries_to_the_last_ones(tiny_package):
     sessions = open_sessions(ModelPackage.load(tiny_package), "fp32")
     sources = [[5, 6, 3], [7, 8, 9, 3], [10, 3], [11, 12, 3], [13, 14, 15, 16, 3]]
     batch = OnnxStepBackend(sessions, pad_batch(sources[:4], 0))
@@ -118,15 +118,31 @@ def test_a_joining_source_takes_the_source_entry_of_a_finished_one(tiny_package)
         batch.step_log_probs(np.full(4, token))
         for i in (0, 2, 3):
             alone[i].step_log_probs(np.array([token]))
-    batch.select(np.array([0, 2, 3]))  # source 1 finished: the last row moves into its buffer row
+    batch.select(np.array([0, 2, 3]))  # source 1 finished: the last row and entry move into its places
     assert batch.used == 3 and list(batch.live) == [0, 2, 1]
+    assert batch.sources == 3 and list(batch.row_source[:3]) == [0, 1, 2]
     batch.extend(pad_batch([sources[4]], 0))
-    assert batch.used == 4 and list(batch.live) == [0, 2, 1, 3] and batch.sources == 4  # entry 1 reused
+    assert batch.used == 4 and list(batch.live) == [0, 2, 1, 3] and batch.sources == 4
     for step, token in enumerate((21, 22)):
         out = batch.step_log_probs(np.array([token, token, token, 2 if step == 0 else 30]))
         for row, i in enumerate((0, 2, 3)):
             np.testing.assert_allclose(out[row], alone[i].step_log_probs(np.array([token]))[0], atol=2e-5)
         np.testing.assert_allclose(out[3], alone[4].step_log_probs(np.array([2 if step == 0 else 30]))[0], atol=2e-5)
+
+
+def test_the_source_width_shrinks_when_the_longest_source_leaves(tiny_package):
+    sessions = open_sessions(ModelPackage.load(tiny_package), "fp32")
+    short, long = [5, 6, 3], list(range(10, 40)) + [3]
+    batch = OnnxStepBackend(sessions, pad_batch([long, short], 0))
+    alone = OnnxStepBackend(sessions, pad_batch([short], 0))
+    np.testing.assert_allclose(batch.step_log_probs(np.array([2, 2]))[1], alone.step_log_probs(np.array([2]))[0],
+                               atol=2e-5)
+    assert batch.src_mask.shape[1] == 32
+    batch.select(np.array([1]))  # the long source finished
+    assert batch.sources == 1 and batch.src_mask.shape[1] == 8
+    assert all(c.shape[axis] == 8 for c, axis in zip(batch.buffers.cross, batch.buffers.layout.axes))
+    np.testing.assert_allclose(batch.step_log_probs(np.array([20]))[0], alone.step_log_probs(np.array([20]))[0],
+                               atol=2e-5)
 
 
 def test_a_beam_step_copies_only_the_rows_that_must_move(tiny_package):

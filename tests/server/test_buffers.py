@@ -1,31 +1,23 @@
-"""Host cache buffers: gathers that reuse the previous buffer, and the process's malloc settings."""
+"""Host cache buffers: resizing along the position axis, and the process's malloc settings."""
 
 import platform
 
 import numpy as np
+import pytest
 
-from server.engine.buffers import gather
+from server.engine.buffers import positions_on_2, resized
 from server.engine.memory import keep_freed_memory
 
 
-def test_gather_takes_rows_into_a_spare_of_the_same_shape():
-    cache = np.arange(5 * 2 * 3 * 4, dtype=np.float32).reshape(5, 2, 3, 4)
-    spare = np.full_like(cache, np.nan)
-    order = np.array([4, 0, 0])
-    taken = gather(cache, order, 3, 4, spare)
-    assert taken is spare  # no new memory
-    np.testing.assert_array_equal(taken[:3], cache[order])
-
-
-def test_gather_allocates_when_the_spare_does_not_fit():
-    cache = np.arange(5 * 2 * 3 * 4, dtype=np.float32).reshape(5, 2, 3, 4)
-    too_small = np.zeros((2, 2, 3, 4), np.float32)
-    order = np.array([3, 1, 2, 0, 4, 4])
-    taken = gather(cache, order, 3, 4, too_small)
-    assert taken is not too_small and len(taken) >= len(order)
-    np.testing.assert_array_equal(taken[: len(order)], cache[order])
-    cut = gather(cache, order[:2], 2, 2, np.zeros_like(cache))  # cut along positions: another shape
-    np.testing.assert_array_equal(cut[:2], cache[order[:2], :, :2])
+@pytest.mark.parametrize("axis", [2, 3])
+def test_resizing_keeps_the_used_rows_positions(axis):
+    cache = np.arange(5 * 2 * 3 * 4, dtype=np.float32).reshape(5, 2, 3, 4) + 1
+    positions = cache.shape[axis]
+    grown, cut = resized(cache, axis, positions + 2, 3), resized(cache, axis, 2, 3)
+    assert grown.shape[axis] == positions + 2 and cut.shape[axis] == 2 and len(grown) == len(cut) == 5
+    np.testing.assert_array_equal(positions_on_2(grown, axis)[:3, :, :positions], positions_on_2(cache, axis)[:3])
+    assert not positions_on_2(grown, axis)[:3, :, positions:].any()  # new positions are zero
+    np.testing.assert_array_equal(positions_on_2(cut, axis)[:3], positions_on_2(cache, axis)[:3, :, :2])
 
 
 def test_malloc_settings_apply_on_glibc():
