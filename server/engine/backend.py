@@ -67,6 +67,7 @@ class OnnxStepBackend:
         # Source entries, shared by a source's rows: [0, sources) are in use.
         self.src_mask = np.zeros((0, 0), dtype=bool)
         self.sources = 0
+        self._grid: tuple[np.ndarray, np.ndarray] | None = None  # query_grid of the rows and sources
         if src_tokens is not None:
             self.extend(src_tokens)
 
@@ -104,6 +105,7 @@ class OnnxStepBackend:
         self.lengths[rows] = 0
         self.row_source[rows] = sources
         self.live = np.concatenate([self.live, rows])
+        self._grid = None
 
     def _add_rows(self, count: int) -> np.ndarray:
         """Append `count` buffer rows to the decoded prefix; returns their indices."""
@@ -124,22 +126,24 @@ class OnnxStepBackend:
 
     def _run(self, tokens: np.ndarray, top_k: int, outputs: list[str]) -> list[np.ndarray]:
         live, used = self.live, self.used
-        needed = int(self.lengths[live].max(initial=0)) + 1
+        lengths = self.lengths[:used]  # every decoded row is live
+        needed = int(lengths.max(initial=0)) + 1
         if needed > self.buffers.capacity:
             self.buffers.set_capacity(_blocks(needed, CACHE_BLOCK), used)
         in_order = np.array_equal(live, np.arange(used))  # else beams were reordered
         fed = tokens.astype(np.int64, copy=False) if in_order else np.zeros(used, np.int64)
         if not in_order:
             fed[live] = tokens
-        lengths = self.lengths[:used]
-        slot_row, row_slot = query_grid(self.row_source[:used], self.sources)
+        if self._grid is None:  # rows or sources changed since the last step
+            self._grid = query_grid(self.row_source[:used], self.sources)
+        slot_row, row_slot = self._grid
         # A row's keys fill slots 0 .. length-1 of its cache, so validity follows from the lengths.
         feeds = {"tokens": fed, "positions": lengths, "cache_mask": np.arange(self.buffers.capacity) < lengths[:, None],
                  "src_mask": self.src_mask[: self.sources], "slot_row": slot_row, "row_slot": row_slot,
                  "top_k": np.array(top_k, np.int64)}
         results, new_kv = self.buffers.run_decoder(feeds, outputs, used, self.sources)
-        self.buffers.write(live, self.lengths[live], new_kv)
-        self.lengths[live] += 1
+        self.buffers.write(lengths, new_kv)
+        lengths += 1
         return results if in_order else [r[live] for r in results]
 
     def select(self, rows: np.ndarray) -> None:
@@ -161,6 +165,7 @@ class OnnxStepBackend:
             self.lengths[targets], self.row_source[targets] = self.lengths[copied], self.row_source[copied]
             chosen[~stays] = targets
         self.live, self.used = chosen, kept
+        self._grid = None
         self._drop_unread_sources()
         next_slot = int(self.lengths[:kept].max(initial=0)) + 1  # keep room for the coming step
         if self.buffers.capacity > _blocks(next_slot + CACHE_BLOCK, CACHE_BLOCK):

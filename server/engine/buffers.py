@@ -114,10 +114,14 @@ class HostBuffers:
         results = self.decoder.run(outputs + self.layout.new_kv_names, feeds)
         return results[: len(outputs)], results[len(outputs) :]
 
-    def write(self, rows: np.ndarray, slots: np.ndarray, new_kv: list[np.ndarray]) -> None:
-        """Store each row's new key/value in its slot."""
+    def write(self, slots: np.ndarray, new_kv: list[np.ndarray]) -> None:
+        """Store the new key/value of each decoded row (rows [0, len(slots))) in its slot."""
+        rows = len(slots)
+        # One slot for all (a batch that started together): a plain slice, no fancy index.
+        where = (slice(0, rows), slice(None), int(slots[0])) if rows and slots.min() == slots.max() \
+            else (np.arange(rows), slice(None), slots)
         for buffer, new, axis in zip(self.cache, new_kv, self.layout.axes):
-            positions_on_2(buffer, axis)[rows, :, slots] = positions_on_2(new, axis)[rows, :, 0]
+            positions_on_2(buffer, axis)[where] = positions_on_2(new, axis)[:, :, 0]
 
     def move_rows(self, rows: np.ndarray, targets: np.ndarray, used: int) -> None:
         """Copy the caches of `rows` into the `targets` rows (no row is both); rows from `used`

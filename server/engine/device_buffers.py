@@ -124,9 +124,9 @@ class DeviceBuffers:
         values = binding.get_outputs()
         return [v.numpy() for v in values[: len(outputs)]], values[len(outputs) :]
 
-    def write(self, rows: np.ndarray, slots: np.ndarray, new_kv: list[ort.OrtValue]) -> None:
+    def write(self, slots: np.ndarray, new_kv: list[ort.OrtValue]) -> None:
         onehot = np.zeros((self.cache_rows, self._capacity), dtype=bool)
-        onehot[rows, slots] = True
+        onehot[np.arange(len(slots)), slots] = True
         self._pending = (onehot, new_kv)
 
     def move_rows(self, rows: np.ndarray, targets: np.ndarray, used: int) -> None:
