@@ -22,7 +22,7 @@ from decoding.tokenizer import Tokenizer
 from export import EXPORTER_VERSION
 from export.graphs import export_graphs
 from export.io import OPSET
-from export.optimize import fold_reshape_shapes, merge_parallel_matmuls
+from export.optimize import fold_reshape_shapes, merge_parallel_matmuls, reshape_unit_axis_transposes
 from export.package import FORMAT_VERSION, GRAPHS, MANIFEST_FILE, ModelPackage, file_record
 from export.quantize import convert_fp16, quantize_int8
 from export.verify import Parity, check_variant
@@ -136,7 +136,8 @@ def build_variants(model: Transformer, staging: Path, options: ExportOptions, lo
     (staging / "fp32").mkdir()
     log("exporting fp32 graphs")
     for path in export_graphs(model, staging / "fp32"):
-        onnx.save(fold_reshape_shapes(merge_parallel_matmuls(onnx.load(str(path)))), str(path))
+        onnx.save(reshape_unit_axis_transposes(fold_reshape_shapes(merge_parallel_matmuls(onnx.load(str(path))))),
+                  str(path))
     variants = {"fp32": {}}
     for precision in options.precisions:
         if precision == "fp32":

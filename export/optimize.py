@@ -6,9 +6,14 @@ other tensors' shapes (below), and with them the shape chains gone.
 merge_parallel_matmuls: MatMuls that read the same activation with constant weights (the
 Q, K and V projections of one attention; the cross-attention K and V of every decoder
 layer, which all read the encoder output) become one MatMul over the concatenated
-weights, followed by a Split. One larger GEMM runs faster than three small ones, ONNX
-Runtime dispatches fewer nodes per step, and the int8 variant quantizes the shared
-activation once instead of once per projection.
+weights, followed by one Add of the concatenated biases and a Split. One larger GEMM runs
+faster than three small ones, ONNX Runtime dispatches fewer nodes per step, and the int8
+variant quantizes the shared activation once instead of once per projection.
+
+reshape_unit_axis_transposes: a Transpose that moves only axes of size 1 leaves the data
+where it is; a Reshape, which ONNX Runtime runs without a copy, does the same. In the
+decoder step a row has one position, so the head transposes of its query, new key/value
+and attention output are such.
 """
 
 from __future__ import annotations
@@ -27,6 +32,10 @@ def merge_parallel_matmuls(model: onnx.ModelProto) -> onnx.ModelProto:
     for node in graph.node:
         if node.op_type == "MatMul" and node.input[1] in weights and len(weights[node.input[1]].dims) == 2:
             groups[node.input[0]].append(node)
+    readers: dict[str, list[onnx.NodeProto]] = defaultdict(list)
+    for node in graph.node:
+        for name in node.input:
+            readers[name].append(node)
     merged_into: dict[int, list[onnx.NodeProto]] = {}
     for activation, nodes in groups.items():
         if len(nodes) < 2:
@@ -36,11 +45,17 @@ def merge_parallel_matmuls(model: onnx.ModelProto) -> onnx.ModelProto:
         merged = numpy_helper.from_array(np.concatenate(arrays, axis=1), f"{name}/weight")
         sizes = numpy_helper.from_array(np.array([a.shape[1] for a in arrays], dtype=np.int64), f"{name}/sizes")
         graph.initializer.extend([merged, sizes])
-        replacement = [
-            helper.make_node("MatMul", [activation, merged.name], [f"{name}/out"], name=name),
-            helper.make_node("Split", [f"{name}/out", sizes.name], [n.output[0] for n in nodes], axis=-1,
-                             name=f"{name}/split"),
-        ]
+        replacement = [helper.make_node("MatMul", [activation, merged.name], [f"{name}/out"], name=name)]
+        bias_adds = [_bias_add(n.output[0], readers, weights) for n in nodes]
+        outputs, split_input = [n.output[0] for n in nodes], f"{name}/out"
+        if all(add is not None for add, _ in bias_adds):  # one Add of all the biases, before the Split
+            bias = numpy_helper.from_array(np.concatenate([b for _, b in bias_adds]), f"{name}/bias")
+            graph.initializer.append(bias)
+            replacement.append(helper.make_node("Add", [split_input, bias.name], [f"{name}/biased"], name=f"{name}/add"))
+            outputs, split_input = [add.output[0] for add, _ in bias_adds], f"{name}/biased"
+            for add, _ in bias_adds:
+                merged_into[id(add)] = []
+        replacement.append(helper.make_node("Split", [split_input, sizes.name], outputs, axis=-1, name=f"{name}/split"))
         merged_into[id(nodes[0])] = replacement  # the merged node goes where the first one stood
         for n in nodes[1:]:
             merged_into[id(n)] = []
@@ -54,6 +69,36 @@ def merge_parallel_matmuls(model: onnx.ModelProto) -> onnx.ModelProto:
     return remove_unused_nodes(model)  # the separate weights
 
 
+def _bias_add(output: str, readers: dict, weights: dict) -> tuple[onnx.NodeProto | None, np.ndarray | None]:
+    """The Add of a constant vector that is the only reader of a MatMul's output, and the vector."""
+    if len(readers[output]) != 1 or readers[output][0].op_type != "Add":
+        return None, None
+    add = readers[output][0]
+    other = [name for name in add.input if name != output]
+    if len(other) != 1 or other[0] not in weights or len(weights[other[0]].dims) != 1:
+        return None, None
+    return add, numpy_helper.to_array(weights[other[0]])
+
+
+def inferred_dims(model: onnx.ModelProto) -> dict[str, list]:
+    """Each tensor's dimensions from symbolic shape inference: ints, symbols (one symbol is one
+    size at run time), None where unknown."""
+    from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
+
+    inferred = SymbolicShapeInference.infer_shapes(model, auto_merge=True)
+    return {info.name: [d.dim_value if d.HasField("dim_value") else d.dim_param or None
+                        for d in info.type.tensor_type.shape.dim]
+            for info in list(inferred.graph.value_info) + list(inferred.graph.input) + list(inferred.graph.output)}
+
+
+def _constant_shape(source: list, target: list) -> list[int] | None:
+    """A Reshape's constant target shape taking `source` to `target` dims: each a constant, the
+    input's dimension at the same place (0), or the one dimension left (-1); None if none does."""
+    shape = [d if isinstance(d, int) and d > 0 else 0 if j < len(source) and d is not None and source[j] == d
+             else -1 for j, d in enumerate(target)]
+    return shape if shape.count(-1) <= 1 else None
+
+
 def fold_reshape_shapes(model: onnx.ModelProto) -> onnx.ModelProto:
     """Give Reshapes computed from other tensors' shapes a constant target shape.
 
@@ -63,13 +108,7 @@ def fold_reshape_shapes(model: onnx.ModelProto) -> onnx.ModelProto:
     place (ONNX's 0), or the one dimension left (-1), a constant shape does the same, and
     the chains that computed it go.
     """
-    from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
-
-    inferred = SymbolicShapeInference.infer_shapes(model, auto_merge=True)
-    dims = {}
-    for info in list(inferred.graph.value_info) + list(inferred.graph.input) + list(inferred.graph.output):
-        dims[info.name] = [d.dim_value if d.HasField("dim_value") else d.dim_param or None
-                           for d in info.type.tensor_type.shape.dim]
+    dims = inferred_dims(model)
     graph = model.graph
     constants = {init.name for init in graph.initializer}
     for node in graph.node:
@@ -78,15 +117,34 @@ def fold_reshape_shapes(model: onnx.ModelProto) -> onnx.ModelProto:
         source, target = dims.get(node.input[0]), dims[node.output[0]]
         if source is None or any(attr.name == "allowzero" and attr.i for attr in node.attribute):
             continue
-        shape = [d if isinstance(d, int) and d > 0 else 0 if j < len(source) and d is not None and source[j] == d
-                 else -1 for j, d in enumerate(target)]
-        if shape.count(-1) > 1:
+        shape = _constant_shape(source, target)
+        if shape is None:
             continue
         name = f"{node.output[0]}/shape"
         graph.initializer.append(numpy_helper.from_array(np.array(shape, dtype=np.int64), name))
         constants.add(name)
         node.input[1] = name
     return remove_unused_nodes(model)
+
+
+def reshape_unit_axis_transposes(model: onnx.ModelProto) -> onnx.ModelProto:
+    """Replace each Transpose that moves only axes of size 1 by a Reshape with a constant shape."""
+    dims = inferred_dims(model)
+    for node in model.graph.node:
+        if node.op_type != "Transpose" or node.input[0] not in dims or node.output[0] not in dims:
+            continue
+        source = dims[node.input[0]]
+        perm = next((list(a.ints) for a in node.attribute if a.name == "perm"), list(range(len(source)))[::-1])
+        moved = [axis for axis in perm if source[axis] != 1]  # symbols and unknowns may be more than 1
+        shape = _constant_shape(source, dims[node.output[0]])
+        if moved != sorted(moved) or shape is None:
+            continue
+        name = f"{node.output[0]}/shape"
+        model.graph.initializer.append(numpy_helper.from_array(np.array(shape, dtype=np.int64), name))
+        node.op_type = "Reshape"
+        node.ClearField("attribute")
+        node.input.append(name)
+    return model
 
 
 def remove_unused_nodes(model: onnx.ModelProto) -> onnx.ModelProto:

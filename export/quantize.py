@@ -92,17 +92,10 @@ def _attr(node: onnx.NodeProto, name: str, default: int) -> int:
 
 
 def _leading_shapes(model: onnx.ModelProto) -> dict[str, tuple]:
-    """Each tensor's dimensions but the last, where shape inference knows them all (symbols
-    included: one symbol is one size at run time)."""
-    from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
+    """Each tensor's dimensions but the last, where shape inference knows them all."""
+    from export.optimize import inferred_dims
 
-    inferred = SymbolicShapeInference.infer_shapes(model, auto_merge=True)
-    shapes = {}
-    for info in list(inferred.graph.value_info) + list(inferred.graph.input):
-        dims = [d.dim_value if d.HasField("dim_value") else d.dim_param or None for d in info.type.tensor_type.shape.dim]
-        if dims and None not in dims:
-            shapes[info.name] = tuple(dims[:-1])
-    return shapes
+    return {name: tuple(dims[:-1]) for name, dims in inferred_dims(model).items() if dims and None not in dims}
 
 
 def _quantized_matmul(node: onnx.NodeProto, weight: np.ndarray, q_max: int, zero_point: str | None):

@@ -186,6 +186,21 @@ def test_int8_quantizes_each_activation_in_one_pass_with_shared_zero_points(tiny
     assert 1 <= len({q.input[2] for q in quantizers}) <= 2  # per graph: (rows, 1) and (rows, 1, 1)
 
 
+def test_merged_projections_add_their_biases_once_and_unit_axis_transposes_are_reshapes(tiny_package):
+    package = ModelPackage.load(tiny_package)
+    for graph in ("encoder", "decoder_step"):
+        model = onnx.load(str(package.graph_path("fp32", graph)))
+        constants = {init.name for init in model.graph.initializer}
+        producer = {output: n.op_type for n in model.graph.node for output in n.output}
+        splits = [n for n in model.graph.node if n.op_type == "Split"]
+        assert splits and all(producer[n.input[0]] == "Add" for n in splits)  # biases added before the split
+        assert not [n.name for n in model.graph.node if n.op_type == "Add" and
+                    any(producer.get(i) == "Split" for i in n.input) and any(i in constants for i in n.input)]
+    decoder = onnx.load(str(package.graph_path("fp32", "decoder_step"))).graph
+    # One position per row: only the cross-attention grid's two transposes per layer move data.
+    assert sum(n.op_type == "Transpose" for n in decoder.node) == 2 * package.architecture["decoder_layers"]
+
+
 @pytest.mark.parametrize("precision", ["fp32", "int8", "fp16"])
 def test_reshapes_take_constant_shapes(tiny_package, precision):
     """The tracer's Shape -> Gather -> Concat chains for views are folded at export: only the
