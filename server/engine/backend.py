@@ -176,7 +176,7 @@ class OnnxStepBackend:
     def _drop_unread_sources(self) -> None:
         """Keep source entries [0, sources) for the sources some row reads, as select keeps rows:
         a read entry above the new end moves into an unread one below it. The width shrinks to
-        the longest source left once a block of headroom more is free."""
+        the longest source left when that frees more than a block."""
         read = np.zeros(self.sources, bool)  # a mask, not np.unique: this runs at every step
         read[self.row_source[: self.used]] = True
         kept = int(read.sum())
@@ -195,6 +195,7 @@ class OnnxStepBackend:
             width = _blocks(longest, SOURCE_BLOCK)
             self.src_mask = np.ascontiguousarray(self.src_mask[:, :width])
             self.buffers.set_width(width, kept)
+
 
 def _blocks(size: int, block: int) -> int:
     """size rounded up to whole blocks."""

@@ -144,11 +144,11 @@ def positions_on_2(array: np.ndarray, axis: int) -> np.ndarray:
 def resized(array: np.ndarray, axis: int, length: int, used: int) -> np.ndarray:
     """A cache tensor with `length` positions on `axis`: rows [0, used) keep theirs, zero-padded;
     other rows are left uninitialised (whoever takes them writes them first)."""
-    resized = np.empty(array.shape[:axis] + (length,) + array.shape[axis + 1 :], array.dtype)
+    out = np.empty(array.shape[:axis] + (length,) + array.shape[axis + 1 :], array.dtype)
     kept = min(length, array.shape[axis])
-    positions_on_2(resized, axis)[:used, :, :kept] = positions_on_2(array, axis)[:used, :, :kept]
-    positions_on_2(resized, axis)[:used, :, kept:] = 0
-    return resized
+    positions_on_2(out, axis)[:used, :, :kept] = positions_on_2(array, axis)[:used, :, :kept]
+    positions_on_2(out, axis)[:used, :, kept:] = 0
+    return out
 
 
 def copy_into(array: np.ndarray, shape: tuple) -> np.ndarray:
