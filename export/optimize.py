@@ -48,7 +48,8 @@ def merge_parallel_matmuls(model: onnx.ModelProto) -> onnx.ModelProto:
         replacement = [helper.make_node("MatMul", [activation, merged.name], [f"{name}/out"], name=name)]
         bias_adds = [_bias_add(n.output[0], readers, weights) for n in nodes]
         outputs, split_input = [n.output[0] for n in nodes], f"{name}/out"
-        if all(add is not None for add, _ in bias_adds):  # one Add of all the biases, before the Split
+        if all(add is not None and len(b) == a.shape[1] for (add, b), a in zip(bias_adds, arrays)):
+            # one Add of all the biases, before the Split
             bias = numpy_helper.from_array(np.concatenate([b for _, b in bias_adds]), f"{name}/bias")
             graph.initializer.append(bias)
             replacement.append(helper.make_node("Add", [split_input, bias.name], [f"{name}/biased"], name=f"{name}/add"))
