@@ -15,8 +15,9 @@ import argparse
 import asyncio
 import collections
 import json
+import math
 import time
-from typing import Sequence
+from typing import Awaitable, Callable, Sequence
 
 import grpc
 import numpy as np
@@ -25,50 +26,66 @@ from parley.v1 import translate_pb2 as pb
 from parley.v1 import translate_pb2_grpc as pb_grpc
 
 
+async def closed_loop(call: Callable[[int], Awaitable[bool]], concurrency: int, requests: int,
+                      duration_s: float = math.inf) -> tuple[float, list[float]]:
+    """`concurrency` clients send requests 0 .. requests-1 back to back (none after duration_s);
+    call(n) sends request n and says whether it was answered. Returns the seconds taken and
+    the latency of every answered request."""
+    latencies: list[float] = []
+    counter = iter(range(requests))
+    deadline = time.monotonic() + duration_s
+
+    async def client() -> None:
+        for n in counter:
+            if time.monotonic() > deadline:
+                return
+            started = time.perf_counter()
+            if await call(n):
+                latencies.append(time.perf_counter() - started)
+
+    started = time.perf_counter()
+    await asyncio.gather(*(client() for _ in range(concurrency)))
+    return time.perf_counter() - started, latencies
+
+
+def latency_percentiles(latencies: Sequence[float]) -> dict:
+    return {f"latency_p{q}_ms": round(1000 * float(np.percentile(latencies, q)), 2) if latencies else None
+            for q in (50, 99)}
+
+
 async def run_load(address: str, sentences: Sequence[str], concurrency: int, requests: int,
                    beam_sizes: Sequence[int] = (1,), texts_per_request: Sequence[int] = (1,),
                    duration_s: float = 300.0, seed: int = 0) -> dict:
     """Send `requests` requests from `concurrency` clients (stopping early after duration_s)."""
     rng = np.random.default_rng(seed)
     mix = [(int(rng.choice(beam_sizes)), int(rng.choice(texts_per_request))) for _ in range(requests)]
-    latencies: list[float] = []
     errors: collections.Counter = collections.Counter()
     translated = generated_tokens = 0
-    counter = iter(range(requests))
-    deadline = time.monotonic() + duration_s
 
     # Several addresses (ipv4:host:port,host:port) are balanced per call, as replicas behind DNS would be.
     options = [("grpc.lb_policy_name", "round_robin")]
     async with grpc.aio.insecure_channel(address, options=options) as channel:
         stub = pb_grpc.TranslatorStub(channel)
 
-        async def client() -> None:
+        async def translate(n: int) -> bool:
             nonlocal translated, generated_tokens
-            for n in counter:
-                if time.monotonic() > deadline:
-                    return
-                beam_size, count = mix[n]
-                texts = [sentences[(n * max(texts_per_request) + j) % len(sentences)] for j in range(count)]
-                request = pb.TranslateRequest(texts=texts, options=pb.DecodingOptions(beam_size=beam_size))
-                started = time.perf_counter()
-                try:
-                    response = await stub.Translate(request, timeout=60)
-                except grpc.aio.AioRpcError as error:
-                    errors[error.code().name] += 1
-                    continue
-                latencies.append(time.perf_counter() - started)
-                translated += len(texts)
-                generated_tokens += sum(t.hypotheses[0].token_count for t in response.translations)
+            beam_size, count = mix[n]
+            texts = [sentences[(n * max(texts_per_request) + j) % len(sentences)] for j in range(count)]
+            request = pb.TranslateRequest(texts=texts, options=pb.DecodingOptions(beam_size=beam_size))
+            try:
+                response = await stub.Translate(request, timeout=60)
+            except grpc.aio.AioRpcError as error:
+                errors[error.code().name] += 1
+                return False
+            translated += len(texts)
+            generated_tokens += sum(t.hypotheses[0].token_count for t in response.translations)
+            return True
 
-        started = time.perf_counter()
-        await asyncio.gather(*(client() for _ in range(concurrency)))
-        seconds = time.perf_counter() - started
+        seconds, latencies = await closed_loop(translate, concurrency, requests, duration_s)
     return {
         "clients": concurrency, "requests": len(latencies) + sum(errors.values()), "seconds": round(seconds, 3),
         "sentences_per_s": round(translated / seconds, 2), "tokens_per_s": round(generated_tokens / seconds, 1),
-        "latency_p50_ms": round(1000 * float(np.percentile(latencies, 50)), 2) if latencies else None,
-        "latency_p99_ms": round(1000 * float(np.percentile(latencies, 99)), 2) if latencies else None,
-        "errors": dict(errors),
+        **latency_percentiles(latencies), "errors": dict(errors),
     }
 
 

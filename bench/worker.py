@@ -104,6 +104,7 @@ def scheduler_throughput(spec: dict) -> dict:
     batching costs and what gRPC costs."""
     import asyncio
 
+    from bench.load import closed_loop, latency_percentiles
     from decoding import DecodingParams
     from export.package import ModelPackage
     from server.config import ServerConfig
@@ -119,23 +120,19 @@ def scheduler_throughput(spec: dict) -> dict:
     sources = engine.tokenizer.encode(spec["sources"])
 
     async def load(beam: int, requests: int) -> dict:
-        loop, latencies, counter = asyncio.get_running_loop(), [], iter(range(requests))
+        loop = asyncio.get_running_loop()
 
-        async def client() -> None:
-            for n in counter:
-                future, started = loop.create_future(), time.perf_counter()
-                scheduler.submit([Row(sources[n % len(sources)], DecodingParams(beam_size=beam), future)])
-                await future
-                latencies.append(time.perf_counter() - started)
+        async def translate(n: int) -> bool:
+            future = loop.create_future()
+            scheduler.submit([Row(sources[n % len(sources)], DecodingParams(beam_size=beam), future)])
+            await future
+            return True
 
-        started = time.perf_counter()
-        await asyncio.gather(*(client() for _ in range(spec["clients"])))
-        seconds = time.perf_counter() - started
+        seconds, latencies = await closed_loop(translate, spec["clients"], requests)
         return {"engine": "parley-scheduler", "precision": "int8", "beam_size": beam, "batch_size": 1,
                 "threads": spec["threads"], "clients": spec["clients"], "requests": requests,
                 "seconds": round(seconds, 3), "sentences_per_s": round(requests / seconds, 2),
-                "latency_p50_ms": round(1000 * float(np.percentile(latencies, 50)), 2),
-                "latency_p99_ms": round(1000 * float(np.percentile(latencies, 99)), 2)}
+                **latency_percentiles(latencies)}
 
     try:
         asyncio.run(load(1, min(spec["requests"], 200)))  # warm-up
