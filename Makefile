@@ -11,6 +11,8 @@ PACKAGE := $(REPOSITORY)/multi30k-en-de
 DATA_DIR ?= ../shared/data/multi30k
 # Export verifies each variant on Multi30k val against PyTorch and the references.
 VERIFY_ON_VAL = --sample $(DATA_DIR)/val.en.gz --sample-references $(DATA_DIR)/val.de.gz
+# int8 activation scales are calibrated on training sentences, never on the ones verified.
+CALIBRATION = --calibration $(DATA_DIR)/train.en.gz
 
 .PHONY: setup test serve eval train export bench bench-scale bench-cuda proto clean
 
@@ -46,7 +48,7 @@ export: setup $(PACKAGE)/manifest.json
 
 # The default model's package: built from the committed checkpoint, verified on Multi30k val.
 $(PACKAGE)/manifest.json: $(READY) $(wildcard $(MODEL_DIR)/*) $(wildcard export/*.py) $(wildcard model/*.py)
-	$(BIN)/python -m export $(MODEL_DIR) $(PACKAGE) --name multi30k-en-de --precision fp32,int8 --force $(VERIFY_ON_VAL)
+	$(BIN)/python -m export $(MODEL_DIR) $(PACKAGE) --name multi30k-en-de --precision fp32,int8 --force $(VERIFY_ON_VAL) $(CALIBRATION)
 
 BENCH_READY := $(VENV)/.bench-ready
 $(BENCH_READY): requirements/bench.txt $(READY)

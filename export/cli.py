@@ -12,11 +12,11 @@ from export.package import PRECISIONS
 from model.data import read_lines
 
 
-def read_sample(path: Path | None) -> list[str] | None:
+def read_sentences(path: Path | None, role: str) -> list[str] | None:
     if path is None:
         return None
     if not path.is_file():
-        raise ExportError(f"sample file {path} does not exist")
+        raise ExportError(f"{role} file {path} does not exist")
     return read_lines(path)
 
 
@@ -33,6 +33,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--sample", type=Path, help="source sentences (plain or .gz, one a line) for verification")
     p.add_argument("--sample-references", type=Path, help="their reference translations, for BLEU")
     p.add_argument("--sample-size", type=int, default=200)
+    p.add_argument("--calibration", type=Path,
+                   help="source sentences (plain or .gz, one a line) like those to be served: int8 gets static "
+                        "activation scales from them, about a tenth faster (default: per-row scales at run time)")
+    p.add_argument("--calibration-size", type=int, default=1000, help="calibration sentences used (default 1000)")
     p.add_argument("--int8-weight-bits", default="auto", choices=["auto", "7", "8"],
                    help="8 is safe only on CPUs with VNNI; 7 avoids int16 saturation elsewhere "
                         "(auto: 8 if this CPU has VNNI)")
@@ -53,8 +57,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     bits = (8 if cpu_has_vnni() else 7) if args.int8_weight_bits == "auto" else int(args.int8_weight_bits)
     try:
         options = ExportOptions(
-            precisions=precisions, name=args.name, sample=read_sample(args.sample),
-            references=read_sample(args.sample_references), sample_size=args.sample_size, int8_weight_bits=bits,
+            precisions=precisions, name=args.name, sample=read_sentences(args.sample, "sample"),
+            references=read_sentences(args.sample_references, "references"), sample_size=args.sample_size, int8_weight_bits=bits,
+            calibration=read_sentences(args.calibration, "calibration"), calibration_size=args.calibration_size,
             min_bleu_vs_pytorch=args.min_bleu_vs_pytorch, verify_fp16_on_cpu=args.verify_fp16_on_cpu,
             force=args.force,
         )

@@ -20,6 +20,7 @@ import torch
 
 from decoding.tokenizer import Tokenizer
 from export import EXPORTER_VERSION
+from export.calibrate import input_ranges
 from export.graphs import export_graphs
 from export.io import OPSET
 from export.optimize import fold_reshape_shapes, merge_parallel_matmuls, reshape_unit_axis_transposes
@@ -44,6 +45,8 @@ class ExportOptions:
     sample: Sequence[str] | None = None
     references: Sequence[str] | None = None
     sample_size: int = 200
+    calibration: Sequence[str] | None = None  # source sentences for static int8 activation scales
+    calibration_size: int = 1000
     int8_weight_bits: int = 8
     max_fp32_logprob_diff: float = 1e-4
     min_bleu_vs_pytorch: float = 60.0  # int8 / fp16 greedy output scored against PyTorch's
@@ -69,7 +72,7 @@ def export_package(checkpoint_dir: Path, out_dir: Path, options: ExportOptions,
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.staging-", dir=out_dir.parent))
     try:
-        variants = build_variants(model, staging, options, log)
+        variants = build_variants(model, staging, options, calibrate(model, tokenizer, options, log), log)
         shutil.copyfile(checkpoint_dir / TOKENIZER_FILE, staging / TOKENIZER_FILE)
         records = {
             precision: {"device": "cuda" if precision == "fp16" else "cpu", "settings": settings,
@@ -131,7 +134,29 @@ def sample_sentences(model: Transformer, tokenizer: Tokenizer, options: ExportOp
     return tokenizer.decode(token_lists), None
 
 
-def build_variants(model: Transformer, staging: Path, options: ExportOptions, log) -> dict[str, dict]:
+@dataclass
+class Calibration:
+    """Static int8 activation ranges (export.calibrate) and how many sentences gave them."""
+    ranges: dict[bytes, float]
+    sentences: int
+
+
+def calibrate(model: Transformer, tokenizer: Tokenizer, options: ExportOptions, log) -> Calibration | None:
+    if "int8" not in options.precisions or not options.calibration:
+        return None
+    sentences = [line for line in options.calibration if line.strip()][: options.calibration_size]
+    sources = [ids for ids in tokenizer.encode(sentences) if len(ids) < model.config.max_positions]  # + EOS
+    if not sources:
+        raise ExportError("the calibration file has no sentences that fit the model's "
+                          f"{model.config.max_positions} positions")
+    left_out = len(sentences) - len(sources)
+    log(f"int8: calibrating activation ranges on {len(sources)} sentences"
+        + (f" ({left_out} too long for the model left out)" if left_out else ""))
+    return Calibration(input_ranges(model, sources), len(sources))
+
+
+def build_variants(model: Transformer, staging: Path, options: ExportOptions, calibration: Calibration | None,
+                   log) -> dict[str, dict]:
     """fp32 graphs always (the others derive from them); returns precision -> build settings."""
     (staging / "fp32").mkdir()
     log("exporting fp32 graphs")
@@ -146,15 +171,21 @@ def build_variants(model: Transformer, staging: Path, options: ExportOptions, lo
         for graph in GRAPHS:
             source = onnx.load(str(staging / "fp32" / f"{graph}.onnx"))
             if precision == "int8":
-                converted = quantize_int8(source, options.int8_weight_bits)
+                converted = quantize_int8(source, options.int8_weight_bits, calibration and calibration.ranges)
             else:
                 converted = convert_fp16(source, fp32_outputs=["log_probs", "top_log_probs", "eos_log_probs"])
             onnx.checker.check_model(converted)
             onnx.save(converted, str(staging / precision / f"{graph}.onnx"))
-        variants[precision] = {"int8_weight_bits": options.int8_weight_bits,
-                               "activation_scales": "per row"} if precision == "int8" else {}
+        variants[precision] = int8_settings(options, calibration) if precision == "int8" else {}
         log(f"built {precision} graphs")
     return variants
+
+
+def int8_settings(options: ExportOptions, calibration: Calibration | None) -> dict:
+    if calibration is None:
+        return {"int8_weight_bits": options.int8_weight_bits, "activation_scales": "per row"}
+    return {"int8_weight_bits": options.int8_weight_bits, "activation_scales": "static",
+            "calibration_sentences": calibration.sentences}
 
 
 def verify_variant(model, package, precision, sample, references, expected, options, log) -> dict:

@@ -11,6 +11,10 @@ sample=""
 if [ -f "$data/val.en.gz" ]; then
   sample="--sample $data/val.en.gz --sample-references $data/val.de.gz"
 fi
-# shellcheck disable=SC2086  # $sample is two flags or none
+calibration=""  # without it int8 scales activations per row at run time
+if [ -f "$data/train.en.gz" ]; then
+  calibration="--calibration $data/train.en.gz"
+fi
+# shellcheck disable=SC2086  # $sample and $calibration are flags or nothing
 "$python" -m export model/default "$out/multi30k-en-de" --name multi30k-en-de \
-  --precision "${PRECISIONS:-fp32,int8}" --int8-weight-bits "${INT8_WEIGHT_BITS:-7}" --force $sample
+  --precision "${PRECISIONS:-fp32,int8}" --int8-weight-bits "${INT8_WEIGHT_BITS:-7}" --force $sample $calibration

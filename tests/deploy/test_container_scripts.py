@@ -43,6 +43,7 @@ def test_build_script_exports_the_default_package(tmp_path):
     assert result.returncode == 0, result.stderr[-2000:]
     package = ModelPackage.load(tmp_path / "multi30k-en-de")
     assert package.precisions == ["int8"] and package.variant("int8").settings["int8_weight_bits"] == 7
+    assert package.variant("int8").settings["activation_scales"] == "static"  # calibrated on Multi30k train
 
 
 def test_health_check_script(tiny_package):

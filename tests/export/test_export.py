@@ -2,19 +2,38 @@ import json
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import onnx
 import pytest
 import torch
 
+from decoding import DecodingParams, output_budget
 from decoding.padding import pad_batch
+from decoding.tokenizer import Tokenizer
+from export.calibrate import input_ranges, weight_key
+from export.convert import ExportOptions, export_package
 from export.io import decoder_input_names
 from export.package import ModelPackage, PackageError
 from export.verify import max_logprob_difference
 from model.checkpoint import load_model
+from model.generate import translate_tokens
+from model.data import read_lines, split_path
 from server.engine.backend import OnnxStepBackend
+from server.engine.engine import Engine
 from server.engine.session import open_sessions
+from tests.conftest import DATA_DIR, tiny_model
+
+
+@pytest.fixture(scope="module")
+def calibrated_package(tiny_checkpoint, tmp_path_factory) -> Path:
+    """The tiny model with int8 activation scales calibrated on training sentences."""
+    out = tmp_path_factory.mktemp("packages") / "calibrated"
+    options = ExportOptions(precisions=("fp32", "int8"), min_bleu_vs_pytorch=0.0, sample_size=16,
+                            calibration=read_lines(split_path(DATA_DIR, "train", "en"))[:64])
+    export_package(tiny_checkpoint, out, options, log=lambda message: None)
+    return out
 
 
 def test_package_has_every_precision_with_checksums_and_parity(tiny_package):
@@ -56,14 +75,15 @@ def run_alone_and_batched(sessions, sources, steps):
             yield alone.step_log_probs(tokens[i : i + 1, t])[0], together[t][i]
 
 
-@pytest.mark.parametrize("precision", ["fp32", "int8"])
+@pytest.mark.parametrize("precision", ["fp32", "int8", "int8-static"])
 @pytest.mark.parametrize("batch", [1, 7])
-def test_dynamic_batch_and_padding_do_not_change_a_row(tiny_package, precision, batch):
-    sessions = open_sessions(ModelPackage.load(tiny_package), precision)
+def test_dynamic_batch_and_padding_do_not_change_a_row(tiny_package, calibrated_package, precision, batch):
+    package = calibrated_package if precision == "int8-static" else tiny_package
+    sessions = open_sessions(ModelPackage.load(package), precision.removesuffix("-static"))
     rng = np.random.default_rng(batch)
     sources = [list(rng.integers(4, 100, size=rng.integers(1, 15))) for _ in range(batch)]
     for alone, together in run_alone_and_batched(sessions, sources, steps=5):
-        if precision == "int8":  # per-row activation scales: integer matmuls are exact per row
+        if precision != "fp32":  # per-row or static activation scales: integer matmuls are exact per row
             assert np.array_equal(alone.argmax(), together.argmax())
         np.testing.assert_allclose(alone, together, atol=2e-5 if precision == "fp32" else 1e-4)
 
@@ -186,6 +206,55 @@ def test_int8_quantizes_each_activation_in_one_pass_with_shared_zero_points(tiny
     assert 1 <= len({q.input[2] for q in quantizers}) <= 2  # per graph: (rows, 1) and (rows, 1, 1)
 
 
+def test_calibration_records_each_projections_largest_input(tiny_checkpoint):
+    model = load_model(tiny_checkpoint)
+    source = [5, 6, 7, 8]
+    ranges = input_ranges(model, [source])
+    projections = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    assert len(ranges) == len(projections) + 1  # and the tied output projection
+    first_layer = model.encoder_layers[0].self_attn.q_proj
+    with torch.no_grad():
+        embedded = model.embed(torch.tensor([source + [model.config.eos_id]]), torch.arange(len(source) + 1)[None])
+    assert ranges[weight_key(first_layer.weight[0].detach().numpy())] == pytest.approx(float(embedded.abs().max()))
+    assert all(value > 0 for value in ranges.values())
+
+
+@pytest.mark.parametrize("graph", ["encoder", "decoder_step"])
+def test_calibrated_int8_quantizes_with_fixed_scales_and_adds_biases_in_the_gemm(calibrated_package, graph):
+    package = ModelPackage.load(calibrated_package)
+    tokens = Tokenizer(calibrated_package / "spm.model").encode(read_lines(split_path(DATA_DIR, "train", "en"))[:64])
+    fitting = sum(len(ids) < 64 for ids in tokens)  # room for EOS in the tiny model's 64 positions
+    assert 0 < fitting < 64  # the test covers sentences left out
+    assert package.variant("int8").settings == {"int8_weight_bits": 8, "activation_scales": "static",
+                                                "calibration_sentences": fitting}
+    fp32 = onnx.load(str(package.graph_path("fp32", graph))).graph
+    int8 = onnx.load(str(package.graph_path("int8", graph))).graph
+    scalars = {init.name for init in int8.initializer if not init.dims}
+    quantizers = [n for n in int8.node if n.op_type == "QuantizeLinear"]
+    assert quantizers and all(q.input[1] in scalars for q in quantizers)
+    assert not {"Abs", "ReduceMax"} & {n.op_type for n in int8.node}
+    vectors = {init.name for init in fp32.initializer if len(init.dims) == 1}
+    matmul_outputs = {n.output[0] for n in fp32.node if n.op_type == "MatMul"}
+    bias_adds = [n for n in fp32.node if n.op_type == "Add" and set(n.input) & matmul_outputs and set(n.input) & vectors]
+    gemms = [n for n in int8.node if n.op_type == "MatMulIntegerToFloat"]
+    assert bias_adds and sum(len(n.input) == 7 and n.input[6] != "" for n in gemms) == len(bias_adds)
+    assert sum(n.op_type == "Add" for n in int8.node) == sum(n.op_type == "Add" for n in fp32.node) - len(bias_adds)
+
+
+def test_calibrated_int8_translates_like_pytorch_on_text_like_its_calibration(tiny_checkpoint, calibrated_package):
+    """Held-out sentences of the calibration corpus. (Random token prefixes, as the logits check
+    feeds, can leave the calibrated ranges and saturate: that check is for per-row scales.)"""
+    model = load_model(tiny_checkpoint)
+    engine = Engine(ModelPackage.load(calibrated_package), "int8", "cpu")
+    sources = [ids for ids in engine.tokenizer.encode(read_lines(split_path(DATA_DIR, "train", "en"))[64:128])
+               if len(ids) < model.config.max_positions]
+    expected = translate_tokens(model, sources)
+    params = [DecodingParams(max_length=output_budget(len(s), model.config.max_positions - 1)) for s in sources]
+    got = [hyps[0].tokens for hyps in engine.decode(sources, params)]
+    assert len(sources) > 50
+    assert np.mean([tuple(g) == tuple(e) for g, e in zip(got, expected)]) >= 0.9
+
+
 def test_merged_projections_add_their_biases_once_and_unit_axis_transposes_are_reshapes(tiny_package):
     package = ModelPackage.load(tiny_package)
     for graph in ("encoder", "decoder_step"):
@@ -268,6 +337,9 @@ def test_cli_failure_messages(tiny_checkpoint, tmp_path):
 
     result = export_cli(tiny_checkpoint, tmp_path / "out", "--precision", "fp32,int4")
     assert result.returncode != 0 and "unknown precision int4" in result.stderr
+
+    result = export_cli(tiny_checkpoint, tmp_path / "out", "--calibration", tmp_path / "missing.en")
+    assert result.returncode != 0 and f"calibration file {tmp_path / 'missing.en'} does not exist" in result.stderr
 
     broken = tmp_path / "broken"
     shutil.copytree(tiny_checkpoint, broken)
