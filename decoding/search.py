@@ -155,9 +155,11 @@ class _Group:
         n, rows_each, per_row = values.shape
         k = self.k
         too_short = self.age < self.min_length
+        at_cap = self.age >= self.max_length
+        if k == 1 and not too_short.any() and not at_cap.any():
+            return self._advance_greedy(values[:, 0, 0], choices[:, 0, 0], eos_id)
         if too_short.any():
             values[too_short[:, None, None] & (choices == eos_id)] = -np.inf
-        at_cap = self.age >= self.max_length
         if at_cap.any():  # the length cap is reached: EOS is the only choice left
             values[at_cap] = -np.inf
             values[at_cap, :, 0] = eos_values[at_cap]
@@ -201,6 +203,28 @@ class _Group:
         rows = (live[:, None] * rows_each + next_beams[live]).reshape(-1)
         self.width = next_beams.shape[1]
         return rows, next_tokens[live].reshape(-1), results
+
+
+    def _advance_greedy(self, best: np.ndarray, tokens: np.ndarray, eos_id: int) -> tuple[np.ndarray, np.ndarray, list]:
+        """advance for one row per source and no length rule in force: each row's first
+        candidate is its best (the backend's top-k is sorted), so a row ends when that is EOS
+        and otherwise continues with it. The general path gives the same, in 3x the numpy calls."""
+        scores = self.scores[:, 0] + best
+        ends = tokens == eos_id
+        results = []
+        if ends.any():
+            for i in np.flatnonzero(ends):
+                length = int(self.age[i]) + 1
+                hypothesis = Hypothesis(self.tokens_of(i, 0), float(scores[i]) / length ** self.length_penalty[i])
+                results.append((self.keys[i], [hypothesis]))
+        self.history = np.concatenate([self.history, tokens[:, None, None]], axis=2)
+        self.scores = scores[:, None]
+        self.age += 1
+        if not results:
+            return np.arange(len(tokens)), tokens, results
+        live = np.flatnonzero(~ends)
+        self.keep(live)
+        return live, tokens[live], results
 
 
 class Search:
