@@ -23,7 +23,8 @@ from export import EXPORTER_VERSION
 from export.calibrate import input_ranges
 from export.graphs import export_graphs
 from export.io import OPSET
-from export.optimize import fold_reshape_shapes, merge_parallel_matmuls, reshape_unit_axis_transposes
+from export.optimize import (constants_as_initializers, fold_reshape_shapes, merge_parallel_matmuls,
+                             reshape_unit_axis_transposes)
 from export.package import FORMAT_VERSION, GRAPHS, MANIFEST_FILE, ModelPackage, file_record
 from export.quantize import convert_fp16, quantize_int8
 from export.verify import Parity, check_variant
@@ -161,8 +162,8 @@ def build_variants(model: Transformer, staging: Path, options: ExportOptions, ca
     (staging / "fp32").mkdir()
     log("exporting fp32 graphs")
     for path in export_graphs(model, staging / "fp32"):
-        onnx.save(reshape_unit_axis_transposes(fold_reshape_shapes(merge_parallel_matmuls(onnx.load(str(path))))),
-                  str(path))
+        graph = merge_parallel_matmuls(constants_as_initializers(onnx.load(str(path))))
+        onnx.save(reshape_unit_axis_transposes(fold_reshape_shapes(graph)), str(path))
     variants = {"fp32": {}}
     for precision in options.precisions:
         if precision == "fp32":

@@ -10,6 +10,9 @@ weights, followed by one Add of the concatenated biases and a Split. One larger 
 faster than three small ones, ONNX Runtime dispatches fewer nodes per step, and the int8
 variant quantizes the shared activation once instead of once per projection.
 
+constants_as_initializers: Constant nodes become initializers, so the rewrites see every
+constant the same way.
+
 reshape_unit_axis_transposes: a Transpose that moves only axes of size 1 leaves the data
 where it is; a Reshape, which ONNX Runtime runs without a copy, does the same. In the
 decoder step a row has one position, so the head transposes of its query, new key/value
@@ -32,10 +35,7 @@ def merge_parallel_matmuls(model: onnx.ModelProto) -> onnx.ModelProto:
     for node in graph.node:
         if node.op_type == "MatMul" and node.input[1] in weights and len(weights[node.input[1]].dims) == 2:
             groups[node.input[0]].append(node)
-    readers: dict[str, list[onnx.NodeProto]] = defaultdict(list)
-    for node in graph.node:
-        for name in node.input:
-            readers[name].append(node)
+    readers = readers_of(graph)
     merged_into: dict[int, list[onnx.NodeProto]] = {}
     for activation, nodes in groups.items():
         if len(nodes) < 2:
@@ -46,7 +46,7 @@ def merge_parallel_matmuls(model: onnx.ModelProto) -> onnx.ModelProto:
         sizes = numpy_helper.from_array(np.array([a.shape[1] for a in arrays], dtype=np.int64), f"{name}/sizes")
         graph.initializer.extend([merged, sizes])
         replacement = [helper.make_node("MatMul", [activation, merged.name], [f"{name}/out"], name=name)]
-        bias_adds = [_bias_add(n.output[0], readers, weights) for n in nodes]
+        bias_adds = [bias_add(n.output[0], readers, weights) for n in nodes]
         outputs, split_input = [n.output[0] for n in nodes], f"{name}/out"
         if all(add is not None and len(b) == a.shape[1] for (add, b), a in zip(bias_adds, arrays)):
             # one Add of all the biases, before the Split
@@ -70,7 +70,16 @@ def merge_parallel_matmuls(model: onnx.ModelProto) -> onnx.ModelProto:
     return remove_unused_nodes(model)  # the separate weights
 
 
-def _bias_add(output: str, readers: dict, weights: dict) -> tuple[onnx.NodeProto | None, np.ndarray | None]:
+def readers_of(graph: onnx.GraphProto) -> dict[str, list[onnx.NodeProto]]:
+    """Each tensor's reading nodes (graph outputs are not nodes: check those apart)."""
+    readers: dict[str, list[onnx.NodeProto]] = defaultdict(list)
+    for node in graph.node:
+        for name in node.input:
+            readers[name].append(node)
+    return readers
+
+
+def bias_add(output: str, readers: dict, weights: dict) -> tuple[onnx.NodeProto | None, np.ndarray | None]:
     """The Add of a constant vector that is the only reader of a MatMul's output, and the vector."""
     if len(readers[output]) != 1 or readers[output][0].op_type != "Add":
         return None, None
@@ -79,6 +88,26 @@ def _bias_add(output: str, readers: dict, weights: dict) -> tuple[onnx.NodeProto
     if len(other) != 1 or other[0] not in weights or len(weights[other[0]].dims) != 1:
         return None, None
     return add, numpy_helper.to_array(weights[other[0]])
+
+
+def constants_as_initializers(model: onnx.ModelProto) -> onnx.ModelProto:
+    """Constant nodes holding a tensor become initializers, the one kind of constant the
+    rewrites here and in quantize.py look for (the tracer writes some, e.g. the decoder's
+    additive never-generate mask, as Constant nodes)."""
+    graph = model.graph
+    kept = []
+    for node in graph.node:
+        value = next((a.t for a in node.attribute if a.name == "value"), None) if node.op_type == "Constant" else None
+        if value is None:
+            kept.append(node)
+            continue
+        tensor = onnx.TensorProto()
+        tensor.CopyFrom(value)
+        tensor.name = node.output[0]
+        graph.initializer.append(tensor)
+    graph.ClearField("node")
+    graph.node.extend(kept)
+    return model
 
 
 def inferred_dims(model: onnx.ModelProto) -> dict[str, list]:

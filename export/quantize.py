@@ -36,6 +36,7 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from export.calibrate import weight_key
+from export.optimize import bias_add, inferred_dims, readers_of
 
 GATHER_MIN_ROWS = 1024  # quantize vocabulary tables; small tables (positions) stay fp32
 
@@ -48,12 +49,13 @@ def quantize_int8(model: onnx.ModelProto, weight_bits: int = 8,
         raise ValueError(f"weight_bits must be 7 or 8, got {weight_bits}")
     q_max = 127 if weight_bits == 8 else 63
     input_ranges = input_ranges or {}
+    _drop_float_to_float_casts(model)  # e.g. the logits' .float(): the bias Add after it can then fold
     graph = model.graph
     initializers = {init.name: init for init in graph.initializer}
     new_nodes, new_inits, replaced = [], [], set()
     row_shapes = _leading_shapes(model)
     zero_points: dict[tuple, str] = {}  # activations of one leading shape share a zero-point tensor
-    bias_adds = _bias_adds(graph, initializers)
+    readers, graph_outputs = readers_of(graph), {output.name for output in graph.output}
     folded_adds: set[str] = set()
     shared = [
         numpy_helper.from_array(np.array(128, dtype=np.uint8), "q8_zero_point"),
@@ -71,10 +73,12 @@ def quantize_int8(model: onnx.ModelProto, weight_bits: int = 8,
             weight_array = numpy_helper.to_array(weight)
             input_range = input_ranges.get(weight_key(weight_array[:, 0]))
             if input_range is not None:
-                bias_add = bias_adds.get(node.output[0])
-                nodes, inits = _static_quantized_matmul(node, weight_array, q_max, input_range, bias_add)
-                if bias_add is not None:
-                    folded_adds.add(bias_add.output[0])
+                add, bias = bias_add(node.output[0], readers, initializers)
+                if add is None or len(bias) != weight_array.shape[1] or node.output[0] in graph_outputs:
+                    add = None
+                nodes, inits = _static_quantized_matmul(node, weight_array, q_max, input_range, add)
+                if add is not None:
+                    folded_adds.add(add.output[0])
             else:
                 rows = row_shapes.get(node.input[0])
                 nodes, inits, zero_point = _quantized_matmul(node, weight_array, q_max, zero_points.get(rows))
@@ -110,44 +114,38 @@ def _attr(node: onnx.NodeProto, name: str, default: int) -> int:
     return default
 
 
+def _drop_float_to_float_casts(model: onnx.ModelProto) -> None:
+    """Cast nodes that turn a float tensor into a float tensor do nothing: their readers read
+    the input instead."""
+    inferred = onnx.shape_inference.infer_shapes(model).graph
+    types = {v.name: v.type.tensor_type.elem_type for v in [*inferred.value_info, *inferred.input]}
+    graph_outputs = {output.name for output in model.graph.output}
+    aliases = {n.output[0]: n.input[0] for n in model.graph.node
+               if n.op_type == "Cast" and _attr(n, "to", 0) == TensorProto.FLOAT
+               and types.get(n.input[0]) == TensorProto.FLOAT and n.output[0] not in graph_outputs}
+    kept = [n for n in model.graph.node if not (n.op_type == "Cast" and n.output[0] in aliases)]
+    for node in kept:
+        node.input[:] = [aliases.get(name, name) for name in node.input]
+    model.graph.ClearField("node")
+    model.graph.node.extend(kept)
+
+
 def _leading_shapes(model: onnx.ModelProto) -> dict[str, tuple]:
     """Each tensor's dimensions but the last, where shape inference knows them all."""
-    from export.optimize import inferred_dims
-
     return {name: tuple(dims[:-1]) for name, dims in inferred_dims(model).items() if dims and None not in dims}
 
 
-def _bias_adds(graph: onnx.GraphProto, initializers: dict) -> dict[str, onnx.NodeProto]:
-    """MatMul output -> the Add that only adds a constant bias vector of its width to it."""
-    consumers: dict[str, list] = {}
-    for node in graph.node:
-        for name in node.input:
-            consumers.setdefault(name, []).append(node)
-    outputs = {o.name for o in graph.output}
-    widths = {n.output[0]: initializers[n.input[1]].dims[-1] for n in graph.node
-              if n.op_type == "MatMul" and len(n.input) == 2 and n.input[1] in initializers}
-    found = {}
-    for product, width in widths.items():
-        users = consumers.get(product, [])
-        if len(users) != 1 or users[0].op_type != "Add" or product in outputs:
-            continue
-        bias = [name for name in users[0].input if name != product]
-        if len(bias) == 1 and bias[0] in initializers and list(initializers[bias[0]].dims) == [width]:
-            found[product] = users[0]
-    return found
-
-
 def _static_quantized_matmul(node: onnx.NodeProto, weight: np.ndarray, q_max: int, input_range: float,
-                             bias_add: onnx.NodeProto | None):
-    """QuantizeLinear with the calibrated scale, then the integer GEMM; with bias_add, its
-    bias goes inside MatMulIntegerToFloat and its output is the GEMM's."""
+                             add: onnx.NodeProto | None):
+    """QuantizeLinear with the calibrated scale, then the integer GEMM; with `add` (the Add of a
+    bias to the MatMul's output), its bias goes inside MatMulIntegerToFloat and its output is the GEMM's."""
     p = node.name or node.output[0]
     col_scale = np.maximum(np.abs(weight).max(axis=0), 1e-12) / q_max
     weight_q = np.clip(np.round(weight / col_scale), -q_max, q_max).astype(np.int8)
     scale = np.array(max(input_range, 1e-12) / 127, dtype=np.float32)
     bias, y = "", node.output[0]
-    if bias_add is not None:
-        bias, y = next(name for name in bias_add.input if name != node.output[0]), bias_add.output[0]
+    if add is not None:
+        bias, y = next(name for name in add.input if name != node.output[0]), add.output[0]
     nodes = [
         helper.make_node("QuantizeLinear", [node.input[0], f"{p}/x_scale", "q8_zero_point"], [f"{p}/x_u8"]),
         helper.make_node("MatMulIntegerToFloat", [f"{p}/x_u8", f"{p}/w_s8", f"{p}/x_scale", f"{p}/col_scale",
