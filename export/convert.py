@@ -145,11 +145,15 @@ class Calibration:
 def calibrate(model: Transformer, tokenizer: Tokenizer, options: ExportOptions, log) -> Calibration | None:
     if "int8" not in options.precisions or not options.calibration:
         return None
+    if options.calibration_size < 1:
+        raise ExportError(f"the calibration size must be at least 1, got {options.calibration_size}")
     sentences = [line for line in options.calibration if line.strip()][: options.calibration_size]
+    if not sentences:
+        raise ExportError("the calibration file has no sentences (one source sentence a line)")
     sources = [ids for ids in tokenizer.encode(sentences) if len(ids) < model.config.max_positions]  # + EOS
     if not sources:
-        raise ExportError("the calibration file has no sentences that fit the model's "
-                          f"{model.config.max_positions} positions")
+        raise ExportError(f"every calibration sentence is longer than the model's {model.config.max_positions} "
+                          "positions")
     left_out = len(sentences) - len(sources)
     log(f"int8: calibrating activation ranges on {len(sources)} sentences"
         + (f" ({left_out} too long for the model left out)" if left_out else ""))

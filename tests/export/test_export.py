@@ -340,6 +340,10 @@ def test_cli_failure_messages(tiny_checkpoint, tmp_path):
 
     result = export_cli(tiny_checkpoint, tmp_path / "out", "--calibration", tmp_path / "missing.en")
     assert result.returncode != 0 and f"calibration file {tmp_path / 'missing.en'} does not exist" in result.stderr
+    (tmp_path / "blank.en").write_text("\n  \n")
+    result = export_cli(tiny_checkpoint, tmp_path / "out", "--calibration", tmp_path / "blank.en")
+    assert result.returncode != 0 and "the calibration file has no sentences" in result.stderr
+    assert not (tmp_path / "out").exists()
 
     broken = tmp_path / "broken"
     shutil.copytree(tiny_checkpoint, broken)
