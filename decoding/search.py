@@ -204,7 +204,6 @@ class _Group:
         self.width = next_beams.shape[1]
         return rows, next_tokens[live].reshape(-1), results
 
-
     def _advance_greedy(self, best: np.ndarray, tokens: np.ndarray, eos_id: int) -> tuple[np.ndarray, np.ndarray, list]:
         """advance for one row per source and no length rule in force: each row's first
         candidate is its best (the backend's top-k is sorted), so a row ends when that is EOS

@@ -5,23 +5,19 @@ on its own output, so the decoder sees the prefixes it meets when serving. One s
 forward pass: with no padding, every recorded activation belongs to a real token.
 
 Projections are named by their weights, not by module or tensor names (which the ONNX
-exporter does not keep): `weight_key` of the first output unit's input weights identifies a
-projection in PyTorch and the MatMul that computes it in the graph, merged or not.
+exporter does not keep): quantize.weight_key of the first output unit's input weights
+identifies a projection in PyTorch and the MatMul that computes it in the graph, merged or not.
 """
 
 from __future__ import annotations
 
 from typing import Sequence
 
-import numpy as np
 import torch
 
+from export.quantize import weight_key
 from model.generate import translate_tokens
 from model.transformer import Transformer
-
-
-def weight_key(first_output_weights: np.ndarray) -> bytes:
-    return np.ascontiguousarray(first_output_weights, dtype=np.float32).tobytes()
 
 
 @torch.no_grad()

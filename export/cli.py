@@ -58,8 +58,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     try:
         options = ExportOptions(
             precisions=precisions, name=args.name, sample=read_sentences(args.sample, "sample"),
-            references=read_sentences(args.sample_references, "references"), sample_size=args.sample_size, int8_weight_bits=bits,
+            references=read_sentences(args.sample_references, "references"), sample_size=args.sample_size,
             calibration=read_sentences(args.calibration, "calibration"), calibration_size=args.calibration_size,
+            int8_weight_bits=bits,
             min_bleu_vs_pytorch=args.min_bleu_vs_pytorch, verify_fp16_on_cpu=args.verify_fp16_on_cpu,
             force=args.force,
         )

@@ -46,9 +46,9 @@ def merge_parallel_matmuls(model: onnx.ModelProto) -> onnx.ModelProto:
         sizes = numpy_helper.from_array(np.array([a.shape[1] for a in arrays], dtype=np.int64), f"{name}/sizes")
         graph.initializer.extend([merged, sizes])
         replacement = [helper.make_node("MatMul", [activation, merged.name], [f"{name}/out"], name=name)]
-        bias_adds = [bias_add(n.output[0], readers, weights) for n in nodes]
+        bias_adds = [bias_add(n.output[0], readers, weights, a.shape[1]) for n, a in zip(nodes, arrays)]
         outputs, split_input = [n.output[0] for n in nodes], f"{name}/out"
-        if all(add is not None and len(b) == a.shape[1] for (add, b), a in zip(bias_adds, arrays)):
+        if all(add is not None for add, _ in bias_adds):
             # one Add of all the biases, before the Split
             bias = numpy_helper.from_array(np.concatenate([b for _, b in bias_adds]), f"{name}/bias")
             graph.initializer.append(bias)
@@ -79,13 +79,14 @@ def readers_of(graph: onnx.GraphProto) -> dict[str, list[onnx.NodeProto]]:
     return readers
 
 
-def bias_add(output: str, readers: dict, weights: dict) -> tuple[onnx.NodeProto | None, np.ndarray | None]:
-    """The Add of a constant vector that is the only reader of a MatMul's output, and the vector."""
+def bias_add(output: str, readers: dict, weights: dict, width: int) -> tuple[onnx.NodeProto | None, np.ndarray | None]:
+    """The Add of a constant vector of `width` entries that is the only reader of a MatMul's
+    output, and the vector."""
     if len(readers[output]) != 1 or readers[output][0].op_type != "Add":
         return None, None
     add = readers[output][0]
     other = [name for name in add.input if name != output]
-    if len(other) != 1 or other[0] not in weights or len(weights[other[0]].dims) != 1:
+    if len(other) != 1 or other[0] not in weights or list(weights[other[0]].dims) != [width]:
         return None, None
     return add, numpy_helper.to_array(weights[other[0]])
 

@@ -35,16 +35,21 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from export.calibrate import weight_key
 from export.optimize import bias_add, inferred_dims, readers_of
 
 GATHER_MIN_ROWS = 1024  # quantize vocabulary tables; small tables (positions) stay fp32
 
 
+def weight_key(first_output_weights: np.ndarray) -> bytes:
+    """A projection's name for calibration: the bytes of its first output unit's input weights
+    (a PyTorch Linear's weight[0], a graph MatMul's weight[:, 0])."""
+    return np.ascontiguousarray(first_output_weights, dtype=np.float32).tobytes()
+
+
 def quantize_int8(model: onnx.ModelProto, weight_bits: int = 8,
                   input_ranges: dict[bytes, float] | None = None) -> onnx.ModelProto:
-    """input_ranges: calibrate.weight_key of a projection's first output column -> max |input|;
-    projections found there get static activation scales, the others per-row ones."""
+    """input_ranges: weight_key of a projection -> max |input| (export/calibrate.py); projections
+    found there get static activation scales, the others per-row ones."""
     if weight_bits not in (7, 8):
         raise ValueError(f"weight_bits must be 7 or 8, got {weight_bits}")
     q_max = 127 if weight_bits == 8 else 63
@@ -73,8 +78,8 @@ def quantize_int8(model: onnx.ModelProto, weight_bits: int = 8,
             weight_array = numpy_helper.to_array(weight)
             input_range = input_ranges.get(weight_key(weight_array[:, 0]))
             if input_range is not None:
-                add, bias = bias_add(node.output[0], readers, initializers)
-                if add is None or len(bias) != weight_array.shape[1] or node.output[0] in graph_outputs:
+                add, _ = bias_add(node.output[0], readers, initializers, weight_array.shape[1])
+                if node.output[0] in graph_outputs:
                     add = None
                 nodes, inits = _static_quantized_matmul(node, weight_array, q_max, input_range, add)
                 if add is not None:

@@ -12,10 +12,11 @@ import torch
 from decoding import DecodingParams, output_budget
 from decoding.padding import pad_batch
 from decoding.tokenizer import Tokenizer
-from export.calibrate import input_ranges, weight_key
+from export.calibrate import input_ranges
 from export.convert import ExportOptions, export_package
 from export.io import decoder_input_names
 from export.package import ModelPackage, PackageError
+from export.quantize import weight_key
 from export.verify import max_logprob_difference
 from model.checkpoint import load_model
 from model.generate import translate_tokens
@@ -23,7 +24,7 @@ from model.data import read_lines, split_path
 from server.engine.backend import OnnxStepBackend
 from server.engine.engine import Engine
 from server.engine.session import open_sessions
-from tests.conftest import DATA_DIR, tiny_model
+from tests.conftest import DATA_DIR
 
 
 @pytest.fixture(scope="module")
