@@ -24,7 +24,7 @@ from export.calibrate import input_ranges
 from export.graphs import export_graphs
 from export.io import OPSET
 from export.optimize import (constants_as_initializers, fold_reshape_shapes, merge_parallel_matmuls,
-                             reshape_unit_axis_transposes)
+                             reshape_unit_axis_transposes, two_stage_top_k)
 from export.package import FORMAT_VERSION, GRAPHS, MANIFEST_FILE, ModelPackage, file_record
 from export.quantize import convert_fp16, quantize_int8
 from export.verify import Parity, check_variant
@@ -177,6 +177,8 @@ def build_variants(model: Transformer, staging: Path, options: ExportOptions, ca
             source = onnx.load(str(staging / "fp32" / f"{graph}.onnx"))
             if precision == "int8":
                 converted = quantize_int8(source, options.int8_weight_bits, calibration and calibration.ranges)
+                if graph == "decoder_step":  # int8 runs on CPUs only; CUDA's own TopK needs no help
+                    converted = two_stage_top_k(converted, model.config.vocab_size)
             else:
                 converted = convert_fp16(source, fp32_outputs=["log_probs", "top_log_probs", "eos_log_probs"])
             onnx.checker.check_model(converted)
