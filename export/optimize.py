@@ -1,4 +1,4 @@
-"""Graph rewrites applied at export, before precision variants are derived.
+"""Graph rewrites applied at export, most of them before precision variants are derived.
 
 fold_reshape_shapes: constant target shapes for the Reshapes the tracer computes from
 other tensors' shapes (below), and with them the shape chains gone.
@@ -12,6 +12,9 @@ variant quantizes the shared activation once instead of once per projection.
 
 constants_as_initializers: Constant nodes become initializers, so the rewrites see every
 constant the same way.
+
+two_stage_top_k (applied to the int8 decoder step, a CPU graph, after quantization): the
+top-k over the vocabulary from block maxima first, with the same result.
 
 reshape_unit_axis_transposes: a Transpose that moves only axes of size 1 leaves the data
 where it is; a Reshape, which ONNX Runtime runs without a copy, does the same. In the
