@@ -143,6 +143,11 @@ class _Group:
         age = int(self.age[i])
         return tuple(int(t) for t in self.history[i, beam, self.history.shape[2] - age :]) if age else ()
 
+    def _ended(self, i: int, beam: int, total: float) -> Hypothesis:
+        """Source i's beam ending with EOS at this step: its tokens and length-normalised score."""
+        length = int(self.age[i]) + 1
+        return Hypothesis(self.tokens_of(i, beam), float(total) / length ** self.length_penalty[i])
+
     def advance(self, values: np.ndarray, choices: np.ndarray, eos_values: np.ndarray,
                 eos_id: int) -> tuple[np.ndarray, np.ndarray, list]:
         """One step for this group, from each row's best K continuations.
@@ -183,9 +188,7 @@ class _Group:
 
         done = at_cap.copy()  # or k finished hypotheses: live sources had fewer before this step
         for i, j in zip(*np.nonzero(ends[:, :k] & np.isfinite(top_scores[:, :k]))):
-            length = int(self.age[i]) + 1
-            score = float(top_scores[i, j]) / length ** self.length_penalty[i]
-            self.finished[i].append(Hypothesis(self.tokens_of(i, int(beams[i, j])), score))
+            self.finished[i].append(self._ended(i, int(beams[i, j]), top_scores[i, j]))
             done[i] |= len(self.finished[i]) >= k
         results = [
             (self.keys[i], sorted(self.finished[i], key=lambda h: -h.score)[: self.num_hypotheses[i]])
@@ -210,12 +213,7 @@ class _Group:
         and otherwise continues with it. The general path gives the same, in 3x the numpy calls."""
         scores = self.scores[:, 0] + best
         ends = tokens == eos_id
-        results = []
-        if ends.any():
-            for i in np.flatnonzero(ends):
-                length = int(self.age[i]) + 1
-                hypothesis = Hypothesis(self.tokens_of(i, 0), float(scores[i]) / length ** self.length_penalty[i])
-                results.append((self.keys[i], [hypothesis]))
+        results = [(self.keys[i], [self._ended(i, 0, scores[i])]) for i in np.flatnonzero(ends)]
         self.history = np.concatenate([self.history, tokens[:, None, None]], axis=2)
         self.scores = scores[:, None]
         self.age += 1

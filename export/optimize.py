@@ -39,7 +39,7 @@ def merge_parallel_matmuls(model: onnx.ModelProto) -> onnx.ModelProto:
         if node.op_type == "MatMul" and node.input[1] in weights and len(weights[node.input[1]].dims) == 2:
             groups[node.input[0]].append(node)
     readers = readers_of(graph)
-    merged_into: dict[int, list[onnx.NodeProto]] = {}
+    merged_into: dict[str, list[onnx.NodeProto]] = {}  # by the replaced node's first output
     for activation, nodes in groups.items():
         if len(nodes) < 2:
             continue
@@ -58,16 +58,16 @@ def merge_parallel_matmuls(model: onnx.ModelProto) -> onnx.ModelProto:
             replacement.append(helper.make_node("Add", [split_input, bias.name], [f"{name}/biased"], name=f"{name}/add"))
             outputs, split_input = [add.output[0] for add, _ in bias_adds], f"{name}/biased"
             for add, _ in bias_adds:
-                merged_into[id(add)] = []
+                merged_into[add.output[0]] = []
         replacement.append(helper.make_node("Split", [split_input, sizes.name], outputs, axis=-1, name=f"{name}/split"))
-        merged_into[id(nodes[0])] = replacement  # the merged node goes where the first one stood
+        merged_into[nodes[0].output[0]] = replacement  # the merged node goes where the first one stood
         for n in nodes[1:]:
-            merged_into[id(n)] = []
+            merged_into[n.output[0]] = []
     if not merged_into:
         return model
     nodes = []
     for node in graph.node:
-        nodes += merged_into.get(id(node), [node])
+        nodes += merged_into.get(node.output[0], [node])
     graph.ClearField("node")
     graph.node.extend(nodes)
     return remove_unused_nodes(model)  # the separate weights

@@ -140,13 +140,19 @@ def _leading_shapes(model: onnx.ModelProto) -> dict[str, tuple]:
     return {name: tuple(dims[:-1]) for name, dims in inferred_dims(model).items() if dims and None not in dims}
 
 
+def _weight_initializers(weight: np.ndarray, q_max: int, p: str) -> list[onnx.TensorProto]:
+    """The int8 weight, symmetric per output column, and its column scales: {p}/w_s8, {p}/col_scale."""
+    col_scale = np.maximum(np.abs(weight).max(axis=0), 1e-12) / q_max  # (N,)
+    weight_q = np.clip(np.round(weight / col_scale), -q_max, q_max).astype(np.int8)
+    return [numpy_helper.from_array(weight_q, f"{p}/w_s8"),
+            numpy_helper.from_array(col_scale.astype(np.float32), f"{p}/col_scale")]
+
+
 def _static_quantized_matmul(node: onnx.NodeProto, weight: np.ndarray, q_max: int, input_range: float,
                              add: onnx.NodeProto | None):
     """QuantizeLinear with the calibrated scale, then the integer GEMM; with `add` (the Add of a
     bias to the MatMul's output), its bias goes inside MatMulIntegerToFloat and its output is the GEMM's."""
     p = node.name or node.output[0]
-    col_scale = np.maximum(np.abs(weight).max(axis=0), 1e-12) / q_max
-    weight_q = np.clip(np.round(weight / col_scale), -q_max, q_max).astype(np.int8)
     scale = np.array(max(input_range, 1e-12) / 127, dtype=np.float32)
     bias, y = "", node.output[0]
     if add is not None:
@@ -156,20 +162,13 @@ def _static_quantized_matmul(node: onnx.NodeProto, weight: np.ndarray, q_max: in
         helper.make_node("MatMulIntegerToFloat", [f"{p}/x_u8", f"{p}/w_s8", f"{p}/x_scale", f"{p}/col_scale",
                                                   "q8_zero_point", "", bias], [y], domain="com.microsoft"),
     ]
-    inits = [
-        numpy_helper.from_array(weight_q, f"{p}/w_s8"),
-        numpy_helper.from_array(col_scale.astype(np.float32), f"{p}/col_scale"),
-        numpy_helper.from_array(scale, f"{p}/x_scale"),
-    ]
-    return nodes, inits
+    return nodes, _weight_initializers(weight, q_max, p) + [numpy_helper.from_array(scale, f"{p}/x_scale")]
 
 
 def _quantized_matmul(node: onnx.NodeProto, weight: np.ndarray, q_max: int, zero_point: str | None):
     """The int8 chain for one MatMul; returns its nodes, initializers and the name of its
     (rows..., 1) zero-point tensor: `zero_point` if given (one of the same shape), else its own."""
     p = node.name or node.output[0]
-    col_scale = np.maximum(np.abs(weight).max(axis=0), 1e-12) / q_max  # (N,)
-    weight_q = np.clip(np.round(weight / col_scale), -q_max, q_max).astype(np.int8)
     x, y = node.input[0], node.output[0]
     # No bias input: with a per-row a_scale, ONNX Runtime 1.32 scales the bias by it too.
     inputs = [f"{p}/x_u8", f"{p}/w_s8", f"{p}/row_scale", f"{p}/col_scale", "q8_zero_point"]
@@ -188,11 +187,7 @@ def _quantized_matmul(node: onnx.NodeProto, weight: np.ndarray, q_max: int, zero
                          axis=-1, block_size=weight.shape[0]),
         helper.make_node("MatMulIntegerToFloat", inputs, [y], domain="com.microsoft"),
     ]
-    inits = [
-        numpy_helper.from_array(weight_q, f"{p}/w_s8"),
-        numpy_helper.from_array(col_scale.astype(np.float32), f"{p}/col_scale"),
-    ]
-    return nodes, inits, zero_point
+    return nodes, _weight_initializers(weight, q_max, p), zero_point
 
 
 def _quantized_gather(node: onnx.NodeProto, table: np.ndarray):
