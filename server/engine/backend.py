@@ -168,7 +168,11 @@ class OnnxStepBackend:
         self._grid = None
         self._drop_unread_sources()
         next_slot = int(self.lengths[:kept].max(initial=0)) + 1  # keep room for the coming step
-        if self.buffers.capacity > _blocks(next_slot + CACHE_BLOCK, CACHE_BLOCK):
+        if not kept:
+            # An empty batch: sources that join start at slot 0, and attention over slots no
+            # row fills would cost every step until the cache outgrew them (~7% at batch 32).
+            self.buffers.set_capacity(0, 0)
+        elif self.buffers.capacity > _blocks(next_slot + CACHE_BLOCK, CACHE_BLOCK):
             # A block of headroom stays, so a batch whose oldest rows keep leaving does not
             # shrink and regrow its cache at every block boundary.
             self.buffers.set_capacity(_blocks(next_slot, CACHE_BLOCK), kept)

@@ -55,6 +55,27 @@ def test_sources_joining_a_running_batch_decode_as_alone(engines, variant):
         assert [h.tokens for h in results[i]] == [h.tokens for h in alone], i
 
 
+def test_an_emptied_batch_gives_up_its_cache_slots(engines):
+    """A lane's batch lives on between bursts of work: sources joining an emptied batch start
+    with no cache slots, as in a new batch, rather than attending over slots nobody fills."""
+    engine = engines["int8"]
+    sources = mixed_sources(6, seed=6)
+    params = [DecodingParams(max_length=40, min_length=20)] * 6
+    batch = engine.new_search()
+    engine.admit(batch, range(3), sources[:3], params[:3])
+    first = {}
+    while len(batch):
+        first.update(batch.step())
+    assert batch.backend.buffers.capacity == 0
+    engine.admit(batch, range(3, 6), sources[3:], params[3:])
+    batch.step()
+    assert batch.backend.buffers.capacity == 16  # one block, as a new batch has after its first step
+    second = dict(batch.step())
+    while len(batch):
+        second.update(batch.step())
+    assert [second[i][0].tokens for i in range(3, 6)] == [hyps[0].tokens for hyps in engine.decode(sources[3:], params[3:])]
+
+
 def test_two_lanes_decode_what_one_lane_decodes(engines, tiny_package):
     two_lanes = Engine(ModelPackage.load(tiny_package), precision="int8", device="cpu", threads=2, lanes=2)
     sources = mixed_sources(9, seed=5)
