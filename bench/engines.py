@@ -22,10 +22,11 @@ def output_cap(source_tokens: int) -> int:
 class ParleyEngine:
     def __init__(self, package_dir: Path, precision: str, threads: int, lanes: int):
         from export.package import ModelPackage
-        from server.engine.engine import Engine
+        from server.engine.lanes import LaneEngine
 
-        self.engine = Engine(ModelPackage.load(package_dir), precision=precision, device="cpu", threads=threads,
-                             lanes=lanes)
+        self.engine = LaneEngine(ModelPackage.load(package_dir), precision=precision, device="cpu", threads=threads,
+                                 lanes=lanes)
+        self.worker_pids = [lane.process.pid for lane in self.engine.lanes]  # their memory counts too
 
     def translate(self, sources: Sequence[list[int]], beam_size: int) -> list[list[int]]:
         params = [DecodingParams(beam_size=beam_size, max_length=output_cap(len(s))) for s in sources]

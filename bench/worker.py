@@ -58,10 +58,19 @@ def measure(spec: dict) -> dict:
                 "bleu": round(sacrebleu.corpus_bleu(texts, [spec["references"]]).score, 2),
                 "outputs": texts if batch_size == spec["batch_sizes"][-1] else None,
             })
-    peak_rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    peak_rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 + \
+        sum(peak_rss_of(pid) for pid in getattr(engine, "worker_pids", []))
     for record in records:
         record["peak_rss_mb"] = round(peak_rss_mb, 1)
     return {"records": records}
+
+
+def peak_rss_of(pid: int) -> float:
+    """A live process's peak resident memory (Linux /proc), MB: Parley's lane processes."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return 0.0
 
 
 def kv_cache_speedup(spec: dict) -> dict:
@@ -108,13 +117,13 @@ def scheduler_throughput(spec: dict) -> dict:
     from decoding import DecodingParams
     from export.package import ModelPackage
     from server.config import ServerConfig
-    from server.engine.engine import Engine
+    from server.engine.lanes import LaneEngine
     from server.metrics import Metrics
     from server.scheduler import Row, Scheduler
 
     config = ServerConfig()
-    engine = Engine(ModelPackage.load(Path(spec["package"])), precision="int8", device="cpu", threads=spec["threads"],
-                    lanes=config.lanes)
+    engine = LaneEngine(ModelPackage.load(Path(spec["package"])), precision="int8", device="cpu",
+                        threads=spec["threads"], lanes=config.lanes)
     scheduler = Scheduler("bench", engine, config, Metrics())
     scheduler.start()
     sources = engine.tokenizer.encode(spec["sources"])

@@ -79,14 +79,14 @@ def check_variant(
     """Compare an engine on one variant with PyTorch's greedy output on the same sample."""
     tokenizer = engine.tokenizer
     sources = tokenizer.encode(sample)
-    diff = max_logprob_difference(model, engine.lanes[0], sources[:16])
+    diff = max_logprob_difference(model, engine.sessions, sources[:16])
     params = [DecodingParams(max_length=output_budget(len(s), engine.package.max_output_tokens)) for s in sources]
     outputs = [hyps[0].tokens for hyps in engine.decode(sources, params)]
     texts, expected_texts = tokenizer.decode(outputs), tokenizer.decode(reference_outputs)
     exact = float(np.mean([tuple(o) == tuple(r) for o, r in zip(outputs, reference_outputs)]))
     return Parity(
         precision=engine.precision,
-        provider=engine.lanes[0].decoder.get_providers()[0],
+        provider=engine.sessions.decoder.get_providers()[0],
         max_abs_logprob_diff=diff,
         sentences=len(sources),
         exact_match_rate=exact,

@@ -11,7 +11,6 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from decoding import DecodingParams
 from parley.v1 import translate_pb2 as pb
 from parley.v1 import translate_pb2_grpc as pb_grpc
 from server.config import ServerConfig
@@ -56,10 +55,7 @@ class ParleyServer:
         await self.grpc_server.start()
         try:
             self.registry = await asyncio.to_thread(load_models, self.config, self.metrics)
-            for model in self.registry:
-                lanes = len(model.engine.lanes)  # one text per lane warms every lane
-                await asyncio.to_thread(model.engine.translate, ["Warm-up."] * lanes,
-                                        [DecodingParams(beam_size=2, max_length=8)] * lanes)
+            for model in self.registry:  # the lanes warmed up as they loaded
                 model.scheduler.start()
         except BaseException:
             await self.grpc_server.stop(0)

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from export.package import MANIFEST_FILE, ModelPackage
 from server.config import ServerConfig
-from server.engine.engine import Engine
+from server.engine.lanes import LaneEngine
 from server.errors import ModelNotFound
 from server.metrics import Metrics
 from server.scheduler import Scheduler
@@ -20,7 +20,7 @@ log = logging.getLogger("parley.models")
 class LoadedModel:
     name: str
     package: ModelPackage
-    engine: Engine
+    engine: LaneEngine
     scheduler: Scheduler
 
     @property
@@ -65,21 +65,26 @@ def load_models(config: ServerConfig, metrics: Metrics) -> ModelRegistry:
     if not paths:
         raise FileNotFoundError(f"no model packages in {config.model_repository} (a package is a directory with "
                                 f"{MANIFEST_FILE}; build the default one with `make export`)")
-    models = []
-    for path in paths:
-        package = ModelPackage.load(path)
-        engine = Engine(package, precision=None if config.precision == "auto" else config.precision,
-                        device=None if config.device == "auto" else config.device, threads=config.threads,
-                        lanes=config.lanes)
-        models.append(LoadedModel(package.name, package, engine, Scheduler(package.name, engine, config, metrics)))
-        metrics.model_info.labels(package.name, f"{package.name}/{engine.precision}", engine.precision,
-                                  engine.device).set(1)
-        log.info("loaded model", extra={"model": package.name, "precision": engine.precision,
-                                        "device": engine.device, "path": str(path)})
-    names = [m.name for m in models]
-    if len(set(names)) != len(names):
-        raise ValueError(f"model names must be unique in {config.model_repository}: {names}")
-    default = config.default_model or names[0]
-    if default not in names:
-        raise ValueError(f"default model '{default}' is not in {config.model_repository} (has {', '.join(names)})")
+    models: list[LoadedModel] = []
+    try:
+        for path in paths:
+            package = ModelPackage.load(path)
+            engine = LaneEngine(package, precision=None if config.precision == "auto" else config.precision,
+                                device=None if config.device == "auto" else config.device, threads=config.threads,
+                                lanes=config.lanes)
+            models.append(LoadedModel(package.name, package, engine, Scheduler(package.name, engine, config, metrics)))
+            metrics.model_info.labels(package.name, f"{package.name}/{engine.precision}", engine.precision,
+                                      engine.device).set(1)
+            log.info("loaded model", extra={"model": package.name, "precision": engine.precision,
+                                            "device": engine.device, "lanes": config.lanes, "path": str(path)})
+        names = [m.name for m in models]
+        if len(set(names)) != len(names):
+            raise ValueError(f"model names must be unique in {config.model_repository}: {names}")
+        default = config.default_model or names[0]
+        if default not in names:
+            raise ValueError(f"default model '{default}' is not in {config.model_repository} (has {', '.join(names)})")
+    except BaseException:
+        for model in models:  # their lane processes
+            model.engine.close()
+        raise
     return ModelRegistry(models, default)

@@ -1,16 +1,17 @@
 """Continuous batching: texts from many requests share running decode batches, one per engine lane.
 
-The event loop only queues work (``submit``) and awaits futures; one worker thread per
-engine lane owns that lane's running batch, and the lanes take work from one shared
-queue. At every step boundary a worker drops cancelled and expired texts, admits queued
-texts while its batch has room (rows = texts x beams, tokens = source tokens x beams),
-runs one decoder step for the whole batch, and resolves the futures of the texts that
-finished. A short text therefore never waits for a long one to finish; it waits at most
-one step to join.
+The event loop only queues work (``submit``) and awaits futures. Each engine lane is a
+worker process with its own running batch (server.engine.lanes): at every step boundary
+it takes in the texts and cancellations sent to it, drops texts whose deadline passed,
+runs one decoder step and reports the texts that ended. A short text therefore never
+waits for a long one to finish; it waits at most one step to join.
 
-Admission prefers, after the oldest waiting text, texts of a similar length (same
-length bucket) so that padding in the shared batch stays small; nothing waits forever
-because the oldest text always goes first.
+Here, two threads per lane: a feeder sends the lane queued texts while its batch has room
+(rows = texts x beams, tokens = source tokens x beams; the least busy lane first) and
+cancellations; a collector answers the texts the lane reports. Admission prefers, after
+the oldest waiting text, texts of a similar length (same length bucket) so that padding
+in the shared batch stays small; nothing waits forever because the oldest text always
+goes first.
 """
 
 from __future__ import annotations
@@ -24,7 +25,8 @@ from dataclasses import dataclass, field
 
 from decoding import DecodingParams
 from server.config import ServerConfig
-from server.engine.engine import Engine, TextHypothesis
+from server.engine.engine import TextHypothesis
+from server.engine.lanes import Ending, Job, LaneEngine
 from server.errors import Cancelled, DeadlineExceeded, Overloaded, ServingError, Unavailable
 from server.metrics import Metrics
 
@@ -47,8 +49,9 @@ class Row:
     deadline: float | None = None  # time.monotonic() after which the answer is useless
     key: int = field(default_factory=lambda: next(_keys))
     enqueued: float = field(default_factory=time.monotonic)
-    answered: bool = False  # set by the worker, which answers every row exactly once
-    cancelled: bool = False  # set by the caller; the worker drops the row at its next step
+    answered: bool = False  # set when the row is answered (exactly once)
+    cancelled: bool = False  # set by the caller; the lane drops the row at its next step
+    lane: int | None = None  # the lane decoding it, once admitted
 
     @property
     def rows(self) -> int:
@@ -60,18 +63,31 @@ class Row:
 
 
 class Scheduler:
-    def __init__(self, name: str, engine: Engine, config: ServerConfig, metrics: Metrics):
+    WAKE_S = 0.05  # feeders look at queued texts' deadlines at least this often
+
+    def __init__(self, name: str, engine: LaneEngine, config: ServerConfig, metrics: Metrics):
         self.name, self.engine, self.config, self.metrics = name, engine, config, metrics
         self._condition = threading.Condition()
         self._pending: list[Row] = []
+        self._pending_cancelled = False  # a queued row was cancelled: feeders drop it
         self._accepting = True
         self._stopped = False
-        self._active: list[dict[int, Row]] = [{} for _ in engine.lanes]  # per lane: texts in its running batch
-        self._threads = [threading.Thread(target=self._run, args=(lane,), name=f"parley-engine-{name}-{lane}",
-                                          daemon=True) for lane in range(len(engine.lanes))]
+        lanes = range(len(engine.lanes))
+        self._active: list[dict[int, Row]] = [{} for _ in lanes]  # per lane: texts sent to it, not yet answered
+        self._to_cancel: list[set[int]] = [set() for _ in lanes]  # per lane: keys to cancel there
+        self._running = [True for _ in lanes]  # False while a lane restarts, or after it failed to
+        self._failed = [False for _ in lanes]  # the lane died and could not restart
+        # Admission is worth another look only after something changed (texts queued, a lane's
+        # batch shrank or grew): `_changes` counts those, `_seen` is each lane's last look.
+        self._changes = 0
+        self._seen = [-1 for _ in lanes]
+        self._feeders = [threading.Thread(target=self._feed, args=(lane,), name=f"parley-feed-{name}-{lane}",
+                                          daemon=True) for lane in lanes]
+        self._collectors = [threading.Thread(target=self._collect, args=(lane,), name=f"parley-collect-{name}-{lane}",
+                                             daemon=True) for lane in lanes]
 
     def start(self) -> None:
-        for thread in self._threads:
+        for thread in self._feeders + self._collectors:
             thread.start()
 
     @property
@@ -88,10 +104,14 @@ class Scheduler:
         with self._condition:
             if not self._accepting:
                 raise Unavailable("the server is shutting down; retry on another replica")
+            if all(self._failed):
+                raise Unavailable(f"model {self.name} has no running decode lane (see the server log); "
+                                  "retry on another replica")
             if len(self._pending) + len(rows) > self.config.queue_limit:
                 raise Overloaded(f"model {self.name} has {len(self._pending)} texts waiting (limit "
                                  f"{self.config.queue_limit}); retry with backoff")
             self._pending += rows
+            self._changes += 1
             self.metrics.queue_depth.labels(self.name).set(len(self._pending))
             self._condition.notify_all()
 
@@ -100,6 +120,10 @@ class Scheduler:
         with self._condition:
             for row in rows:
                 row.cancelled = True
+                if row.lane is not None and row.key in self._active[row.lane]:
+                    self._to_cancel[row.lane].add(row.key)
+                else:
+                    self._pending_cancelled = True
             self._condition.notify_all()
 
     def stop_accepting(self) -> None:
@@ -107,45 +131,92 @@ class Scheduler:
             self._accepting = False
 
     def stop(self, timeout: float = 5.0) -> None:
-        """End the workers; every text still queued or running is answered UNAVAILABLE."""
+        """End the workers and the lanes; every text still queued or running is answered UNAVAILABLE."""
         with self._condition:
             self._accepting = False
             self._stopped = True
             self._condition.notify_all()
-        for thread in self._threads:
+        for thread in self._feeders:
             thread.join(timeout)
+        self.engine.close()  # the collectors read what the lanes sent before they stopped, then end
+        for thread in self._collectors:
+            thread.join(timeout)
+        with self._condition:
+            left, self._pending = [r for active in self._active for r in active.values()] + self._pending, []
+            for active in self._active:
+                active.clear()
+        for row in left:
+            self._resolve(row, error=Unavailable("the server stopped before this text was translated"))
 
-    def _run(self, lane: int) -> None:
-        batch = self.engine.new_search(lane)
+    def _feed(self, lane: int) -> None:
+        """Send the lane queued texts while it has room, and the cancellations of its texts."""
         active = self._active[lane]
         while True:
             with self._condition:
-                while not self._stopped and not self._pending and not active:
-                    self._condition.wait()
+                self._condition.wait_for(lambda: self._stopped or self._has_work(lane), self.WAKE_S)
                 if self._stopped:
-                    break
-                if not active and self._pending:
-                    self._wait_to_fill()
-                admitted = self._take_admissible(active)
+                    return
+                gone = self._take_gone()
+                cancels, self._to_cancel[lane] = list(self._to_cancel[lane]), set()
+                admitted = []
+                if self._pending and self._may_admit(lane):
+                    if not active:
+                        self._wait_to_fill()
+                    admitted = self._take_admissible(active)
+                    for row in admitted:
+                        row.lane = lane
+                        active[row.key] = row
+                self._seen[lane] = self._changes
+                self._changes += bool(admitted)
                 self.metrics.queue_depth.labels(self.name).set(len(self._pending))
+            for row in gone:
+                self._resolve(row, error=Cancelled("cancelled") if row.cancelled else
+                              DeadlineExceeded("the deadline passed while the text was queued"))
             try:
-                self._drop(batch, active)
+                if cancels:
+                    self.engine.lanes[lane].send(("cancel", cancels))
                 if admitted:
-                    self._admit(batch, active, admitted)
-                if len(batch):
-                    self._step(batch, active)
-            except Exception as error:  # an engine failure fails the texts in the batch, not the server
-                log.exception("engine step failed", extra={"model": self.name})
-                for row in list(active.values()):
-                    self._resolve(active, row, error=ServingError(f"engine failure: {error}"))
-                batch = self.engine.new_search(lane)
-        with self._condition:
-            left, self._pending = list(active.values()) + self._pending, []
-        for row in left:
-            self._resolve(active, row, error=Unavailable("the server stopped before this text was translated"))
+                    self.engine.lanes[lane].send(("admit", [Job(r.key, r.tokens, r.params, r.deadline)
+                                                            for r in admitted]))
+            except OSError:  # the lane died: its collector answers the texts it held
+                continue
+            now = time.monotonic()
+            for row in admitted:
+                self.metrics.queue_duration.labels(self.name).observe(now - row.enqueued)
+
+    def _has_work(self, lane: int) -> bool:
+        return bool(self._to_cancel[lane]) or self._pending_cancelled or \
+            (bool(self._pending) and self._seen[lane] != self._changes and self._may_admit(lane))
+
+    def _may_admit(self, lane: int) -> bool:
+        """The lane is running and has room, and no less busy lane with room has yet to look at
+        the queue (that one takes texts first: the lanes' batches stay even)."""
+        if not self._has_room(lane):
+            return False
+        rows = self._rows(lane)
+        return not any(self._has_room(other) and self._rows(other) < rows and self._seen[other] != self._changes
+                       for other in range(len(self._active)) if other != lane)
+
+    def _has_room(self, lane: int) -> bool:
+        active = self._active[lane].values()
+        return self._running[lane] and self._rows(lane) < self.config.max_batch_rows and \
+            sum(r.cost_tokens for r in active) < self.config.max_batch_tokens
+
+    def _rows(self, lane: int) -> int:
+        return sum(r.rows for r in self._active[lane].values())
+
+    def _take_gone(self) -> list[Row]:
+        """Under the lock: remove and return queued texts that were cancelled or whose deadline passed."""
+        now = time.monotonic()
+        self._pending_cancelled = False
+        gone = [r for r in self._pending if r.cancelled or (r.deadline is not None and r.deadline <= now)]
+        if gone:
+            leaving = {id(r) for r in gone}
+            self._pending = [r for r in self._pending if id(r) not in leaving]
+        return gone
 
     def _wait_to_fill(self) -> None:
-        """An idle engine waits up to max_queue_delay_ms for more texts, unless a batch is already full."""
+        """An idle lane waits up to max_queue_delay_ms for more texts, unless a batch is already full."""
         until = time.monotonic() + self.config.max_queue_delay_ms / 1000
         while not self._stopped and sum(r.rows for r in self._pending) < self.config.max_batch_rows:
             left = until - time.monotonic()
@@ -175,56 +246,79 @@ class Scheduler:
         self._pending = [r for r in self._pending if id(r) not in taken]
         return admitted
 
-    def _drop(self, batch, active: dict[int, Row]) -> None:
-        """Remove cancelled and expired texts, queued or running in this lane."""
-        now = time.monotonic()
+    def _collect(self, lane: int) -> None:
+        """Answer the texts the lane reports; restart the lane if its process dies."""
+        while True:
+            try:
+                _, endings, stats = self.engine.lanes[lane].recv()
+            except (EOFError, OSError):
+                if self._stopped or not self._restart(lane):
+                    return
+                continue
+            for rows, padding in stats:
+                self.metrics.batch_size.labels(self.name).observe(rows)
+                self.metrics.padding_ratio.labels(self.name).observe(padding)
+            self.settle(lane, endings)
+
+    def settle(self, lane: int, endings: list[Ending]) -> None:
+        """Answer the texts that left the lane: their translations, or why not."""
         with self._condition:
-            gone = [r for r in self._pending if r.cancelled or (r.deadline is not None and r.deadline <= now)]
-            if gone:
-                leaving = {id(r) for r in gone}
-                self._pending = [r for r in self._pending if id(r) not in leaving]
-        for row in gone:
-            self._resolve(active, row, error=Cancelled("cancelled") if row.cancelled else
-                          DeadlineExceeded("the deadline passed while the text was queued"))
-        expired = {k for k, r in active.items() if r.deadline is not None and r.deadline <= now}
-        cancelled = {k for k, r in active.items() if r.cancelled}
-        for key in batch.cancel(cancelled | expired) if cancelled or expired else []:
-            self._resolve(active, active[key], error=Cancelled("cancelled") if key in cancelled else
-                          DeadlineExceeded("the deadline passed during translation"))
-
-    def _admit(self, batch, active: dict[int, Row], rows: list[Row]) -> None:
-        now = time.monotonic()
-        try:
-            self.engine.admit(batch, [r.key for r in rows], [r.tokens for r in rows], [r.params for r in rows])
-        except Exception as error:  # these texts could not be encoded; the running batch is untouched
-            log.exception("admission failed", extra={"model": self.name})
-            for row in rows:
-                self._resolve(active, row, error=ServingError(f"engine failure: {error}"))
-            return
-        for row in rows:
-            active[row.key] = row
-            self.metrics.queue_duration.labels(self.name).observe(now - row.enqueued)
-
-    def _step(self, batch, active: dict[int, Row]) -> None:
-        backend = batch.backend
-        self.metrics.batch_size.labels(self.name).observe(backend.rows)
-        self.metrics.padding_ratio.labels(self.name).observe(backend.padding_ratio)
-        finished = batch.step()
-        if not finished:
-            return
-        texts = self.engine.detokenize_many([hypotheses for _, hypotheses in finished])  # one call per step
+            ended = [(self._active[lane].pop(e.key), e) for e in endings if e.key in self._active[lane]]
+            self._changes += 1
+            self._condition.notify_all()  # the lane has room again
+        finished = [(row, e.hypotheses) for row, e in ended if not e.reason]
+        texts = self.engine.detokenize_many([hypotheses for _, hypotheses in finished])  # one call per report
         self.metrics.generated_tokens.labels(self.name).inc(sum(len(h[0].tokens) for _, h in finished if h))
-        for (key, _), result in zip(finished, texts):
+        for (row, _), result in zip(finished, texts):
             if result:
-                self._resolve(active, active[key], result=result)
+                self._resolve(row, result=result)
             else:  # every hypothesis scored NaN or -inf: never answer with an empty translation
-                self._resolve(active, active[key], error=ServingError(
+                self._resolve(row, error=ServingError(
                     "the model produced no finite-scored translation for this text (numerical failure)"))
+        for row, ending in ended:
+            if ending.reason == "cancelled":
+                self._resolve(row, error=Cancelled("cancelled"))
+            elif ending.reason == "expired":
+                self._resolve(row, error=DeadlineExceeded("the deadline passed during translation"))
+            elif ending.reason:
+                log.error("engine failure", extra={"model": self.name, "error": ending.reason})
+                self._resolve(row, error=ServingError(ending.reason))
 
-    def _resolve(self, active: dict[int, Row], row: Row, result: list[TextHypothesis] | None = None,
+    def _restart(self, lane: int) -> bool:
+        """The lane's process died: answer its texts, start a new one. False if that failed too."""
+        process = self.engine.lanes[lane].process
+        process.join(5)
+        log.error("decode lane died; restarting it", extra={"model": self.name, "lane": lane,
+                                                             "exit_code": process.exitcode})
+        with self._condition:
+            self._running[lane] = False
+            lost = list(self._active[lane].values())
+            self._active[lane].clear()
+            self._to_cancel[lane].clear()
+        for row in lost:
+            self._resolve(row, error=ServingError(
+                f"the decode lane stopped unexpectedly (exit code {process.exitcode}); retry the request"))
+        try:
+            self.engine.lanes[lane].start()
+            self.engine.lanes[lane].wait_ready()
+        except Exception:
+            log.exception("decode lane could not restart", extra={"model": self.name, "lane": lane})
+            with self._condition:
+                self._failed[lane] = True
+                stranded = self._pending if all(self._failed) else []
+                self._pending = [r for r in self._pending if r not in stranded]
+            for row in stranded:
+                self._resolve(row, error=Unavailable(f"model {self.name} has no running decode lane"))
+            return False
+        with self._condition:
+            self._running[lane] = not self._stopped
+            self._changes += 1
+            self._condition.notify_all()
+        return True
+
+    def _resolve(self, row: Row, result: list[TextHypothesis] | None = None,
                  error: Exception | None = None) -> None:
         """Answer a text exactly once, on its event loop."""
-        active.pop(row.key, None)
         row.answered = True
         loop = row.future.get_loop()
 
@@ -240,4 +334,3 @@ class Scheduler:
             loop.call_soon_threadsafe(settle)
         except RuntimeError:  # the loop is closed: nobody is waiting any more
             pass
-

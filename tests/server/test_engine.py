@@ -1,13 +1,16 @@
 """The ONNX Runtime engine: batch independence, beams, n-best, length limits, parity with PyTorch."""
 
+import shutil
+
 import numpy as np
 import pytest
 
 from decoding import DecodingParams
-from export.package import ModelPackage
+from export.package import ModelPackage, PackageError
 from model.checkpoint import load_model
 from model.generate import generate
-from server.engine.engine import Engine, length_shares
+from server.engine.engine import Engine
+from server.engine.lanes import LaneEngine, length_shares
 
 
 @pytest.fixture(scope="module")
@@ -76,15 +79,38 @@ def test_an_emptied_batch_gives_up_its_cache_slots(engines):
     assert [second[i][0].tokens for i in range(3, 6)] == [hyps[0].tokens for hyps in engine.decode(sources[3:], params[3:])]
 
 
-def test_two_lanes_decode_what_one_lane_decodes(engines, tiny_package):
-    two_lanes = Engine(ModelPackage.load(tiny_package), precision="int8", device="cpu", threads=2, lanes=2)
-    sources = mixed_sources(9, seed=5)
-    params = [DecodingParams(beam_size=(1, 3)[i % 2], num_hypotheses=1, max_length=20) for i in range(9)]
-    expected = engines["int8"].decode(sources, params)
-    assert [[h.tokens for h in hyps] for hyps in two_lanes.decode(sources, params)] == \
-        [[h.tokens for h in hyps] for hyps in expected]
+def test_two_lane_processes_decode_what_one_engine_decodes(engines, tiny_package):
+    two_lanes = LaneEngine(ModelPackage.load(tiny_package), precision="int8", device="cpu", threads=2, lanes=2)
+    try:
+        assert (two_lanes.precision, two_lanes.device) == ("int8", "cpu")
+        sources = mixed_sources(9, seed=5)
+        params = [DecodingParams(beam_size=(1, 3)[i % 2], num_hypotheses=(1, 2)[i % 2], max_length=20) for i in range(9)]
+        expected = engines["int8"].decode(sources, params)
+
+        def same(results, wanted):
+            assert [[h.tokens for h in hyps] for hyps in results] == [[h.tokens for h in hyps] for hyps in wanted]
+            assert [h.score for hyps in results for h in hyps] == \
+                pytest.approx([h.score for hyps in wanted for h in hyps], abs=1e-5)  # other batch mates: float noise
+
+        for _ in range(2):  # the lanes' batches run on after the first call
+            same(two_lanes.decode(sources, params), expected)
+        with pytest.raises(ValueError, match="exceeds the model's limit"):
+            two_lanes.decode([[5] * (two_lanes.max_source_tokens + 1)], params[:1])
+        same(two_lanes.decode(sources[:1], params[:1]), expected[:1])  # the refusal left the lanes as they were
+    finally:
+        two_lanes.close()
+    assert all(not lane.process.is_alive() for lane in two_lanes.lanes)
     with pytest.raises(ValueError, match="lanes must be >= 1"):
-        Engine(ModelPackage.load(tiny_package), precision="int8", device="cpu", lanes=0)
+        LaneEngine(ModelPackage.load(tiny_package), precision="int8", device="cpu", lanes=0)
+
+
+def test_a_lane_that_cannot_load_raises_its_error_in_the_parent(tiny_package, tmp_path):
+    shutil.copytree(tiny_package, tmp_path / "pkg")
+    with open(tmp_path / "pkg" / "int8" / "decoder_step.onnx", "r+b") as graph:
+        graph.seek(100)
+        graph.write(b"corrupted")
+    with pytest.raises(PackageError, match="decoder_step.onnx does not match its sha256"):
+        LaneEngine(ModelPackage.load(tmp_path / "pkg"), precision="int8", device="cpu", lanes=2)
 
 
 def test_a_failed_encoder_run_leaves_the_running_batch_as_it_was(engines):

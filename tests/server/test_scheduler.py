@@ -7,37 +7,16 @@ import pytest
 
 from decoding import DecodingParams
 from server.config import ServerConfig
+from server.engine.lanes import Ending
 from server.errors import ServingError
 from server.metrics import Metrics
 from server.scheduler import Row, Scheduler
 
 
-class NonFiniteBatch:
-    """A decode batch whose every text finishes at once without a finite hypothesis."""
+class NoLanes:
+    """The scheduler's view of an engine, without lane processes (nothing is started)."""
 
-    def __init__(self):
-        self.keys = []
-        self.backend = type("Backend", (), {"rows": 0, "padding_ratio": 0.0})()
-
-    def __len__(self):
-        return len(self.keys)
-
-    def step(self):
-        finished, self.keys = [(key, []) for key in self.keys], []
-        return finished
-
-    def cancel(self, keys):
-        return []
-
-
-class NonFiniteEngine:
     lanes = [None]
-
-    def new_search(self, lane=0):
-        return NonFiniteBatch()
-
-    def admit(self, batch, keys, sources, params):
-        batch.keys += list(keys)
 
     def detokenize_many(self, results):
         return [[] for _ in results]
@@ -45,15 +24,13 @@ class NonFiniteEngine:
 
 def test_a_text_without_a_finite_hypothesis_gets_an_error_not_an_empty_answer():
     async def scenario():
-        scheduler = Scheduler("m", NonFiniteEngine(), ServerConfig(), Metrics())
-        scheduler.start()
-        row = Row([5, 6], DecodingParams(), asyncio.get_running_loop().create_future())
-        scheduler.submit([row])
-        try:
-            with pytest.raises(ServingError, match="no finite-scored translation"):
-                await asyncio.wait_for(row.future, 10)
-        finally:
-            scheduler.stop()
+        scheduler = Scheduler("m", NoLanes(), ServerConfig(), Metrics())
+        row = Row([5, 6], DecodingParams(), asyncio.get_running_loop().create_future(), lane=0)
+        scheduler._active[0][row.key] = row
+        scheduler.settle(0, [Ending(row.key, hypotheses=[])])  # the lane found no finite-scored hypothesis
+        with pytest.raises(ServingError, match="no finite-scored translation"):
+            await asyncio.wait_for(row.future, 10)
+        assert not scheduler._active[0]
 
     asyncio.run(scenario())
 

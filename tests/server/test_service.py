@@ -2,9 +2,12 @@
 
 import asyncio
 import concurrent.futures
+import os
 import re
 import shutil
+import signal
 import subprocess
+import sys
 import threading
 import time
 
@@ -13,10 +16,11 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 import server.app
+from bench.replicas import free_port, wait_until_serving
 from parley.v1 import translate_pb2 as pb
 from parley.v1 import translate_pb2_grpc as pb_grpc
 from server.app import ParleyServer
-from tests.server.conftest import request, server_config
+from tests.server.conftest import RunningServer, request, server_config
 
 TEXTS = ["A man is riding a bike.", "Two dogs play in the snow.", "A woman in a red dress walks down a busy street."]
 
@@ -169,6 +173,67 @@ def test_health_and_graceful_shutdown_drain_in_flight_work(start_server):
     for call in in_flight:
         assert len(call.result(timeout=30).translations) == 16
     stopping.result(30)
+
+
+def test_a_lane_that_dies_fails_its_texts_and_is_restarted(start_server):
+    server = start_server(lanes=1)
+    stub, scheduler = server.stub(), server.scheduler()
+    lane = scheduler.engine.lanes[0]
+    dead_pid = lane.process.pid
+    os.kill(dead_pid, signal.SIGSTOP)  # frozen: the text is sent to it and stays there
+    call = stub.Translate.future(request("Lost in a crash."), timeout=30)
+    end = time.monotonic() + 10
+    while not scheduler._active[0]:
+        assert time.monotonic() < end, "the text never reached the lane"
+        time.sleep(0.01)
+    os.kill(dead_pid, signal.SIGKILL)
+    with pytest.raises(grpc.RpcError) as error:
+        call.result()
+    assert error.value.code() == grpc.StatusCode.INTERNAL
+    assert "decode lane stopped unexpectedly" in error.value.details()
+    assert stub.Translate(request("Served again."), timeout=30).translations[0].hypotheses  # after the restart
+    assert lane.process.pid != dead_pid and lane.process.is_alive()
+
+
+def test_a_lane_that_cannot_restart_leaves_the_model_unavailable(tiny_package, tmp_path):
+    shutil.copytree(tiny_package, tmp_path / "tiny")
+    server = RunningServer(server_config(tmp_path / "tiny", lanes=1))
+    try:
+        lane = server.scheduler().engine.lanes[0]
+        (tmp_path / "tiny" / "int8" / "decoder_step.onnx").write_bytes(b"replaced")  # the restart fails its checksums
+        lane.process.kill()
+        lane.process.join(10)
+        end = time.monotonic() + 30
+        while not server.scheduler()._failed[0]:
+            assert time.monotonic() < end, "the lane was neither restarted nor given up"
+            time.sleep(0.05)
+        with pytest.raises(grpc.RpcError) as error:
+            server.stub().Translate(request("Nobody to decode this."), timeout=10)
+        assert error.value.code() == grpc.StatusCode.UNAVAILABLE
+        assert "no running decode lane" in error.value.details()
+    finally:
+        server.close()
+
+
+def test_ctrl_c_drains_in_flight_work_before_the_lanes_stop(tiny_package):
+    """Ctrl-C signals the server's whole process group, its lane processes included."""
+    grpc_port = free_port()
+    process = subprocess.Popen([sys.executable, "-m", "server", "--model-repository", str(tiny_package),
+                                "--host", "127.0.0.1", "--port", str(grpc_port), "--metrics-port", "0",
+                                "--log-level", "warning", "--default-beam-size", "1"], start_new_session=True)
+    try:
+        wait_until_serving(grpc_port)
+        stub = pb_grpc.TranslatorStub(grpc.insecure_channel(f"127.0.0.1:{grpc_port}"))
+        in_flight = [stub.Translate.future(long_request(16), timeout=60) for _ in range(8)]
+        time.sleep(0.05)
+        os.killpg(process.pid, signal.SIGINT)
+        assert not all(call.done() for call in in_flight)
+        for call in in_flight:
+            assert len(call.result().translations) == 16
+        assert process.wait(60) == 0
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
 
 
 def test_metrics_count_what_happened(start_server):
