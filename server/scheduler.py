@@ -6,12 +6,12 @@ it takes in the texts and cancellations sent to it, drops texts whose deadline p
 runs one decoder step and reports the texts that ended. A short text therefore never
 waits for a long one to finish; it waits at most one step to join.
 
-Here, two threads per lane: a feeder sends the lane queued texts while its batch has room
-(rows = texts x beams, tokens = source tokens x beams; the least busy lane first) and
-cancellations; a collector answers the texts the lane reports. Admission prefers, after
-the oldest waiting text, texts of a similar length (same length bucket) so that padding
-in the shared batch stays small; nothing waits forever because the oldest text always
-goes first.
+Here, a feeder thread sends the lanes queued texts while their batches have room (rows =
+texts x beams, tokens = source tokens x beams; the least busy lane first) and
+cancellations; a collector thread per lane answers the texts the lane reports. Admission
+prefers, after the oldest waiting text, texts of a similar length (same length bucket) so
+that padding in the shared batch stays small; nothing waits forever because the oldest
+text always goes first.
 """
 
 from __future__ import annotations
@@ -74,20 +74,20 @@ class Scheduler:
         self._stopped = False
         lanes = range(len(engine.lanes))
         self._active: list[dict[int, Row]] = [{} for _ in lanes]  # per lane: texts sent to it, not yet answered
+        self._load = [[0, 0] for _ in lanes]  # per lane: rows and tokens of its active texts
         self._to_cancel: list[set[int]] = [set() for _ in lanes]  # per lane: keys to cancel there
         self._running = [True for _ in lanes]  # False while a lane restarts, or after it failed to
         self._failed = [False for _ in lanes]  # the lane died and could not restart
         # Admission is worth another look only after something changed (texts queued, a lane's
-        # batch shrank or grew): `_changes` counts those, `_seen` is each lane's last look.
+        # batch shrank, a lane restarted): `_changes` counts those, `_seen` is the feeder's last look.
         self._changes = 0
-        self._seen = [-1 for _ in lanes]
-        self._feeders = [threading.Thread(target=self._feed, args=(lane,), name=f"parley-feed-{name}-{lane}",
-                                          daemon=True) for lane in lanes]
+        self._seen = -1
+        self._feeder = threading.Thread(target=self._feed, name=f"parley-feed-{name}", daemon=True)
         self._collectors = [threading.Thread(target=self._collect, args=(lane,), name=f"parley-collect-{name}-{lane}",
                                              daemon=True) for lane in lanes]
 
     def start(self) -> None:
-        for thread in self._feeders + self._collectors:
+        for thread in [self._feeder] + self._collectors:
             thread.start()
 
     @property
@@ -136,74 +136,71 @@ class Scheduler:
             self._accepting = False
             self._stopped = True
             self._condition.notify_all()
-        for thread in self._feeders:
-            thread.join(timeout)
+        self._feeder.join(timeout)
         self.engine.close()  # the collectors read what the lanes sent before they stopped, then end
         for thread in self._collectors:
             thread.join(timeout)
         with self._condition:
             left, self._pending = [r for active in self._active for r in active.values()] + self._pending, []
-            for active in self._active:
-                active.clear()
+            for lane in range(len(self._active)):
+                self._release_all(lane)
         for row in left:
             self._resolve(row, error=Unavailable("the server stopped before this text was translated"))
 
-    def _feed(self, lane: int) -> None:
-        """Send the lane queued texts while it has room, and the cancellations of its texts."""
-        active = self._active[lane]
+    def _feed(self) -> None:
+        """Send the lanes queued texts while they have room, and the cancellations of their texts."""
         while True:
             with self._condition:
-                self._condition.wait_for(lambda: self._stopped or self._has_work(lane), self.WAKE_S)
+                self._condition.wait_for(lambda: self._stopped or self._has_work(), self.WAKE_S)
                 if self._stopped:
                     return
                 gone = self._take_gone()
-                cancels, self._to_cancel[lane] = list(self._to_cancel[lane]), set()
-                admitted = []
-                if self._pending and self._may_admit(lane):
-                    if not active:
-                        self._wait_to_fill()
-                    admitted = self._take_admissible(active)
-                    for row in admitted:
-                        row.lane = lane
-                        active[row.key] = row
-                self._seen[lane] = self._changes
-                self._changes += bool(admitted)
+                cancels = [(lane, list(keys)) for lane, keys in enumerate(self._to_cancel) if keys]
+                for keys in self._to_cancel:
+                    keys.clear()
+                admissions = self._admit_to_lanes()
+                self._seen = self._changes
                 self.metrics.queue_depth.labels(self.name).set(len(self._pending))
             for row in gone:
                 self._resolve(row, error=Cancelled("cancelled") if row.cancelled else
                               DeadlineExceeded("the deadline passed while the text was queued"))
-            try:
-                if cancels:
-                    self.engine.lanes[lane].send(("cancel", cancels))
-                if admitted:
-                    self.engine.lanes[lane].send(("admit", [Job(r.key, r.tokens, r.params, r.deadline)
-                                                            for r in admitted]))
-            except OSError:  # the lane died: its collector answers the texts it held
-                continue
+            for lane, keys in cancels:
+                self._send(lane, ("cancel", keys))
             now = time.monotonic()
-            for row in admitted:
-                self.metrics.queue_duration.labels(self.name).observe(now - row.enqueued)
+            for lane, rows in admissions:
+                self._send(lane, ("admit", [Job(r.key, r.tokens, r.params, r.deadline) for r in rows]))
+                for row in rows:
+                    self.metrics.queue_duration.labels(self.name).observe(now - row.enqueued)
 
-    def _has_work(self, lane: int) -> bool:
-        return bool(self._to_cancel[lane]) or self._pending_cancelled or \
-            (bool(self._pending) and self._seen[lane] != self._changes and self._may_admit(lane))
+    def _send(self, lane: int, message: tuple) -> None:
+        try:
+            self.engine.lanes[lane].send(message)
+        except OSError:  # the lane died: its collector answers the texts it held
+            pass
 
-    def _may_admit(self, lane: int) -> bool:
-        """The lane is running and has room, and no less busy lane with room has yet to look at
-        the queue (that one takes texts first: the lanes' batches stay even)."""
-        if not self._has_room(lane):
-            return False
-        rows = self._rows(lane)
-        return not any(self._has_room(other) and self._rows(other) < rows and self._seen[other] != self._changes
-                       for other in range(len(self._active)) if other != lane)
+    def _has_work(self) -> bool:
+        return any(self._to_cancel) or self._pending_cancelled or \
+            (bool(self._pending) and self._seen != self._changes and
+             any(self._has_room(lane) for lane in range(len(self._active))))
+
+    def _admit_to_lanes(self) -> list[tuple[int, list[Row]]]:
+        """Under the lock: queued texts for the lanes, the least busy lane first, while they fit."""
+        admissions = []
+        lanes = sorted((lane for lane in range(len(self._active)) if self._has_room(lane)),
+                       key=lambda lane: self._load[lane][0])
+        for lane in lanes:
+            if not self._pending:
+                break
+            if not self._active[lane]:
+                self._wait_to_fill()
+            admitted = self._take_admissible(lane)
+            if admitted:
+                admissions.append((lane, admitted))
+        return admissions
 
     def _has_room(self, lane: int) -> bool:
-        active = self._active[lane].values()
-        return self._running[lane] and self._rows(lane) < self.config.max_batch_rows and \
-            sum(r.cost_tokens for r in active) < self.config.max_batch_tokens
-
-    def _rows(self, lane: int) -> int:
-        return sum(r.rows for r in self._active[lane].values())
+        rows, tokens = self._load[lane]
+        return self._running[lane] and rows < self.config.max_batch_rows and tokens < self.config.max_batch_tokens
 
     def _take_gone(self) -> list[Row]:
         """Under the lock: remove and return queued texts that were cancelled or whose deadline passed."""
@@ -224,10 +221,10 @@ class Scheduler:
                 break
             self._condition.wait(left)
 
-    def _take_admissible(self, active: dict[int, Row]) -> list[Row]:
-        """Under the lock: the queued texts that fit the batch now, oldest first, then similar lengths."""
-        rows_used = sum(r.rows for r in active.values())
-        tokens_used = sum(r.cost_tokens for r in active.values())
+    def _take_admissible(self, lane: int) -> list[Row]:
+        """Under the lock: the queued texts that fit the lane's batch now, oldest first, then
+        similar lengths; they become the lane's."""
+        rows_used, tokens_used = self._load[lane]
         if not self._pending:
             return []
         head_bucket = length_bucket(len(self._pending[0].tokens))
@@ -237,14 +234,31 @@ class Scheduler:
         for row in order:
             fits = rows_used + row.rows <= self.config.max_batch_rows and \
                 tokens_used + row.cost_tokens <= self.config.max_batch_tokens
-            if not fits and (active or admitted):  # an empty batch always takes one text
+            if not fits and (self._active[lane] or admitted):  # an empty batch always takes one text
                 continue
             admitted.append(row)
             rows_used += row.rows
             tokens_used += row.cost_tokens
         taken = {id(r) for r in admitted}
         self._pending = [r for r in self._pending if id(r) not in taken]
+        for row in admitted:
+            row.lane = lane
+            self._active[lane][row.key] = row
+        self._load[lane] = [rows_used, tokens_used]
         return admitted
+
+    def _release(self, lane: int, key: int) -> Row:
+        """Under the lock: the lane is done with this text."""
+        row = self._active[lane].pop(key)
+        self._load[lane][0] -= row.rows
+        self._load[lane][1] -= row.cost_tokens
+        return row
+
+    def _release_all(self, lane: int) -> list[Row]:
+        rows = list(self._active[lane].values())
+        self._active[lane].clear()
+        self._load[lane] = [0, 0]
+        return rows
 
     def _collect(self, lane: int) -> None:
         """Answer the texts the lane reports; restart the lane if its process dies."""
@@ -262,8 +276,10 @@ class Scheduler:
 
     def settle(self, lane: int, endings: list[Ending]) -> None:
         """Answer the texts that left the lane: their translations, or why not."""
+        if not endings:
+            return
         with self._condition:
-            ended = [(self._active[lane].pop(e.key), e) for e in endings if e.key in self._active[lane]]
+            ended = [(self._release(lane, e.key), e) for e in endings if e.key in self._active[lane]]
             self._changes += 1
             self._condition.notify_all()  # the lane has room again
         finished = [(row, e.hypotheses) for row, e in ended if not e.reason]
@@ -292,8 +308,7 @@ class Scheduler:
                                                              "exit_code": process.exitcode})
         with self._condition:
             self._running[lane] = False
-            lost = list(self._active[lane].values())
-            self._active[lane].clear()
+            lost = self._release_all(lane)
             self._to_cancel[lane].clear()
         for row in lost:
             self._resolve(row, error=ServingError(
