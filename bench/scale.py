@@ -18,13 +18,15 @@ from bench.load import run_load
 from bench.replicas import replicas, round_robin_target
 from bench.run import RESULTS, settings
 from model.data import read_lines
+from server.config import ServerConfig
 
 
 def measure(count: int, s: dict, sentences: list[str], clients: int, requests: int) -> dict:
     threads = max((os.cpu_count() or 1) // count, 1)
-    with replicas(s["package"], count, threads, "--precision", "int8") as ports:
+    lanes = min(threads, ServerConfig.lanes)  # one thread per lane, at most the server's default lanes
+    with replicas(s["package"], count, threads, "--precision", "int8", "--lanes", str(lanes)) as ports:
         result = asyncio.run(run_load(round_robin_target(ports), sentences, clients, requests))
-    return {"replicas": count, "threads_per_replica": threads, **result}
+    return {"replicas": count, "threads_per_replica": threads, "lanes_per_replica": lanes, **result}
 
 
 def main() -> None:
@@ -35,10 +37,11 @@ def main() -> None:
     records = [measure(n, s, sentences, clients=64, requests=s["grpc_requests"]) for n in (1, 2)]
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "scale.json").write_text(json.dumps(records, indent=1) + "\n")
-    print("| replicas | threads each | clients | sent/s | p50 ms | p99 ms | errors |")
-    print("|---|---|---|---|---|---|---|")
+    print("| replicas | threads each | lanes each | clients | sent/s | p50 ms | p99 ms | errors |")
+    print("|---|---|---|---|---|---|---|---|")
     for r in records:
-        print(f"| {r['replicas']} | {r['threads_per_replica']} | {r['clients']} | {r['sentences_per_s']:.1f} | "
+        print(f"| {r['replicas']} | {r['threads_per_replica']} | {r['lanes_per_replica']} | {r['clients']} | "
+              f"{r['sentences_per_s']:.1f} | "
               f"{r['latency_p50_ms']:.1f} | {r['latency_p99_ms']:.1f} | {r['errors'] or 0} |")
 
 
