@@ -68,6 +68,7 @@ class OnnxStepBackend:
         self.src_mask = np.zeros((0, 0), dtype=bool)
         self.sources = 0
         self._grid: tuple[np.ndarray, np.ndarray] | None = None  # query_grid of the rows and sources
+        self._padding: float | None = None  # padding_ratio, until rows or sources change
         if src_tokens is not None:
             self.extend(src_tokens)
 
@@ -78,7 +79,9 @@ class OnnxStepBackend:
     @property
     def padding_ratio(self) -> float:
         """Share of padded positions among the sources decoded now."""
-        return 1.0 - float(self.src_mask[: self.sources].mean()) if self.sources else 0.0
+        if self._padding is None:
+            self._padding = 1.0 - float(self.src_mask[: self.sources].mean()) if self.sources else 0.0
+        return self._padding
 
     def extend(self, *src_batches: np.ndarray) -> None:
         """Encode new sources, given as right-padded (B, S) batches of one encoder run each, and
@@ -105,7 +108,7 @@ class OnnxStepBackend:
         self.lengths[rows] = 0
         self.row_source[rows] = sources
         self.live = np.concatenate([self.live, rows])
-        self._grid = None
+        self._grid = self._padding = None
 
     def _add_rows(self, count: int) -> np.ndarray:
         """Append `count` buffer rows to the decoded prefix; returns their indices."""
@@ -165,7 +168,7 @@ class OnnxStepBackend:
             self.lengths[targets], self.row_source[targets] = self.lengths[copied], self.row_source[copied]
             chosen[~stays] = targets
         self.live, self.used = chosen, kept
-        self._grid = None
+        self._grid = self._padding = None
         self._drop_unread_sources()
         next_slot = int(self.lengths[:kept].max(initial=0)) + 1  # keep room for the coming step
         if not kept:

@@ -23,6 +23,7 @@ Messages, pickled tuples on the pipe:
 
 from __future__ import annotations
 
+import math
 import multiprocessing
 import os
 import pickle
@@ -231,6 +232,7 @@ class _LaneLoop:
         self.poller.register(conn.fileno(), select.POLLIN)
         self.batch = engine.new_search()
         self.deadlines: dict[Hashable, float | None] = {}  # every text in the batch
+        self.next_deadline = math.inf  # the earliest of them: no text expires before
         self.endings: list[Ending] = []
         self.first_unsent = 0.0  # when the oldest of `endings` ended
         self.stats: list[tuple[int, float]] = []
@@ -284,6 +286,7 @@ class _LaneLoop:
             self._end([Ending(j.key, reason=f"engine failure: {error}") for j in jobs])
             return
         self.deadlines.update((j.key, j.deadline) for j in jobs)
+        self.next_deadline = min([self.next_deadline] + [j.deadline for j in jobs if j.deadline is not None])
 
     def _drop(self, keys: set, reason: str) -> None:
         dropped = self.batch.cancel(keys)
@@ -293,9 +296,11 @@ class _LaneLoop:
 
     def _expire(self) -> None:
         now = time.monotonic()
+        if now < self.next_deadline:
+            return
         expired = {key for key, deadline in self.deadlines.items() if deadline is not None and deadline <= now}
-        if expired:
-            self._drop(expired, "expired")
+        self._drop(expired, "expired")
+        self.next_deadline = min((d for d in self.deadlines.values() if d is not None), default=math.inf)
 
     def _step(self) -> None:
         backend = self.batch.backend
