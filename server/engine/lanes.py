@@ -133,6 +133,7 @@ class Lane:
         self.conn.send(message)
 
     def recv(self) -> tuple:
+        """The lane's next report; EOFError if the process is gone."""
         return self.conn.recv()
 
     def close(self, timeout: float = 5.0) -> None:
@@ -174,18 +175,23 @@ class LaneEngine(TextFront):
         self.check_lengths(sources)
         lanes = min(len(self.lanes), len(sources))
         shares = length_shares([len(s) for s in sources], lanes) if lanes else []
-        for lane, share in zip(self.lanes, shares):
-            lane.send(("admit", [Job(i, list(sources[i]), params[i]) for i in share]))
         results: list[list[Hypothesis]] = [[] for _ in sources]
         failures = []
-        for lane, share in zip(self.lanes, shares):  # read every lane to the end, even after a failure
-            waiting = len(share)
-            while waiting:
-                _, endings, _ = lane.recv()
-                for ending in endings:
-                    results[ending.key] = ending.hypotheses or []
-                    failures += [ending.reason] if ending.reason else []
-                waiting -= len(endings)
+        try:
+            for lane, share in zip(self.lanes, shares):
+                lane.send(("admit", [Job(i, list(sources[i]), params[i]) for i in share]))
+            for lane, share in zip(self.lanes, shares):  # read every lane to the end, even after a failure
+                waiting = len(share)
+                while waiting:
+                    _, endings, _ = lane.recv()
+                    for ending in endings:
+                        results[ending.key] = ending.hypotheses or []
+                        failures += [ending.reason] if ending.reason else []
+                    waiting -= len(endings)
+        except (EOFError, OSError):  # `lane` is the one that failed
+            lane.process.join(5)
+            raise RuntimeError(f"decode lane {lane.name} died (exit code {lane.process.exitcode}); "
+                               "make a new LaneEngine") from None
         if failures:
             raise RuntimeError(f"decoding failed: {failures[0]}")
         return results

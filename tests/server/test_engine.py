@@ -104,6 +104,17 @@ def test_two_lane_processes_decode_what_one_engine_decodes(engines, tiny_package
         LaneEngine(ModelPackage.load(tiny_package), precision="int8", device="cpu", lanes=0)
 
 
+def test_offline_decoding_on_a_dead_lane_says_so(tiny_package):
+    engine = LaneEngine(ModelPackage.load(tiny_package), precision="int8", device="cpu")
+    try:
+        engine.lanes[0].process.kill()
+        engine.lanes[0].process.join(10)
+        with pytest.raises(RuntimeError, match=r"decode lane .* died \(exit code -9\)"):
+            engine.decode(mixed_sources(2), [DecodingParams()] * 2)
+    finally:
+        engine.close()
+
+
 def test_a_lane_that_cannot_load_raises_its_error_in_the_parent(tiny_package, tmp_path):
     shutil.copytree(tiny_package, tmp_path / "pkg")
     with open(tmp_path / "pkg" / "int8" / "decoder_step.onnx", "r+b") as graph:
