@@ -313,6 +313,8 @@ class Scheduler:
         for row in lost:
             self._resolve(row, error=ServingError(
                 f"the decode lane stopped unexpectedly (exit code {process.exitcode}); retry the request"))
+        if self._stopped:  # the server is stopping: no new process to leave behind
+            return False
         try:
             self.engine.lanes[lane].start()
             self.engine.lanes[lane].wait_ready()
