@@ -23,6 +23,7 @@ Messages, pickled tuples on the pipe:
 
 from __future__ import annotations
 
+import atexit
 import math
 import multiprocessing
 import os
@@ -164,6 +165,9 @@ class LaneEngine(TextFront):
         lane_threads = max(1, (threads or os.cpu_count() or 1) // lanes) if lanes > 1 else threads
         spec = LaneSpec(package, precision, device, lane_threads, optimization)
         self.lanes = [Lane(spec, f"parley-lane-{package.name}-{i}") for i in range(lanes)]  # they load in parallel
+        # Registered after multiprocessing's own exit handler, so it runs first: that one would
+        # terminate the lanes (which ignore SIGTERM) and wait for them.
+        atexit.register(_close_lanes, self.lanes)
         try:
             self.precision, self.device = [lane.wait_ready() for lane in self.lanes][0]
         except BaseException:
@@ -198,16 +202,22 @@ class LaneEngine(TextFront):
 
     def close(self) -> None:
         """Stop the lane processes (idempotent)."""
-        for lane in self.lanes:
-            if not lane.conn.closed:
-                lane.close()
+        _close_lanes(self.lanes)
+
+
+def _close_lanes(lanes: list[Lane]) -> None:
+    for lane in lanes:
+        if not lane.conn.closed:
+            lane.close()
 
 
 def _lane_main(conn: Connection, spec: LaneSpec) -> None:
     """A lane process: load, warm up, say ready, then decode what arrives until told to stop."""
-    # Ctrl-C reaches the whole process group; the server drains its in-flight work through the
-    # lanes and then stops them, so a lane must not die of it first.
+    # Ctrl-C, `timeout` and systemd signal the whole process group or cgroup; the server drains
+    # its in-flight work through the lanes and then stops them, so a lane must not die first.
+    # (The parent closes its lanes at exit, before multiprocessing would terminate them.)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     keep_freed_memory()
     try:
         engine = Engine(spec.package, spec.precision, spec.device, spec.threads, spec.optimization)

@@ -1,6 +1,8 @@
 """The ONNX Runtime engine: batch independence, beams, n-best, length limits, parity with PyTorch."""
 
 import shutil
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -102,6 +104,15 @@ def test_two_lane_processes_decode_what_one_engine_decodes(engines, tiny_package
     assert all(not lane.process.is_alive() for lane in two_lanes.lanes)
     with pytest.raises(ValueError, match="lanes must be >= 1"):
         LaneEngine(ModelPackage.load(tiny_package), precision="int8", device="cpu", lanes=0)
+
+
+def test_a_program_that_never_closes_its_lanes_still_exits(tiny_package):
+    script = ("from export.package import ModelPackage; from server.engine.lanes import LaneEngine; "
+              f"engine = LaneEngine(ModelPackage.load({str(tiny_package)!r}), 'int8', 'cpu', lanes=2); "
+              "print(engine.translate(['A dog.'], [__import__('decoding').DecodingParams(max_length=10)])[0][0].tokens)")
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert int(result.stdout) > 0  # generated tokens
 
 
 def test_offline_decoding_on_a_dead_lane_says_so(tiny_package):

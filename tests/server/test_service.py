@@ -215,8 +215,9 @@ def test_a_lane_that_cannot_restart_leaves_the_model_unavailable(tiny_package, t
         server.close()
 
 
-def test_ctrl_c_drains_in_flight_work_before_the_lanes_stop(tiny_package):
-    """Ctrl-C signals the server's whole process group, its lane processes included."""
+@pytest.mark.parametrize("stop_signal", [signal.SIGINT, signal.SIGTERM])
+def test_a_signal_to_the_process_group_drains_in_flight_work_before_the_lanes_stop(tiny_package, stop_signal):
+    """Ctrl-C (SIGINT), `timeout` and systemd (SIGTERM) signal the server's lane processes too."""
     grpc_port = free_port()
     process = subprocess.Popen([sys.executable, "-m", "server", "--model-repository", str(tiny_package),
                                 "--host", "127.0.0.1", "--port", str(grpc_port), "--metrics-port", "0",
@@ -226,7 +227,7 @@ def test_ctrl_c_drains_in_flight_work_before_the_lanes_stop(tiny_package):
         stub = pb_grpc.TranslatorStub(grpc.insecure_channel(f"127.0.0.1:{grpc_port}"))
         in_flight = [stub.Translate.future(long_request(16), timeout=60) for _ in range(8)]
         time.sleep(0.05)
-        os.killpg(process.pid, signal.SIGINT)
+        os.killpg(process.pid, stop_signal)
         assert not all(call.done() for call in in_flight)
         for call in in_flight:
             assert len(call.result().translations) == 16
