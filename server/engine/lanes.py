@@ -48,7 +48,9 @@ from server.engine.memory import keep_freed_memory
 # 793-798 sentences/s.
 SPIN_S = 0.002
 # Texts that ended are reported together within this time (or when the lane goes idle): each
-# report wakes the parent, which takes a core from the lanes.
+# report wakes the parent, which takes a core from the lanes. Measured over gRPC against
+# reporting at once (alternated, noisy): 64 clients beam 4 350 -> 352-374 sentences/s, p99
+# 386-390 -> 342-364 ms; 16 greedy clients p50 23-25 -> 25-26 ms.
 REPORT_WITHIN_S = 0.005
 STATS_EVERY = 32  # a busy lane reports its step statistics at least this often (in steps)
 
