@@ -105,13 +105,14 @@ class Lane:
 
     def __init__(self, spec: LaneSpec, name: str):
         self.spec, self.name = spec, name
+        self.conn: Connection | None = None
         self.start()
 
     def start(self) -> None:
         """Start the process; it loads in the background (wait_ready)."""
         # spawn, not fork: a forked child would inherit the parent's gRPC and ONNX Runtime threads' locks.
         context = multiprocessing.get_context("spawn")
-        if hasattr(self, "conn"):  # a restart: the old pipe's process is gone
+        if self.conn is not None:  # a restart: the old pipe's process is gone
             self.conn.close()
         self.conn, child_end = context.Pipe()
         self.process = context.Process(target=_lane_main, args=(child_end, self.spec), name=self.name, daemon=True)
