@@ -31,6 +31,7 @@ from server.errors import Cancelled, DeadlineExceeded, Overloaded, ServingError,
 from server.metrics import Metrics
 
 log = logging.getLogger("parley.scheduler")
+RUNNING, RESTARTING, FAILED = "running", "restarting", "failed"  # a lane's states; only a running lane takes texts
 _keys = itertools.count()
 
 
@@ -76,8 +77,7 @@ class Scheduler:
         self._active: list[dict[int, Row]] = [{} for _ in lanes]  # per lane: texts sent to it, not yet answered
         self._load = [[0, 0] for _ in lanes]  # per lane: rows and tokens of its active texts
         self._to_cancel: list[set[int]] = [set() for _ in lanes]  # per lane: keys to cancel there
-        self._running = [True for _ in lanes]  # False while a lane restarts, or after it failed to
-        self._failed = [False for _ in lanes]  # the lane died and could not restart
+        self._lane_states = [RUNNING for _ in lanes]
         # Admission is worth another look only after something changed (texts queued, a lane's
         # batch shrank, a lane restarted): `_changes` counts those, `_seen` is the feeder's last look.
         self._changes = 0
@@ -104,7 +104,7 @@ class Scheduler:
         with self._condition:
             if not self._accepting:
                 raise Unavailable("the server is shutting down; retry on another replica")
-            if all(self._failed):
+            if all(state == FAILED for state in self._lane_states):
                 raise Unavailable(f"model {self.name} has no running decode lane (see the server log); "
                                   "retry on another replica")
             if len(self._pending) + len(rows) > self.config.queue_limit:
@@ -200,7 +200,8 @@ class Scheduler:
 
     def _has_room(self, lane: int) -> bool:
         rows, tokens = self._load[lane]
-        return self._running[lane] and rows < self.config.max_batch_rows and tokens < self.config.max_batch_tokens
+        return self._lane_states[lane] == RUNNING and rows < self.config.max_batch_rows and \
+            tokens < self.config.max_batch_tokens
 
     def _take_gone(self) -> list[Row]:
         """Under the lock: remove and return queued texts that were cancelled or whose deadline passed."""
@@ -307,7 +308,7 @@ class Scheduler:
         log.error("decode lane died; restarting it", extra={"model": self.name, "lane": lane,
                                                              "exit_code": process.exitcode})
         with self._condition:
-            self._running[lane] = False
+            self._lane_states[lane] = RESTARTING
             lost = self._release_all(lane)
             self._to_cancel[lane].clear()
         for row in lost:
@@ -321,14 +322,15 @@ class Scheduler:
         except Exception:
             log.exception("decode lane could not restart", extra={"model": self.name, "lane": lane})
             with self._condition:
-                self._failed[lane] = True
-                stranded = self._pending if all(self._failed) else []
-                self._pending = [r for r in self._pending if r not in stranded]
+                self._lane_states[lane] = FAILED
+                stranded = []
+                if all(state == FAILED for state in self._lane_states):  # nobody will take the queue
+                    stranded, self._pending = self._pending, []
             for row in stranded:
                 self._resolve(row, error=Unavailable(f"model {self.name} has no running decode lane"))
             return False
         with self._condition:
-            self._running[lane] = not self._stopped
+            self._lane_states[lane] = RUNNING
             self._changes += 1
             self._condition.notify_all()
         return True

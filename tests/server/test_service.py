@@ -204,7 +204,7 @@ def test_a_lane_that_cannot_restart_leaves_the_model_unavailable(tiny_package, t
         lane.process.kill()
         lane.process.join(10)
         end = time.monotonic() + 30
-        while not server.scheduler()._failed[0]:
+        while server.scheduler()._lane_states[0] != "failed":
             assert time.monotonic() < end, "the lane was neither restarted nor given up"
             time.sleep(0.05)
         with pytest.raises(grpc.RpcError) as error:
