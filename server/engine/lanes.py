@@ -272,7 +272,9 @@ class _LaneLoop:
 
     def _take_messages(self) -> bool:
         """Wait for a message (an idle lane) or take those waiting; False when told to stop or
-        the parent is gone."""
+        the parent is gone. Texts from all the messages join in one admission: their sources
+        are encoded together, in length-sorted runs, not one encoder run per message."""
+        jobs, cancelled = [], set()
         try:
             self._spin()
             while True:
@@ -280,13 +282,18 @@ class _LaneLoop:
                 if message[0] == "stop":
                     return False
                 if message[0] == "admit":
-                    self._admit(message[1])
+                    jobs += message[1]
                 elif message[0] == "cancel":
-                    self._drop(set(message[1]), "cancelled")
+                    cancelled.update(message[1])
                 if not self._waiting():
-                    return True
+                    break
         except EOFError:
             return False
+        if jobs:
+            self._admit(jobs)
+        if cancelled:  # after admitting: a cancellation may follow its text's admission
+            self._drop(cancelled, "cancelled")
+        return True
 
     def _spin(self) -> None:
         """Poll for up to SPIN_S before sleeping in recv."""

@@ -1,5 +1,6 @@
 """The ONNX Runtime engine: batch independence, beams, n-best, length limits, parity with PyTorch."""
 
+import multiprocessing
 import shutil
 import subprocess
 import sys
@@ -12,7 +13,7 @@ from export.package import ModelPackage, PackageError
 from model.checkpoint import load_model
 from model.generate import generate
 from server.engine.engine import Engine
-from server.engine.lanes import LaneEngine, length_shares
+from server.engine.lanes import Job, LaneEngine, _LaneLoop, length_shares
 
 
 @pytest.fixture(scope="module")
@@ -104,6 +105,24 @@ def test_two_lane_processes_decode_what_one_engine_decodes(engines, tiny_package
     assert all(not lane.process.is_alive() for lane in two_lanes.lanes)
     with pytest.raises(ValueError, match="lanes must be >= 1"):
         LaneEngine(ModelPackage.load(tiny_package), precision="int8", device="cpu", lanes=0)
+
+
+def test_a_lane_admits_the_texts_of_all_waiting_messages_in_one_encoder_run(engines):
+    """Under load the scheduler sends a lane one message per arriving text; the lane encodes
+    every text that is waiting together, as the in-process engine would."""
+    parent_end, lane_end = multiprocessing.Pipe()
+    loop = _LaneLoop(engines["int8"], lane_end)
+    runs = []
+    encode = loop.batch.backend.buffers.encode
+    loop.batch.backend.buffers.encode = lambda src_tokens: (runs.append(len(src_tokens)), encode(src_tokens))[1]
+    sources = mixed_sources(3, seed=7)
+    for i, source in enumerate(sources):
+        parent_end.send(("admit", [Job(i, source, DecodingParams(max_length=10))]))
+    parent_end.send(("cancel", [2]))
+    assert loop._take_messages()
+    assert runs == [3]
+    assert [e.key for e in loop.endings] == [2] and loop.endings[0].reason == "cancelled"
+    assert sorted(loop.deadlines) == [0, 1]
 
 
 def test_a_program_that_never_closes_its_lanes_still_exits(tiny_package):
