@@ -308,8 +308,12 @@ class _LaneLoop:
     def _admit(self, jobs: list[Job]) -> None:
         try:
             self.engine.admit(self.batch, [j.key for j in jobs], [j.tokens for j in jobs], [j.params for j in jobs])
-        except Exception as error:  # these texts could not be encoded; the running batch is untouched
-            self._end([Ending(j.key, reason=f"engine failure: {error}") for j in jobs])
+        except Exception as error:  # the running batch is untouched: find the texts that fail, the rest join
+            if len(jobs) > 1:
+                for job in jobs:
+                    self._admit([job])
+            else:
+                self._end([Ending(jobs[0].key, reason=f"engine failure: {error}")])
             return
         self.deadlines.update((j.key, j.deadline) for j in jobs)
         self.next_deadline = min([self.next_deadline] + [j.deadline for j in jobs if j.deadline is not None])

@@ -123,6 +123,13 @@ def test_a_lane_admits_the_texts_of_all_waiting_messages_in_one_encoder_run(engi
     assert runs == [3]
     assert [e.key for e in loop.endings] == [2] and loop.endings[0].reason == "cancelled"
     assert sorted(loop.deadlines) == [0, 1]
+    # One text that cannot be admitted fails alone, not the texts that arrived with it.
+    too_long = [5] * (engines["int8"].max_source_tokens + 1)
+    for key, source in ((3, sources[0]), (4, too_long), (5, sources[1])):
+        parent_end.send(("admit", [Job(key, source, DecodingParams(max_length=10))]))
+    assert loop._take_messages()
+    assert [(e.key, "exceeds the model's limit" in e.reason) for e in loop.endings[1:]] == [(4, True)]
+    assert sorted(loop.deadlines) == [0, 1, 3, 5]
 
 
 def test_a_program_that_never_closes_its_lanes_still_exits(tiny_package):
