@@ -25,12 +25,14 @@ class NoLanes:
 def test_a_text_without_a_finite_hypothesis_gets_an_error_not_an_empty_answer():
     async def scenario():
         scheduler = Scheduler("m", NoLanes(), ServerConfig(), Metrics())
-        row = Row([5, 6], DecodingParams(), asyncio.get_running_loop().create_future(), lane=0)
-        scheduler._active[0][row.key] = row
+        row = Row([5, 6], DecodingParams(), asyncio.get_running_loop().create_future())
+        scheduler._pending = [row]
+        assert scheduler._take_admissible(0) == [row]  # as the feeder admits it, load included
         scheduler.settle(0, [Ending(row.key, hypotheses=[])])  # the lane found no finite-scored hypothesis
         with pytest.raises(ServingError, match="no finite-scored translation"):
             await asyncio.wait_for(row.future, 10)
         assert not scheduler._active[0]
+        assert scheduler._load[0] == [0, 0]
 
     asyncio.run(scenario())
 
