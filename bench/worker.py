@@ -125,7 +125,6 @@ def scheduler_throughput(spec: dict) -> dict:
     engine = LaneEngine(ModelPackage.load(Path(spec["package"])), precision="int8", device="cpu",
                         threads=spec["threads"], lanes=config.lanes)
     scheduler = Scheduler("bench", engine, config, Metrics())
-    scheduler.start()
     sources = engine.tokenizer.encode(spec["sources"])
 
     async def load(beam: int, requests: int) -> dict:
@@ -143,11 +142,15 @@ def scheduler_throughput(spec: dict) -> dict:
                 "seconds": round(seconds, 3), "sentences_per_s": round(requests / seconds, 2),
                 **latency_percentiles(latencies)}
 
-    try:
-        asyncio.run(load(1, min(spec["requests"], 200)))  # warm-up
-        return {"records": [asyncio.run(load(beam, spec["requests"])) for beam in spec["beams"]]}
-    finally:
-        scheduler.stop()
+    async def run() -> dict:
+        scheduler.start()  # on this event loop, which every load shares
+        try:
+            await load(1, min(spec["requests"], 200))  # warm-up
+            return {"records": [await load(beam, spec["requests"]) for beam in spec["beams"]]}
+        finally:
+            await scheduler.stop()
+
+    return asyncio.run(run())
 
 
 if __name__ == "__main__":

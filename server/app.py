@@ -95,7 +95,7 @@ class ParleyServer:
         if self.grpc_server:
             await self.grpc_server.stop(max(deadline - time.monotonic(), 0.0))
         for model in self.registry or []:
-            await asyncio.to_thread(model.scheduler.stop)
+            await model.scheduler.stop()
         if self.metrics_http:
             self.metrics_http.shutdown()
         self._stopped.set()

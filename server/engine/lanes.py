@@ -13,7 +13,8 @@ replace: over gRPC with 64 clients, greedy 678-680 -> 731-745 sentences/s (p99 2
 A lane decodes on its own (continuous batching): between steps it takes in what the parent
 sent (texts to admit, keys to cancel), drops texts whose deadline passed, runs one step and
 reports the texts that ended. The parent decides what each lane gets: the server's
-scheduler (server.scheduler) or, offline, LaneEngine.decode.
+scheduler (server.scheduler, through LoopPipe on its event loop) or, offline,
+LaneEngine.decode.
 
 Messages, pickled tuples on the pipe:
   parent -> lane: ("admit", [Job]), ("cancel", [key]), ("stop",)
@@ -23,6 +24,7 @@ Messages, pickled tuples on the pipe:
 
 from __future__ import annotations
 
+import asyncio
 import atexit
 import math
 import multiprocessing
@@ -30,10 +32,12 @@ import os
 import pickle
 import select
 import signal
+import struct
 import time
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
-from typing import Hashable, Sequence
+from multiprocessing.reduction import ForkingPickler
+from typing import Callable, Hashable, Sequence
 
 import numpy as np
 
@@ -150,6 +154,76 @@ class Lane:
             self.process.kill()
             self.process.join()
         self.conn.close()
+
+
+class LoopPipe:
+    """The parent's end of a lane's pipe, driven by an asyncio event loop: reports are read when
+    the pipe is readable, messages are written without ever blocking the loop (what the pipe
+    cannot take now is written when it can). Frames as multiprocessing's Connection does (a
+    4-byte big-endian length, then the pickle), so the lane's blocking Connection reads and
+    writes the same stream. While attached, the Connection itself must not be used."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, conn: Connection,
+                 on_message: Callable[[tuple], None], on_eof: Callable[[], None]):
+        self.loop, self.conn, self.fd = loop, conn, conn.fileno()
+        self.on_message, self.on_eof = on_message, on_eof
+        self.received = bytearray()
+        self.unsent = bytearray()
+        self.ended = False  # the lane's end closed
+        os.set_blocking(self.fd, False)
+        loop.add_reader(self.fd, self._read)
+
+    def send(self, message: tuple) -> None:
+        payload = ForkingPickler.dumps(message)
+        self.unsent += struct.pack("!i", len(payload)) + payload
+        if len(self.unsent) == len(payload) + 4:  # nothing was waiting: write now
+            self._write()
+
+    def detach(self) -> None:
+        """Stop watching the pipe and make the Connection usable again (blocking); messages
+        that arrived and were not yet read are handled first."""
+        self.loop.remove_reader(self.fd)
+        self.loop.remove_writer(self.fd)
+        if not self.conn.closed:
+            self._read(until_empty=True)
+            os.set_blocking(self.fd, True)
+
+    def _write(self) -> None:
+        try:
+            written = os.write(self.fd, self.unsent)
+        except BlockingIOError:
+            written = 0
+        except OSError:  # the lane is gone: its reader sees the end of the pipe
+            written = len(self.unsent)
+        del self.unsent[:written]
+        if self.unsent:
+            self.loop.add_writer(self.fd, self._write)
+        else:
+            self.loop.remove_writer(self.fd)
+
+    def _read(self, until_empty: bool = False) -> None:
+        while not self.ended:
+            try:
+                data = os.read(self.fd, 1 << 16)
+            except BlockingIOError:
+                return
+            except OSError:
+                data = b""
+            if not data:
+                self.ended = True
+                self.loop.remove_reader(self.fd)
+                self.on_eof()
+                return
+            self.received += data
+            while len(self.received) >= 4:
+                size = struct.unpack("!i", self.received[:4])[0]
+                if len(self.received) < 4 + size:
+                    break
+                message = ForkingPickler.loads(bytes(self.received[4 : 4 + size]))
+                del self.received[: 4 + size]
+                self.on_message(message)
+            if not until_empty:
+                return
 
 
 class LaneEngine(TextFront):

@@ -1,13 +1,15 @@
-"""Scheduler paths that a healthy model never takes, driven by a stand-in engine."""
+"""Scheduler paths that a healthy model never takes, driven by a stand-in engine, and the event
+loop's end of a lane's pipe."""
 
 import asyncio
+import multiprocessing
 
 import numpy as np
 import pytest
 
 from decoding import DecodingParams
 from server.config import ServerConfig
-from server.engine.lanes import Ending
+from server.engine.lanes import Ending, LoopPipe
 from server.errors import ServingError
 from server.metrics import Metrics
 from server.scheduler import Row, Scheduler
@@ -52,3 +54,27 @@ def test_search_reports_no_hypothesis_when_every_score_is_nan():
             pass
 
     assert search(NaNBackend(), [DecodingParams(max_length=2)], bos_id=2, eos_id=3) == [[]]
+
+
+def test_the_event_loop_end_of_a_lane_pipe_speaks_connection_frames_without_blocking():
+    async def scenario():
+        loop = asyncio.get_running_loop()
+        parent, lane_end = multiprocessing.Pipe()
+        received, ended = [], loop.create_future()
+        pipe = LoopPipe(loop, parent, received.append, lambda: ended.set_result(True))
+        big = ("admit", list(range(300_000)))  # more than the pipe holds: the rest waits for the reader
+        pipe.send(big)
+        pipe.send(("cancel", [7]))
+        assert pipe.unsent, "the whole message was written: the test needs one the pipe cannot take"
+        assert await asyncio.to_thread(lambda: [lane_end.recv(), lane_end.recv()]) == [big, ("cancel", [7])]
+        reports = [("ended", [], [(3, 0.5)]), ("ended", list(range(50_000)), [])]
+        for report in reports:
+            lane_end.send(report)
+        while len(received) < len(reports):
+            await asyncio.sleep(0.01)
+        assert received == reports
+        lane_end.close()
+        await asyncio.wait_for(ended, 10)
+        pipe.detach()  # after the end: reads nothing more (a second on_eof would set `ended` twice and raise)
+
+    asyncio.run(scenario())
