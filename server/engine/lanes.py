@@ -36,7 +36,6 @@ import struct
 import time
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
-from multiprocessing.reduction import ForkingPickler
 from typing import Callable, Hashable, Sequence
 
 import numpy as np
@@ -174,7 +173,7 @@ class LoopPipe:
         loop.add_reader(self.fd, self._read)
 
     def send(self, message: tuple) -> None:
-        payload = ForkingPickler.dumps(message)
+        payload = pickle.dumps(message)  # what the lane's Connection.recv loads
         self.unsent += struct.pack("!i", len(payload)) + payload
         if len(self.unsent) == len(payload) + 4:  # nothing was waiting: write now
             self._write()
@@ -219,7 +218,7 @@ class LoopPipe:
                 size = struct.unpack("!i", self.received[:4])[0]
                 if len(self.received) < 4 + size:
                     break
-                message = ForkingPickler.loads(bytes(self.received[4 : 4 + size]))
+                message = pickle.loads(self.received[4 : 4 + size])
                 del self.received[: 4 + size]
                 self.on_message(message)
             if not until_empty:
