@@ -173,6 +173,8 @@ class LoopPipe:
         loop.add_reader(self.fd, self._read)
 
     def send(self, message: tuple) -> None:
+        if self.ended:
+            return
         payload = pickle.dumps(message)  # what the lane's Connection.recv loads
         self.unsent += struct.pack("!i", len(payload)) + payload
         if len(self.unsent) == len(payload) + 4:  # nothing was waiting: write now
@@ -208,9 +210,11 @@ class LoopPipe:
                 return
             except OSError:
                 data = b""
-            if not data:
+            if not data:  # nothing is read or written any more: the lane's restart reuses the fd number
                 self.ended = True
                 self.loop.remove_reader(self.fd)
+                self.loop.remove_writer(self.fd)
+                self.unsent.clear()
                 self.on_eof()
                 return
             self.received += data
