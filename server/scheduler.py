@@ -152,7 +152,7 @@ class Scheduler:
         for lane, pipe in enumerate(self._pipes):
             self._pipes[lane] = None
             if pipe:
-                pipe.detach()  # what the lane reported before it stops is answered
+                pipe.detach()  # reports the lane has already sent are answered
         await asyncio.to_thread(self.engine.close)
         left, self._pending = [r for active in self._active for r in active.values()] + self._pending, []
         for lane in range(len(self._active)):
@@ -179,7 +179,8 @@ class Scheduler:
                 if not self._pending or (not self._active[lane] and self._waits_to_fill(now)):
                     break
                 admitted = self._take_admissible(lane)
-                self._send(lane, ("admit", [Job(r.key, r.tokens, r.params, r.deadline) for r in admitted]))
+                if admitted:
+                    self._send(lane, ("admit", [Job(r.key, r.tokens, r.params, r.deadline) for r in admitted]))
                 for row in admitted:
                     self._queue_duration.observe(now - row.enqueued)
         if self._pending and not self._sweep:
