@@ -71,7 +71,7 @@ class Scheduler:
     SWEEP_S = 0.05  # queued texts' deadlines are checked this often
 
     def __init__(self, name: str, engine: LaneEngine, config: ServerConfig, metrics: Metrics):
-        self.name, self.engine, self.config, self.metrics = name, engine, config, metrics
+        self.name, self.engine, self.config = name, engine, config
         self._pending: list[Row] = []
         self._accepting = True
         self._stopped = False

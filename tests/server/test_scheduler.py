@@ -29,7 +29,7 @@ def test_a_text_without_a_finite_hypothesis_gets_an_error_not_an_empty_answer():
         scheduler = Scheduler("m", NoLanes(), ServerConfig(), Metrics())
         row = Row([5, 6], DecodingParams(), asyncio.get_running_loop().create_future())
         scheduler._pending = [row]
-        assert scheduler._take_admissible(0) == [row]  # as the feeder admits it, load included
+        assert scheduler._take_admissible(0) == [row]  # as admission takes it, load included
         scheduler.settle(0, [Ending(row.key, hypotheses=[])])  # the lane found no finite-scored hypothesis
         with pytest.raises(ServingError, match="no finite-scored translation"):
             await asyncio.wait_for(row.future, 10)
