@@ -68,7 +68,9 @@ class Row:
 class Scheduler:
     """One model's queue and lanes. Every method runs on the event loop that called start()."""
 
-    SWEEP_S = 0.05  # queued texts' deadlines are checked this often
+    # Queued texts' deadlines are checked this often: a safety net for callers that do not
+    # cancel their texts when their deadline passes (the servicer does, as gRPC ends the call).
+    SWEEP_S = 0.05
 
     def __init__(self, name: str, engine: LaneEngine, config: ServerConfig, metrics: Metrics):
         self.name, self.engine, self.config = name, engine, config

@@ -139,6 +139,16 @@ def test_deadline_frees_the_batch(running):
     assert running.stub().Translate(request("Still here.")).translations[0].hypotheses
 
 
+def test_queued_texts_whose_deadline_passes_are_dropped(start_server):
+    server = start_server(lanes=1, max_batch_rows=8)  # one lane takes one beam-8 text at a time
+    with pytest.raises(grpc.RpcError) as error:
+        server.stub().Translate(long_request(32, beam_size=8), timeout=0.3)
+    assert error.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    assert wait_until_idle(server), "texts of an expired request are still queued or decoding"
+    assert 'code="DEADLINE_EXCEEDED"' in server.metrics_text()
+    assert server.stub().Translate(request("Still here.")).translations[0].hypotheses
+
+
 def test_cancellation_frees_the_batch(running):
     call = running.stub().Translate.future(long_request(64, beam_size=8))  # 512 rows: several batches
     time.sleep(0.02)
