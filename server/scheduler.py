@@ -10,7 +10,8 @@ loop: a text is sent to a lane as it arrives if a lane has room (rows = texts x 
 tokens = source tokens x beams; the least busy lane first), else when a lane reports that
 texts ended; the lanes' reports are read when their pipes are readable. No thread hands
 work to another, so a request costs no thread wake-ups or lock hand-offs in this process
-(they had cost more of its CPU than gRPC itself, CPU the lanes need). Admission prefers,
+(a feeder thread and a collector thread per lane had taken over a quarter of its CPU, CPU
+the lanes need). Admission prefers,
 after the oldest waiting text, texts of a similar length (same length bucket) so that
 padding in the shared batch stays small; nothing waits forever because the oldest text
 always goes first.
