@@ -2,6 +2,7 @@
 
 import asyncio
 import concurrent.futures
+import contextlib
 import os
 import re
 import shutil
@@ -141,8 +142,8 @@ def test_deadline_frees_the_batch(running):
 
 def test_queued_texts_whose_deadline_passes_are_dropped(start_server):
     server = start_server(lanes=1, max_batch_rows=8)  # one lane takes one beam-8 text at a time
-    with pytest.raises(grpc.RpcError) as error:
-        server.stub().Translate(long_request(32, beam_size=8), timeout=0.3)
+    with pytest.raises(grpc.RpcError) as error:  # 64 texts, one after the other: seconds of work
+        server.stub().Translate(long_request(64, beam_size=8), timeout=0.1)
     assert error.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
     assert wait_until_idle(server), "texts of an expired request are still queued or decoding"
     assert 'code="DEADLINE_EXCEEDED"' in server.metrics_text()
@@ -171,7 +172,7 @@ def test_health_and_graceful_shutdown_drain_in_flight_work(start_server):
     for service in ("", "parley.v1.Translator"):
         assert health.Check(health_pb2.HealthCheckRequest(service=service)).status == health_pb2.HealthCheckResponse.SERVING
     stub = server.stub()
-    in_flight = [stub.Translate.future(long_request(16)) for _ in range(8)]  # 512 rows: several batches per lane
+    in_flight = [stub.Translate.future(long_request(16)) for _ in range(32)]  # 2,048 rows: several batches per lane
     time.sleep(0.05)
     assert not all(call.done() for call in in_flight)
     stopping = server.stop_soon()
@@ -203,6 +204,32 @@ def test_a_lane_that_dies_fails_its_texts_and_is_restarted(start_server):
     assert "decode lane stopped unexpectedly" in error.value.details()
     assert stub.Translate(request("Served again."), timeout=30).translations[0].hypotheses  # after the restart
     assert lane.process.pid != dead_pid and lane.process.is_alive()
+
+
+def test_a_lane_that_stops_reading_never_blocks_the_server(start_server):
+    server = start_server(lanes=1, max_batch_rows=4096, max_batch_tokens=400_000)
+    stub, scheduler = server.stub(), server.scheduler()
+    lane = scheduler.engine.lanes[0]
+    os.kill(lane.process.pid, signal.SIGSTOP)  # hung: its pipe fills with texts it does not read
+    try:
+        calls = [stub.Translate.future(long_request(64, beam_size=1), timeout=3) for _ in range(40)]
+        end = time.monotonic() + 10
+        while not scheduler._pipes[0].unsent:
+            assert time.monotonic() < end, "the pipe to the lane never filled"
+            time.sleep(0.01)
+        health = health_pb2_grpc.HealthStub(grpc.insecure_channel(server.address))
+        started = time.monotonic()
+        assert health.Check(health_pb2.HealthCheckRequest(), timeout=2).status == \
+            health_pb2.HealthCheckResponse.SERVING
+        assert stub.ListModels(pb.ListModelsRequest(), timeout=2).models
+        assert time.monotonic() - started < 2
+    finally:
+        os.kill(lane.process.pid, signal.SIGCONT)
+    for call in calls:  # each ends, one way or the other
+        with contextlib.suppress(grpc.RpcError):
+            call.result(timeout=30)
+    assert wait_until_idle(server, 30)
+    assert stub.Translate(request("Still here.")).translations[0].hypotheses
 
 
 def test_a_lane_that_cannot_restart_leaves_the_model_unavailable(tiny_package, tmp_path):
