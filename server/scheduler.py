@@ -99,10 +99,6 @@ class Scheduler:
             self._attach(lane)
 
     @property
-    def queue_depth(self) -> int:
-        return len(self._pending)
-
-    @property
     def texts_in_flight(self) -> int:
         """Texts queued or decoding."""
         return len(self._pending) + sum(len(active) for active in self._active)
@@ -270,6 +266,8 @@ class Scheduler:
 
     def settle(self, lane: int, endings: list[Ending]) -> None:
         """Answer the texts that left the lane: their translations, or why not."""
+        if not endings:  # a report of step statistics only
+            return
         ended = [(self._release(lane, e.key), e) for e in endings if e.key in self._active[lane]]
         finished = [(row, e.hypotheses) for row, e in ended if not e.reason]
         texts = self.engine.detokenize_many([hypotheses for _, hypotheses in finished])  # one call per report
