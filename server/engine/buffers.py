@@ -59,7 +59,11 @@ class CacheLayout:
 
 class HostBuffers:
     def __init__(self, sessions: VariantSessions, layout: CacheLayout):
-        self.encoder, self.decoder = sessions.encoder, sessions.decoder
+        self.encoder = sessions.encoder
+        # The step runs through the binding beneath InferenceSession.run, which first checks the
+        # feed's names and values in Python (~5 us of a 4-row step's ~360, measured); the
+        # backend builds the same complete feed at every step.
+        self._run_decoder = sessions.decoder._sess.run
         self.layout = layout
         self.cache = [np.zeros(layout.shape(0, 0, axis), layout.dtype) for axis in layout.axes]
         self.cross = [np.zeros(layout.shape(0, 0, axis), layout.dtype) for axis in layout.axes]
@@ -111,7 +115,7 @@ class HostBuffers:
         feeds = dict(feeds)
         feeds.update((name, buffer[:used]) for name, buffer in zip(self.layout.cache_names, self.cache))
         feeds.update((name, buffer[:sources]) for name, buffer in zip(self.layout.cross_names, self.cross))
-        results = self.decoder.run(outputs + self.layout.new_kv_names, feeds)
+        results = self._run_decoder(outputs + self.layout.new_kv_names, feeds, None)
         return results[: len(outputs)], results[len(outputs) :]
 
     def write(self, slots: np.ndarray, new_kv: list[np.ndarray]) -> None:
