@@ -1,7 +1,13 @@
 """`make bench`: Parley against CTranslate2 and the PyTorch reference, side by side, in one run.
 
 Same weights (the default model), same sentences of test_2016_flickr, same thread count,
-same output-length rule. Every engine runs in its own process (peak RSS is its own).
+same output-length rule. Every engine runs in its own process (peak RSS is its own); all
+stay loaded, and they take turns cell by cell (beam, batch size), in BENCH_ROUNDS rounds
+(default 3) that each start with a different engine: on a shared machine whose speed
+drifts over minutes, engines measured minutes apart would differ by the drift, engines
+measured back to back by little. Each record is the round with the median throughput, and
+holds every round's. The PyTorch reference and CTranslate2 int8 with one lane (an order of
+magnitude away from what they are compared with) run one round.
 BENCH_QUICK=1 runs a reduced grid in a few minutes.
 
 Writes bench/results/latest.json (a list of records) and bench/results/throughput.png,
@@ -17,10 +23,13 @@ import platform
 import subprocess
 import sys
 import tempfile
+import time
+from collections import defaultdict
 from pathlib import Path
 
 from bench.load import run_load
 from bench.replicas import replicas, round_robin_target
+from bench.worker import PROTOCOL
 from model.data import read_lines
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -38,6 +47,7 @@ def settings() -> dict:
         "threads": int(os.environ.get("BENCH_THREADS", os.cpu_count() or 1)),
         "grpc_clients": [1, 16, 64],
         "grpc_requests": 256 if quick else 1000,
+        "rounds": int(os.environ.get("BENCH_ROUNDS", 3)),
         "data_dir": Path(os.environ.get("DATA_DIR", ROOT.parent / "shared" / "data" / "multi30k")),
         "checkpoint": ROOT / "model" / "default",
         "package": Path(os.environ.get("BENCH_PACKAGE", ROOT / "models" / "multi30k-en-de")),
@@ -52,7 +62,13 @@ def ctranslate2_model(checkpoint: Path, quantization: str) -> Path:
     return out
 
 
+# Between two measurements: thread pools that spin after their work (OpenMP's, ONNX
+# Runtime's, an idle lane's poll) settle before the next engine starts.
+SETTLE_S = 0.5
+
+
 def run_worker(job: dict) -> dict:
+    """A one-off task in a worker process (bench.worker): its JSON result."""
     with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
         json.dump(job, f)
     try:
@@ -60,8 +76,100 @@ def run_worker(job: dict) -> dict:
     finally:
         os.unlink(f.name)
     if done.returncode != 0:
-        raise RuntimeError(f"benchmark worker failed for {job.get('engine')}: {done.stderr[-2000:]}")
+        raise RuntimeError(f"benchmark worker failed for {job.get('task')}: {done.stderr[-2000:]}")
     return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+class EngineWorker:
+    """An engine loaded in a worker process of its own (bench.worker --engine), measuring one
+    cell at a time when asked."""
+
+    def __init__(self, job: dict):
+        self.name = f"{job['engine']} {job['precision']} lanes {job['lanes']}"
+        with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
+            json.dump(job, f)
+        self.spec_file = f.name
+        self.process = subprocess.Popen([sys.executable, "-m", "bench.worker", "--engine", f.name],
+                                        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+
+    def wait_ready(self) -> None:
+        self._read()
+
+    def measure(self, beam: int, batch_size: int, score: bool) -> dict:
+        self.process.stdin.write(json.dumps({"beam_size": beam, "batch_size": batch_size, "score": score}) + "\n")
+        self.process.stdin.flush()
+        return self._read()
+
+    def finish(self) -> float:
+        """End the worker; the peak RSS of its processes, MB."""
+        self.process.stdin.close()
+        peak = self._read()["peak_rss_mb"]
+        self.process.wait()
+        os.unlink(self.spec_file)
+        return peak
+
+    def _read(self) -> dict:
+        for line in self.process.stdout:
+            if line.startswith(PROTOCOL):
+                return json.loads(line[len(PROTOCOL):])
+        raise RuntimeError(f"benchmark worker for {self.name} exited (code {self.process.wait()}); "
+                           "its error is above")
+
+
+def turns(rounds_of: list[int]) -> list[list[int]]:
+    """For each round, the engines (indices) in the order they take their turn at a cell: engine
+    i takes part in rounds 0 .. rounds_of[i] - 1, and each round starts one engine further on."""
+    order = []
+    for r in range(max(rounds_of, default=0)):
+        taking_part = [i for i, rounds in enumerate(rounds_of) if r < rounds]
+        shift = r % len(taking_part)
+        order.append(taking_part[shift:] + taking_part[:shift])
+    return order
+
+
+def median_round(runs: list[dict]) -> dict:
+    """The round with the median throughput (the lower middle one of an even count), with
+    every round's throughput, and the scores and translations the first round took."""
+    chosen = sorted(runs, key=lambda r: r["sentences_per_s"])[(len(runs) - 1) // 2]
+    return {**chosen, "bleu": runs[0]["bleu"], "outputs": runs[0]["outputs"],
+            "round_sentences_per_s": [r["sentences_per_s"] for r in runs]}
+
+
+def ratios_by_round(records: list[dict]) -> dict:
+    """Parley int8 with 2 lanes (the server's default) over CTranslate2 int8 in its faster
+    configuration, round by round: each round measured the two back to back."""
+    by_key = {(r["engine"], r["precision"], r["lanes"], r["beam_size"], r["batch_size"]): r
+              for r in records if "lanes" in r}  # the offline engines
+    ratios = {}
+    for (engine, precision, lanes, beam, batch_size), parley in by_key.items():
+        rivals = [r for k, r in by_key.items() if k[:2] == ("ctranslate2", "int8") and k[3:] == (beam, batch_size)]
+        if (engine, precision, lanes) == ("parley", "int8", 2) and rivals:
+            best = max(rivals, key=lambda r: r["sentences_per_s"])
+            ratios[f"beam{beam}_batch{batch_size}"] = [
+                round(p / c, 3) for p, c in zip(parley["round_sentences_per_s"], best["round_sentences_per_s"])]
+    return ratios
+
+
+def engine_records(s: dict, common: dict, jobs: list[dict]) -> list[dict]:
+    workers = [EngineWorker({**common, **job}) for job in jobs]  # they load in parallel
+    try:
+        for worker in workers:
+            worker.wait_ready()
+        runs = defaultdict(list)  # (engine, beam, batch size) -> one record per round
+        rounds = turns([job.get("rounds", s["rounds"]) for job in jobs])
+        for r, engines in enumerate(rounds):
+            print(f"round {r + 1} of {len(rounds)} ...", flush=True)
+            for beam in s["beams"]:
+                for batch_size in s["batch_sizes"]:
+                    for i in engines:
+                        time.sleep(SETTLE_S)
+                        runs[i, beam, batch_size].append(workers[i].measure(beam, batch_size, score=r == 0))
+        peaks = [worker.finish() for worker in workers]
+    except BaseException:
+        for worker in workers:
+            worker.process.kill()
+        raise
+    return [{**median_round(runs[key]), "peak_rss_mb": peaks[key[0]]} for key in sorted(runs)]
 
 
 def grpc_records(s: dict, sources: list[str], engine_rate: dict) -> list[dict]:
@@ -157,14 +265,12 @@ def main() -> None:
         {"engine": "parley", "precision": "int8", "lanes": 2},
         {"engine": "ctranslate2", "precision": "float32", "ct2_model": ct2["float32"], "lanes": 1},
         {"engine": "ctranslate2", "precision": "float32", "ct2_model": ct2["float32"], "lanes": 2},
-        {"engine": "ctranslate2", "precision": "int8", "ct2_model": ct2["int8"], "lanes": 1},
+        {"engine": "ctranslate2", "precision": "int8", "ct2_model": ct2["int8"], "lanes": 1, "rounds": 1},
         {"engine": "ctranslate2", "precision": "int8", "ct2_model": ct2["int8"], "lanes": 2},
-        {"engine": "pytorch", "precision": "fp32", "lanes": 1},
+        {"engine": "pytorch", "precision": "fp32", "lanes": 1, "rounds": 1},
     ]
-    records = []
-    for job in jobs:
-        print(f"measuring {job['engine']} {job['precision']} lanes {job['lanes']} ...", flush=True)
-        records += run_worker({**common, **job})["records"]
+    print(f"loading {len(jobs)} engines ...", flush=True)
+    records = engine_records(s, common, jobs)
     engine_rate = {r["beam_size"]: r["sentences_per_s"] for r in records  # the server's default: 2 lanes
                    if r["engine"] == "parley" and r["precision"] == "int8" and r["lanes"] == 2
                    and r["batch_size"] == max(s["batch_sizes"])}
@@ -177,12 +283,13 @@ def main() -> None:
         records.append({**r, "share_of_engine": round(r["sentences_per_s"] / offline, 3) if offline else None})
     kv = run_worker({**common, "task": "kv_cache", "steps": 30, "batch_size": 32})["kv_cache"]
 
-    outputs = {}
+    outputs = {}  # the translations at the largest batch size
     for r in records:
         texts = r.pop("outputs", None)
-        if texts:
+        if texts and r["batch_size"] == max(s["batch_sizes"]):
             outputs.setdefault((r["engine"], r["precision"], r["beam_size"]), texts)
-    checks = {"kv_cache_speedup_at_30_tokens": kv}
+    checks = {"kv_cache_speedup_at_30_tokens": kv,
+              "parley_int8_over_ctranslate2_int8_best_by_round": ratios_by_round(records)}
     for beam in s["beams"]:  # share of sentences with identical output (largest batch size)
         parley = outputs.get(("parley", "fp32", beam))
         checks[f"pytorch_equals_parley_fp32_beam{beam}"] = agreement(outputs.get(("pytorch", "fp32", beam)), parley)

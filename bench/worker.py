@@ -1,6 +1,8 @@
 """One engine's measurements, in a process of its own (so peak RSS is that engine's).
 
-    python -m bench.worker SPEC_JSON  ->  prints one JSON object
+    python -m bench.worker SPEC_JSON           one task (kv_cache, scheduler): prints one JSON object
+    python -m bench.worker --engine SPEC_JSON  an engine that stays loaded and measures the cells
+                                               it is sent, one at a time (the protocol: EngineWorker)
 
 Every engine runs with the malloc settings the Parley server applies to itself
 (server.engine.memory): CTranslate2 gains from them too, so the comparison stays even.
@@ -31,38 +33,55 @@ def build(spec: dict, tokenizer: Tokenizer):
     return PyTorchEngine(Path(spec["checkpoint"]), spec["threads"])
 
 
-def measure(spec: dict) -> dict:
+# Lines of the engine worker's protocol start with this, so that anything else a library
+# prints to stdout cannot be taken for one.
+PROTOCOL = "@bench "
+
+
+def serve_engine(spec: dict) -> None:
+    """Load the engine, say ready, then measure each cell read from stdin ({"beam_size",
+    "batch_size", "score"}) until stdin ends; last, the peak RSS of the engine's processes."""
     tokenizer = Tokenizer(Path(spec["checkpoint"]) / "spm.model")
     sources = tokenizer.encode(spec["sources"])
     engine = build(spec, tokenizer)
     engine.translate(sources[:8], 1)  # warm-up: first-run allocations and thread start-up
-    records = []
-    for beam in spec["beams"]:
-        for batch_size in spec["batch_sizes"]:
-            outputs, latencies = [], []
-            started = time.perf_counter()
-            for i in range(0, len(sources), batch_size):
-                t = time.perf_counter()
-                outputs += engine.translate(sources[i : i + batch_size], beam)
-                latencies.append(time.perf_counter() - t)
-            seconds = time.perf_counter() - started
-            texts = tokenizer.decode(outputs)
-            records.append({
-                "engine": spec["engine"], "precision": spec["precision"], "beam_size": beam,
-                "batch_size": batch_size, "threads": spec["threads"], "lanes": spec["lanes"], "sentences": len(sources),
-                "seconds": round(seconds, 3),
-                "sentences_per_s": round(len(sources) / seconds, 2),
-                "tokens_per_s": round(sum(len(o) for o in outputs) / seconds, 1),
-                "latency_p50_ms": round(1000 * float(np.percentile(latencies, 50)), 2),
-                "latency_p95_ms": round(1000 * float(np.percentile(latencies, 95)), 2),
-                "bleu": round(sacrebleu.corpus_bleu(texts, [spec["references"]]).score, 2),
-                "outputs": texts if batch_size == spec["batch_sizes"][-1] else None,
-            })
-    peak_rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 + \
-        sum(peak_rss_of(pid) for pid in getattr(engine, "worker_pids", []))
-    for record in records:
-        record["peak_rss_mb"] = round(peak_rss_mb, 1)
-    return {"records": records}
+    say({"ready": True})
+    for line in sys.stdin:
+        cell = json.loads(line)
+        say(measure_cell(spec, engine, tokenizer, sources, cell["beam_size"], cell["batch_size"], cell["score"]))
+    say({"peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 +
+                              sum(peak_rss_of(pid) for pid in getattr(engine, "worker_pids", [])), 1)})
+
+
+def say(message: dict) -> None:
+    print(PROTOCOL + json.dumps(message), flush=True)
+
+
+def measure_cell(spec: dict, engine, tokenizer: Tokenizer, sources: list[list[int]], beam: int, batch_size: int,
+                 score: bool) -> dict:
+    """All the sources in batches of batch_size; with score, the BLEU and the translations too
+    (the same in every round: an engine's output does not depend on timing)."""
+    outputs, latencies = [], []
+    started = time.perf_counter()
+    for i in range(0, len(sources), batch_size):
+        t = time.perf_counter()
+        outputs += engine.translate(sources[i : i + batch_size], beam)
+        latencies.append(time.perf_counter() - t)
+    seconds = time.perf_counter() - started
+    record = {
+        "engine": spec["engine"], "precision": spec["precision"], "beam_size": beam,
+        "batch_size": batch_size, "threads": spec["threads"], "lanes": spec["lanes"], "sentences": len(sources),
+        "seconds": round(seconds, 3),
+        "sentences_per_s": round(len(sources) / seconds, 2),
+        "tokens_per_s": round(sum(len(o) for o in outputs) / seconds, 1),
+        "latency_p50_ms": round(1000 * float(np.percentile(latencies, 50)), 2),
+        "latency_p95_ms": round(1000 * float(np.percentile(latencies, 95)), 2),
+    }
+    if score:
+        texts = tokenizer.decode(outputs)
+        record["bleu"] = round(sacrebleu.corpus_bleu(texts, [spec["references"]]).score, 2)
+        record["outputs"] = texts
+    return record
 
 
 def peak_rss_of(pid: int) -> float:
@@ -155,7 +174,9 @@ def scheduler_throughput(spec: dict) -> dict:
 
 if __name__ == "__main__":
     keep_freed_memory()
-    job = json.loads(Path(sys.argv[1]).read_text())
-    tasks = {"kv_cache": kv_cache_speedup, "scheduler": scheduler_throughput}
-    result = tasks.get(job.get("task"), measure)(job)
-    print(json.dumps(result))
+    if sys.argv[1] == "--engine":
+        serve_engine(json.loads(Path(sys.argv[2]).read_text()))
+    else:
+        job = json.loads(Path(sys.argv[1]).read_text())
+        tasks = {"kv_cache": kv_cache_speedup, "scheduler": scheduler_throughput}
+        print(json.dumps(tasks[job["task"]](job)))
