@@ -7,7 +7,10 @@ stay loaded, and they take turns cell by cell (beam, batch size), in BENCH_ROUND
 drifts over minutes, engines measured minutes apart would differ by the drift, engines
 measured back to back by little. Each record is the round with the median throughput, and
 holds every round's. The PyTorch reference and CTranslate2 int8 with one lane (an order of
-magnitude away from what they are compared with) run one round.
+magnitude away from what they are compared with) run one round. Then the served paths,
+in rounds too: the offline engine (2 lanes, the largest batch), the server's scheduler
+without gRPC and the gRPC server, one after the other; a served figure's share of the
+offline engine is taken in each round and the median reported.
 BENCH_QUICK=1 runs a reduced grid in a few minutes.
 
 Writes bench/results/latest.json (a list of records) and bench/results/throughput.png,
@@ -80,23 +83,23 @@ def run_worker(job: dict) -> dict:
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-class EngineWorker:
-    """An engine loaded in a worker process of its own (bench.worker --engine), measuring one
-    cell at a time when asked."""
+class Worker:
+    """A worker process that stays loaded (bench.worker --engine or --scheduler) and measures
+    one cell at a time when asked."""
 
-    def __init__(self, job: dict):
-        self.name = f"{job['engine']} {job['precision']} lanes {job['lanes']}"
+    def __init__(self, kind: str, job: dict):
+        self.name = f"{kind} {job.get('engine', '')} {job.get('precision', '')} lanes {job.get('lanes', '')}"
         with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
             json.dump(job, f)
         self.spec_file = f.name
-        self.process = subprocess.Popen([sys.executable, "-m", "bench.worker", "--engine", f.name],
+        self.process = subprocess.Popen([sys.executable, "-m", "bench.worker", f"--{kind}", f.name],
                                         stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
 
     def wait_ready(self) -> None:
         self._read()
 
-    def measure(self, beam: int, batch_size: int, score: bool) -> dict:
-        self.process.stdin.write(json.dumps({"beam_size": beam, "batch_size": batch_size, "score": score}) + "\n")
+    def ask(self, cell: dict) -> dict:
+        self.process.stdin.write(json.dumps(cell) + "\n")
         self.process.stdin.flush()
         return self._read()
 
@@ -108,11 +111,15 @@ class EngineWorker:
         os.unlink(self.spec_file)
         return peak
 
+    def kill(self) -> None:
+        self.process.kill()
+        os.unlink(self.spec_file)
+
     def _read(self) -> dict:
         for line in self.process.stdout:
             if line.startswith(PROTOCOL):
                 return json.loads(line[len(PROTOCOL):])
-        raise RuntimeError(f"benchmark worker for {self.name} exited (code {self.process.wait()}); "
+        raise RuntimeError(f"benchmark worker ({self.name}) exited (code {self.process.wait()}); "
                            "its error is above")
 
 
@@ -131,8 +138,8 @@ def median_round(runs: list[dict]) -> dict:
     """The round with the median throughput (the lower middle one of an even count), with
     every round's throughput, and the scores and translations the first round took."""
     chosen = sorted(runs, key=lambda r: r["sentences_per_s"])[(len(runs) - 1) // 2]
-    return {**chosen, "bleu": runs[0]["bleu"], "outputs": runs[0]["outputs"],
-            "round_sentences_per_s": [r["sentences_per_s"] for r in runs]}
+    first_only = {key: runs[0][key] for key in ("bleu", "outputs") if key in runs[0]}
+    return {**chosen, **first_only, "round_sentences_per_s": [r["sentences_per_s"] for r in runs]}
 
 
 def ratios_by_round(records: list[dict]) -> dict:
@@ -151,7 +158,7 @@ def ratios_by_round(records: list[dict]) -> dict:
 
 
 def engine_records(s: dict, common: dict, jobs: list[dict]) -> list[dict]:
-    workers = [EngineWorker({**common, **job}) for job in jobs]  # they load in parallel
+    workers = [Worker("engine", {**common, **job}) for job in jobs]  # they load in parallel
     try:
         for worker in workers:
             worker.wait_ready()
@@ -163,27 +170,53 @@ def engine_records(s: dict, common: dict, jobs: list[dict]) -> list[dict]:
                 for batch_size in s["batch_sizes"]:
                     for i in engines:
                         time.sleep(SETTLE_S)
-                        runs[i, beam, batch_size].append(workers[i].measure(beam, batch_size, score=r == 0))
+                        cell = {"beam_size": beam, "batch_size": batch_size, "score": r == 0}
+                        runs[i, beam, batch_size].append(workers[i].ask(cell))
         peaks = [worker.finish() for worker in workers]
     except BaseException:
         for worker in workers:
-            worker.process.kill()
+            worker.kill()
         raise
     return [{**median_round(runs[key]), "peak_rss_mb": peaks[key[0]]} for key in sorted(runs)]
 
 
-def grpc_records(s: dict, sources: list[str], engine_rate: dict) -> list[dict]:
-    """End-to-end throughput through a real server on loopback, single-sentence requests."""
+def served_records(s: dict, common: dict, sources: list[str]) -> list[dict]:
+    """One sentence per request through a real server on loopback (parley-grpc: 1, 16 and 64
+    clients) and through the server's scheduler without gRPC (parley-scheduler: 64 clients),
+    in rounds; in each, every served figure is divided by the offline engine's (2 lanes,
+    the largest batch) measured just before it: its share of the offline engine."""
+    reference = Worker("engine", {**common, "engine": "parley", "precision": "int8", "lanes": 2})
+    clients = max(s["grpc_clients"])
+    scheduler = Worker("scheduler", {**common, "clients": clients})
+    runs = defaultdict(list)  # (engine, beam, clients) -> one record per round
+    try:
+        with replicas(s["package"], 1, s["threads"], "--precision", "int8") as ports:
+            reference.wait_ready()
+            scheduler.wait_ready()
+            for r in range(s["rounds"]):
+                print(f"round {r + 1} of {s['rounds']} ...", flush=True)
+                for beam in s["beams"]:
+                    offline = reference.ask({"beam_size": beam, "batch_size": max(s["batch_sizes"]), "score": False})
+                    measured = [scheduler.ask({"beam_size": beam, "requests": s["grpc_requests"]})]
+                    for n in s["grpc_clients"]:
+                        requests = min(s["grpc_requests"], 200) if n == 1 else s["grpc_requests"]
+                        result = asyncio.run(run_load(round_robin_target(ports), sources, n, requests, [beam]))
+                        measured.append({"engine": "parley-grpc", "precision": "int8", "beam_size": beam,
+                                         "batch_size": 1, "threads": s["threads"], **result})
+                    for record in measured:
+                        share = round(record["sentences_per_s"] / offline["sentences_per_s"], 3)
+                        runs[record["engine"], beam, record["clients"]].append({**record, "share_of_engine": share})
+        reference.finish()
+        scheduler.finish()
+    except BaseException:
+        reference.kill()
+        scheduler.kill()
+        raise
     records = []
-    with replicas(s["package"], 1, s["threads"], "--precision", "int8") as ports:
-        for beam in s["beams"]:
-            for clients in s["grpc_clients"]:
-                requests = min(s["grpc_requests"], 200) if clients == 1 else s["grpc_requests"]
-                result = asyncio.run(run_load(round_robin_target(ports), sources, clients, requests, [beam]))
-                offline = engine_rate.get(beam)
-                records.append({"engine": "parley-grpc", "precision": "int8", "beam_size": beam, "batch_size": 1,
-                                "threads": s["threads"], "bleu": None, **result,
-                                "share_of_engine": round(result["sentences_per_s"] / offline, 3) if offline else None})
+    for key in sorted(runs, key=lambda k: (k[0] != "parley-grpc", k[1], k[2])):
+        shares = [r["share_of_engine"] for r in runs[key]]
+        records.append({**median_round(runs[key]), "bleu": None, "round_shares": shares,
+                        "share_of_engine": sorted(shares)[(len(shares) - 1) // 2]})
     return records
 
 
@@ -271,16 +304,8 @@ def main() -> None:
     ]
     print(f"loading {len(jobs)} engines ...", flush=True)
     records = engine_records(s, common, jobs)
-    engine_rate = {r["beam_size"]: r["sentences_per_s"] for r in records  # the server's default: 2 lanes
-                   if r["engine"] == "parley" and r["precision"] == "int8" and r["lanes"] == 2
-                   and r["batch_size"] == max(s["batch_sizes"])}
-    print("measuring parley-grpc ...", flush=True)
-    records += grpc_records(s, sources, engine_rate)
-    print("measuring parley-scheduler (the server without gRPC) ...", flush=True)
-    clients = max(s["grpc_clients"])
-    for r in run_worker({**common, "task": "scheduler", "clients": clients, "requests": s["grpc_requests"]})["records"]:
-        offline = engine_rate.get(r["beam_size"])
-        records.append({**r, "share_of_engine": round(r["sentences_per_s"] / offline, 3) if offline else None})
+    print("measuring parley-grpc and parley-scheduler (the server without gRPC) ...", flush=True)
+    records += served_records(s, common, sources)
     kv = run_worker({**common, "task": "kv_cache", "steps": 30, "batch_size": 32})["kv_cache"]
 
     outputs = {}  # the translations at the largest batch size

@@ -1,8 +1,9 @@
 """One engine's measurements, in a process of its own (so peak RSS is that engine's).
 
-    python -m bench.worker SPEC_JSON           one task (kv_cache, scheduler): prints one JSON object
-    python -m bench.worker --engine SPEC_JSON  an engine that stays loaded and measures the cells
-                                               it is sent, one at a time (the protocol: EngineWorker)
+    python -m bench.worker SPEC_JSON              KV cache against full recomputation: one JSON object
+    python -m bench.worker --engine SPEC_JSON     an engine that stays loaded and measures the cells
+                                                  it is sent, one at a time (bench.run.Worker)
+    python -m bench.worker --scheduler SPEC_JSON  the same for the server's scheduler without gRPC
 
 Every engine runs with the malloc settings the Parley server applies to itself
 (server.engine.memory): CTranslate2 gains from them too, so the comparison stays even.
@@ -125,8 +126,9 @@ def kv_cache_speedup(spec: dict) -> dict:
                          "speedup": round(timings["full_recompute"] / timings["kv_cache"], 2)}}
 
 
-def scheduler_throughput(spec: dict) -> dict:
-    """The server's scheduler and engine (default configuration) in this process, without gRPC:
+def serve_scheduler(spec: dict) -> None:
+    """The server's scheduler and engine (default configuration) in this process, without gRPC,
+    measured on request like serve_engine: for each cell read ({"beam_size", "requests"}),
     `clients` closed-loop clients queue one sentence at a time, as parley-grpc's do, so the
     two records split the server's distance from the offline engine into what continuous
     batching costs and what gRPC costs."""
@@ -161,22 +163,29 @@ def scheduler_throughput(spec: dict) -> dict:
                 "seconds": round(seconds, 3), "sentences_per_s": round(requests / seconds, 2),
                 **latency_percentiles(latencies)}
 
-    async def run() -> dict:
+    async def run() -> None:
         scheduler.start()  # on this event loop, which every load shares
         try:
-            await load(1, min(spec["requests"], 200))  # warm-up
-            return {"records": [await load(beam, spec["requests"]) for beam in spec["beams"]]}
+            await load(1, 200)  # warm-up
+            say({"ready": True})
+            while line := await asyncio.to_thread(sys.stdin.readline):
+                cell = json.loads(line)
+                say(await load(cell["beam_size"], cell["requests"]))
+            peak_rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 + \
+                sum(peak_rss_of(lane.process.pid) for lane in engine.lanes)
         finally:
             await scheduler.stop()
+        say({"peak_rss_mb": round(peak_rss_mb, 1)})
 
-    return asyncio.run(run())
+    asyncio.run(run())
 
 
 if __name__ == "__main__":
     keep_freed_memory()
+    job = json.loads(Path(sys.argv[-1]).read_text())
     if sys.argv[1] == "--engine":
-        serve_engine(json.loads(Path(sys.argv[2]).read_text()))
+        serve_engine(job)
+    elif sys.argv[1] == "--scheduler":
+        serve_scheduler(job)
     else:
-        job = json.loads(Path(sys.argv[1]).read_text())
-        tasks = {"kv_cache": kv_cache_speedup, "scheduler": scheduler_throughput}
-        print(json.dumps(tasks[job["task"]](job)))
+        print(json.dumps(kv_cache_speedup(job)))

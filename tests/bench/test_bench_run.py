@@ -17,6 +17,7 @@ def test_a_record_is_its_median_round_with_the_first_rounds_scores():
     assert (record["bleu"], record["outputs"]) == (38.1, ["Ein Hund."])
     assert record["round_sentences_per_s"] == [90.0, 110.0, 100.0]
     assert median_round(runs[:2])["sentences_per_s"] == 90.0  # an even count: the lower middle
+    assert "bleu" not in median_round(runs[1:])  # served paths are not scored
 
 
 def test_ratios_pair_rounds_against_ctranslate2s_faster_configuration():
