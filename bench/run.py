@@ -88,7 +88,7 @@ class Worker:
     one cell at a time when asked."""
 
     def __init__(self, kind: str, job: dict):
-        self.name = f"{kind} {job.get('engine', '')} {job.get('precision', '')} lanes {job.get('lanes', '')}"
+        self.name = " ".join([kind] + [f"{key} {job[key]}" for key in ("engine", "precision", "lanes") if key in job])
         with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
             json.dump(job, f)
         self.spec_file = f.name

@@ -50,8 +50,7 @@ def serve_engine(spec: dict) -> None:
     for line in sys.stdin:
         cell = json.loads(line)
         say(measure_cell(spec, engine, tokenizer, sources, cell["beam_size"], cell["batch_size"], cell["score"]))
-    say({"peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 +
-                              sum(peak_rss_of(pid) for pid in getattr(engine, "worker_pids", [])), 1)})
+    say({"peak_rss_mb": peak_rss_mb(getattr(engine, "worker_pids", []))})
 
 
 def say(message: dict) -> None:
@@ -83,6 +82,12 @@ def measure_cell(spec: dict, engine, tokenizer: Tokenizer, sources: list[list[in
         record["bleu"] = round(sacrebleu.corpus_bleu(texts, [spec["references"]]).score, 2)
         record["outputs"] = texts
     return record
+
+
+def peak_rss_mb(worker_pids: list[int]) -> float:
+    """The peak resident memory of this process and its live worker processes, MB."""
+    own = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return round(own + sum(peak_rss_of(pid) for pid in worker_pids), 1)
 
 
 def peak_rss_of(pid: int) -> float:
@@ -171,11 +176,10 @@ def serve_scheduler(spec: dict) -> None:
             while line := await asyncio.to_thread(sys.stdin.readline):
                 cell = json.loads(line)
                 say(await load(cell["beam_size"], cell["requests"]))
-            peak_rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 + \
-                sum(peak_rss_of(lane.process.pid) for lane in engine.lanes)
+            peak = peak_rss_mb([lane.process.pid for lane in engine.lanes])  # while the lanes are there
         finally:
             await scheduler.stop()
-        say({"peak_rss_mb": round(peak_rss_mb, 1)})
+        say({"peak_rss_mb": peak})
 
     asyncio.run(run())
 
