@@ -1,9 +1,11 @@
 """`make bench-scale`: gRPC throughput against the number of replicas, on this machine.
 
-Starts N Parley processes on loopback (threads split evenly over the cores), drives them
-through one channel with round_robin balancing, and reports sentences/s, latency and
-errors per replica count. On a 2-core machine this shows the balancing and the per-process
-overhead, not scale-out: the replicas share the same two cores.
+Starts N Parley processes on loopback (threads split evenly over the cores) for each N,
+all at once, drives each set through one channel with round_robin balancing, the sets
+taking turns in BENCH_ROUNDS rounds (as `make bench`'s engines do: bench.run), and reports
+the median round's sentences/s, latency and errors per replica count. On a 2-core machine
+this shows the balancing and the per-process overhead, not scale-out: the replicas share
+the same two cores.
 """
 
 from __future__ import annotations
@@ -12,21 +14,21 @@ import asyncio
 import json
 import os
 import sys
+from contextlib import ExitStack
 from pathlib import Path
 
 from bench.load import run_load
 from bench.replicas import replicas, round_robin_target
-from bench.run import RESULTS, settings
+from bench.run import RESULTS, median_round, settings, turns
 from model.data import read_lines
 from server.config import ServerConfig
 
 
-def measure(count: int, s: dict, sentences: list[str], clients: int, requests: int) -> dict:
+def layout(count: int) -> tuple[int, int]:
+    """Threads and lanes of each of `count` replicas: the cores split evenly, one thread per
+    lane, at most the server's default lanes."""
     threads = max((os.cpu_count() or 1) // count, 1)
-    lanes = min(threads, ServerConfig.lanes)  # one thread per lane, at most the server's default lanes
-    with replicas(s["package"], count, threads, "--precision", "int8", "--lanes", str(lanes)) as ports:
-        result = asyncio.run(run_load(round_robin_target(ports), sentences, clients, requests))
-    return {"replicas": count, "threads_per_replica": threads, "lanes_per_replica": lanes, **result}
+    return threads, min(threads, ServerConfig.lanes)
 
 
 def main() -> None:
@@ -34,7 +36,24 @@ def main() -> None:
     if not (s["package"] / "manifest.json").is_file():
         sys.exit(f"no model package at {s['package']}: run `make export` first")
     sentences = read_lines(Path(s["data_dir"]) / "test_2016_flickr.en.gz")
-    records = [measure(n, s, sentences, clients=64, requests=s["grpc_requests"]) for n in (1, 2)]
+    counts = (1, 2)
+    runs = {count: [] for count in counts}
+    with ExitStack() as stack:
+        targets = {}
+        for count in counts:
+            threads, lanes = layout(count)
+            ports = stack.enter_context(replicas(s["package"], count, threads, "--precision", "int8",
+                                                 "--lanes", str(lanes)))
+            targets[count] = round_robin_target(ports)
+        for r, turn in enumerate(turns([s["rounds"]] * len(counts))):
+            print(f"round {r + 1} of {s['rounds']} ...", flush=True)
+            for count in (counts[i] for i in turn):
+                runs[count].append(asyncio.run(run_load(targets[count], sentences, 64, s["grpc_requests"])))
+    records = []
+    for count in counts:
+        threads, lanes = layout(count)
+        records.append({"replicas": count, "threads_per_replica": threads, "lanes_per_replica": lanes,
+                        **median_round(runs[count])})
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "scale.json").write_text(json.dumps(records, indent=1) + "\n")
     print("| replicas | threads each | lanes each | clients | sent/s | p50 ms | p99 ms | errors |")
@@ -43,6 +62,8 @@ def main() -> None:
         print(f"| {r['replicas']} | {r['threads_per_replica']} | {r['lanes_per_replica']} | {r['clients']} | "
               f"{r['sentences_per_s']:.1f} | "
               f"{r['latency_p50_ms']:.1f} | {r['latency_p99_ms']:.1f} | {r['errors'] or 0} |")
+    print("rounds (sentences/s): " + ", ".join(f"{r['replicas']} replica(s) {r['round_sentences_per_s']}"
+                                               for r in records))
 
 
 if __name__ == "__main__":
