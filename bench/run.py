@@ -108,12 +108,13 @@ class Worker:
         self.process.stdin.close()
         peak = self._read()["peak_rss_mb"]
         self.process.wait()
-        os.unlink(self.spec_file)
+        Path(self.spec_file).unlink(missing_ok=True)
         return peak
 
     def kill(self) -> None:
+        """Stop the worker at once (a measurement failed; it may have finished already)."""
         self.process.kill()
-        os.unlink(self.spec_file)
+        Path(self.spec_file).unlink(missing_ok=True)
 
     def _read(self) -> dict:
         for line in self.process.stdout:
@@ -134,10 +135,15 @@ def turns(rounds_of: list[int]) -> list[list[int]]:
     return order
 
 
+def lower_median(values: list, key=None):
+    """The median of the values (the lower middle one of an even count)."""
+    return sorted(values, key=key)[(len(values) - 1) // 2]
+
+
 def median_round(runs: list[dict]) -> dict:
-    """The round with the median throughput (the lower middle one of an even count), with
-    every round's throughput, and the scores and translations the first round took."""
-    chosen = sorted(runs, key=lambda r: r["sentences_per_s"])[(len(runs) - 1) // 2]
+    """The round with the median throughput, with every round's throughput, and the scores
+    and translations the first round took."""
+    chosen = lower_median(runs, key=lambda r: r["sentences_per_s"])
     first_only = {key: runs[0][key] for key in ("bleu", "outputs") if key in runs[0]}
     return {**chosen, **first_only, "round_sentences_per_s": [r["sentences_per_s"] for r in runs]}
 
@@ -216,7 +222,7 @@ def served_records(s: dict, common: dict, sources: list[str]) -> list[dict]:
     for key in sorted(runs, key=lambda k: (k[0] != "parley-grpc", k[1], k[2])):
         shares = [r["share_of_engine"] for r in runs[key]]
         records.append({**median_round(runs[key]), "bleu": None, "round_shares": shares,
-                        "share_of_engine": sorted(shares)[(len(shares) - 1) // 2]})
+                        "share_of_engine": lower_median(shares)})
     return records
 
 

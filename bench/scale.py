@@ -36,24 +36,21 @@ def main() -> None:
     if not (s["package"] / "manifest.json").is_file():
         sys.exit(f"no model package at {s['package']}: run `make export` first")
     sentences = read_lines(Path(s["data_dir"]) / "test_2016_flickr.en.gz")
-    counts = (1, 2)
-    runs = {count: [] for count in counts}
+    layouts = {count: layout(count) for count in (1, 2)}
+    runs = {count: [] for count in layouts}
     with ExitStack() as stack:
         targets = {}
-        for count in counts:
-            threads, lanes = layout(count)
+        for count, (threads, lanes) in layouts.items():
             ports = stack.enter_context(replicas(s["package"], count, threads, "--precision", "int8",
                                                  "--lanes", str(lanes)))
             targets[count] = round_robin_target(ports)
+        counts = list(layouts)
         for r, turn in enumerate(turns([s["rounds"]] * len(counts))):
             print(f"round {r + 1} of {s['rounds']} ...", flush=True)
             for count in (counts[i] for i in turn):
                 runs[count].append(asyncio.run(run_load(targets[count], sentences, 64, s["grpc_requests"])))
-    records = []
-    for count in counts:
-        threads, lanes = layout(count)
-        records.append({"replicas": count, "threads_per_replica": threads, "lanes_per_replica": lanes,
-                        **median_round(runs[count])})
+    records = [{"replicas": count, "threads_per_replica": threads, "lanes_per_replica": lanes,
+                **median_round(runs[count])} for count, (threads, lanes) in layouts.items()]
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "scale.json").write_text(json.dumps(records, indent=1) + "\n")
     print("| replicas | threads each | lanes each | clients | sent/s | p50 ms | p99 ms | errors |")

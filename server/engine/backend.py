@@ -68,7 +68,7 @@ class OnnxStepBackend:
         self.src_mask = np.zeros((0, 0), dtype=bool)
         self.sources = 0
         self._grid: tuple[np.ndarray, np.ndarray] | None = None  # query_grid of the rows and sources
-        self._padding: float | None = None  # padding_ratio, until rows or sources change
+        self._padding: float | None = None  # padding_ratio, until the sources change
         if src_tokens is not None:
             self.extend(src_tokens)
 
@@ -168,7 +168,7 @@ class OnnxStepBackend:
             self.lengths[targets], self.row_source[targets] = self.lengths[copied], self.row_source[copied]
             chosen[~stays] = targets
         self.live, self.used = chosen, kept
-        self._grid = self._padding = None
+        self._grid = None
         self._drop_unread_sources()
         next_slot = int(self.lengths[:kept].max(initial=0)) + 1  # keep room for the coming step
         if not kept:
@@ -197,6 +197,7 @@ class OnnxStepBackend:
             self.row_source[: self.used] = renumbered[self.row_source[: self.used]]
             self.src_mask[holes] = self.src_mask[moving]
         self.sources = kept
+        self._padding = None
         longest = int(self.src_mask[:kept].any(axis=0).nonzero()[0].max(initial=-1)) + 1
         if self.src_mask.shape[1] > _blocks(longest + SOURCE_BLOCK, SOURCE_BLOCK):
             width = _blocks(longest, SOURCE_BLOCK)

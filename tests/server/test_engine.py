@@ -82,6 +82,27 @@ def test_an_emptied_batch_gives_up_its_cache_slots(engines):
     assert [second[i][0].tokens for i in range(3, 6)] == [hyps[0].tokens for hyps in engine.decode(sources[3:], params[3:])]
 
 
+def test_the_padding_ratio_follows_the_sources_as_they_join_and_leave(engines):
+    """The lane reports it at every step; the backend keeps it until the sources change."""
+    engine = engines["int8"]
+    sources = [[5] * 2, [6] * 30, [7] * 9]
+    params = [DecodingParams(beam_size=2, max_length=n, min_length=n) for n in (2, 12, 6)]  # they leave in turn
+    batch = engine.new_search()
+    engine.admit(batch, range(2), sources[:2], params[:2])
+    checked = set()  # numbers of sources in use when the ratio was checked
+    for step in range(20):
+        if step == 1:
+            engine.admit(batch, [2], sources[2:], params[2:])
+        backend = batch.backend
+        fresh = 1.0 - backend.src_mask[: backend.sources].mean() if backend.sources else 0.0
+        assert backend.padding_ratio == pytest.approx(fresh), step
+        checked.add(backend.sources)
+        if not len(batch):
+            break
+        batch.step()
+    assert checked == {0, 1, 2, 3}
+
+
 def test_two_lane_processes_decode_what_one_engine_decodes(engines, tiny_package):
     two_lanes = LaneEngine(ModelPackage.load(tiny_package), precision="int8", device="cpu", threads=2, lanes=2)
     try:
