@@ -15,7 +15,7 @@ DATA_DIR ?= ../shared/data/multi30k
 VERIFY_ON_VAL = $(if $(wildcard $(DATA_DIR)/val.en.gz),--sample $(DATA_DIR)/val.en.gz --sample-references $(DATA_DIR)/val.de.gz)
 CALIBRATION = $(if $(wildcard $(DATA_DIR)/train.en.gz),--calibration $(DATA_DIR)/train.en.gz)
 
-.PHONY: setup test serve eval train export bench bench-scale bench-cuda proto clean
+.PHONY: setup test serve eval train export bench bench-served bench-scale bench-cuda proto clean
 
 $(READY): requirements/serve.txt requirements/dev.txt pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -59,6 +59,10 @@ $(BENCH_READY): requirements/bench.txt $(READY)
 # Throughput and quality against CTranslate2 and PyTorch; BENCH_QUICK=1 for a reduced grid.
 bench: setup export $(BENCH_READY)
 	DATA_DIR=$(DATA_DIR) $(BIN)/python -m bench.run
+
+# Only the served paths (gRPC, the scheduler) against the offline engine; no CTranslate2 needed.
+bench-served: setup export
+	DATA_DIR=$(DATA_DIR) $(BIN)/python -m bench.run --served
 
 # gRPC throughput against the number of replicas on this machine (round_robin over loopback).
 bench-scale: setup export

@@ -13,6 +13,8 @@ from typing import Iterator
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from bench.cpus import pinned_to
+
 
 def free_port() -> int:
     with socket.socket() as s:
@@ -34,12 +36,15 @@ def wait_until_serving(port: int, timeout: float = 120.0) -> None:
 
 
 @contextlib.contextmanager
-def replicas(repository: Path, count: int, threads: int, *flags: str) -> Iterator[list[tuple[int, int]]]:
-    """Start `count` servers; yields their (gRPC port, metrics port) pairs once all are SERVING."""
+def replicas(repository: Path, count: int, threads: int, *flags: str,
+             cpus: list[int] | None = None) -> Iterator[list[tuple[int, int]]]:
+    """Start `count` servers (on `cpus`; None: any); yields their (gRPC port, metrics port)
+    pairs once all are SERVING."""
     ports = [(free_port(), free_port()) for _ in range(count)]
     processes = [subprocess.Popen([sys.executable, "-m", "server", "--model-repository", str(repository),
                                    "--host", "127.0.0.1", "--port", str(grpc_port), "--metrics-port", str(metrics_port),
-                                   "--threads", str(threads), "--log-level", "warning", *flags])
+                                   "--threads", str(threads), "--log-level", "warning", *flags],
+                                  preexec_fn=pinned_to(cpus))
                  for grpc_port, metrics_port in ports]
     try:
         for grpc_port, _ in ports:

@@ -11,14 +11,17 @@ magnitude away from what they are compared with) run one round. Then the served 
 in rounds too: the offline engine (2 lanes, the largest batch), the server's scheduler
 without gRPC and the gRPC server, one after the other; a served figure's share of the
 offline engine is taken in each round and the median reported.
-BENCH_QUICK=1 runs a reduced grid in a few minutes.
+BENCH_QUICK=1 runs a reduced grid in a few minutes. BENCH_SERVER_CPUS (e.g. 0,1) runs the
+engines and servers on those CPUs and the load generator on the others (bench.cpus).
 
 Writes bench/results/latest.json (a list of records) and bench/results/throughput.png,
-and prints a table with the Parley/CTranslate2 ratios.
+and prints a table with the Parley/CTranslate2 ratios. `--served` measures only the served
+paths against the offline engine (no CTranslate2 needed): bench/results/served.json.
 """
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import json
 import os
@@ -30,6 +33,7 @@ import time
 from collections import defaultdict
 from pathlib import Path
 
+from bench.cpus import load_generator_cpus, parse_cpus, pinned_to
 from bench.load import run_load
 from bench.replicas import replicas, round_robin_target
 from bench.worker import PROTOCOL
@@ -42,12 +46,14 @@ CACHE = ROOT / "bench" / ".cache"
 
 def settings() -> dict:
     quick = os.environ.get("BENCH_QUICK") == "1"
+    server_cpus = parse_cpus(os.environ.get("BENCH_SERVER_CPUS"))
     return {
         "quick": quick,
         "sentences": 256 if quick else 1000,
         "batch_sizes": [8, 32] if quick else [1, 8, 32, 64],
         "beams": [1, 4],
-        "threads": int(os.environ.get("BENCH_THREADS", os.cpu_count() or 1)),
+        "threads": int(os.environ.get("BENCH_THREADS", len(server_cpus or os.sched_getaffinity(0)))),
+        "server_cpus": server_cpus,
         "grpc_clients": [1, 16, 64],
         "grpc_requests": 256 if quick else 1000,
         "rounds": int(os.environ.get("BENCH_ROUNDS", 3)),
@@ -70,12 +76,13 @@ def ctranslate2_model(checkpoint: Path, quantization: str) -> Path:
 SETTLE_S = 0.5
 
 
-def run_worker(job: dict) -> dict:
-    """A one-off task in a worker process (bench.worker): its JSON result."""
+def run_worker(job: dict, cpus: list[int] | None) -> dict:
+    """A one-off task in a worker process (bench.worker) on `cpus` (None: any): its JSON result."""
     with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
         json.dump(job, f)
     try:
-        done = subprocess.run([sys.executable, "-m", "bench.worker", f.name], capture_output=True, text=True)
+        done = subprocess.run([sys.executable, "-m", "bench.worker", f.name], capture_output=True, text=True,
+                              preexec_fn=pinned_to(cpus))
     finally:
         os.unlink(f.name)
     if done.returncode != 0:
@@ -84,16 +91,17 @@ def run_worker(job: dict) -> dict:
 
 
 class Worker:
-    """A worker process that stays loaded (bench.worker --engine or --scheduler) and measures
-    one cell at a time when asked."""
+    """A worker process that stays loaded (bench.worker --engine or --scheduler), on `cpus`
+    (None: any), and measures one cell at a time when asked."""
 
-    def __init__(self, kind: str, job: dict):
+    def __init__(self, kind: str, job: dict, cpus: list[int] | None):
         self.name = " ".join([kind] + [f"{key} {job[key]}" for key in ("engine", "precision", "lanes") if key in job])
         with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
             json.dump(job, f)
         self.spec_file = f.name
         self.process = subprocess.Popen([sys.executable, "-m", "bench.worker", f"--{kind}", f.name],
-                                        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+                                        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+                                        preexec_fn=pinned_to(cpus))
 
     def wait_ready(self) -> None:
         self._read()
@@ -164,7 +172,7 @@ def ratios_by_round(records: list[dict]) -> dict:
 
 
 def engine_records(s: dict, common: dict, jobs: list[dict]) -> list[dict]:
-    workers = [Worker("engine", {**common, **job}) for job in jobs]  # they load in parallel
+    workers = [Worker("engine", {**common, **job}, s["server_cpus"]) for job in jobs]  # they load in parallel
     try:
         for worker in workers:
             worker.wait_ready()
@@ -191,12 +199,13 @@ def served_records(s: dict, common: dict, sources: list[str]) -> list[dict]:
     clients) and through the server's scheduler without gRPC (parley-scheduler: 64 clients),
     in rounds; in each, every served figure is divided by the offline engine's (2 lanes,
     the largest batch) measured just before it: its share of the offline engine."""
-    reference = Worker("engine", {**common, "engine": "parley", "precision": "int8", "lanes": 2})
+    reference = Worker("engine", {**common, "engine": "parley", "precision": "int8", "lanes": 2}, s["server_cpus"])
     clients = max(s["grpc_clients"])
-    scheduler = Worker("scheduler", {**common, "clients": clients})
+    scheduler = Worker("scheduler", {**common, "clients": clients}, s["server_cpus"])
     runs = defaultdict(list)  # (engine, beam, clients) -> one record per round
     try:
-        with replicas(s["package"], 1, s["threads"], "--precision", "int8") as ports:
+        with replicas(s["package"], 1, s["threads"], "--precision", "int8", cpus=s["server_cpus"]) as ports, \
+                load_generator_cpus(s["server_cpus"]):
             reference.wait_ready()
             scheduler.wait_ready()
             for r in range(s["rounds"]):
@@ -233,14 +242,13 @@ def agreement(a: list[str] | None, b: list[str] | None) -> float | None:
 
 
 def table(records: list[dict]) -> str:
+    offline = [r for r in records if r["engine"] not in ("parley-grpc", "parley-scheduler")]
     rows = ["| engine | precision | lanes | beam | batch | sent/s | tok/s | p50 ms | p95 ms | peak RSS MB | BLEU "
             "| vs CT2, same lanes | vs CT2's best |",
-            "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+            "|---|---|---|---|---|---|---|---|---|---|---|---|---|"] if offline else []
     ct2 = {(r["precision"].replace("float32", "fp32"), r["beam_size"], r["batch_size"], r["lanes"]): r["sentences_per_s"]
            for r in records if r["engine"] == "ctranslate2"}
-    for r in records:
-        if r["engine"] in ("parley-grpc", "parley-scheduler"):
-            continue
+    for r in offline:
         key = (r["precision"], r["beam_size"], r["batch_size"])
         same = ct2.get(key + (r["lanes"],)) if r["engine"] == "parley" else None
         best = max((v for k, v in ct2.items() if k[:3] == key), default=None) if r["engine"] == "parley" else None
@@ -252,8 +260,8 @@ def table(records: list[dict]) -> str:
                     f"{ratio} | {best_ratio} |")
     served = [r for r in records if r["engine"] in ("parley-grpc", "parley-scheduler")]
     if served:
-        rows += ["", "| one sentence per request, int8 | beam | clients | sent/s | p50 ms | p99 ms "
-                 "| share of offline engine | errors |", "|---|---|---|---|---|---|---|---|"]
+        rows += [""] * bool(rows) + ["| one sentence per request, int8 | beam | clients | sent/s | p50 ms | p99 ms "
+                                     "| share of offline engine | errors |", "|---|---|---|---|---|---|---|---|"]
         for r in served:
             rows.append(f"| {r['engine']} | {r['beam_size']} | {r['clients']} | {r['sentences_per_s']:.1f} | "
                         f"{r['latency_p50_ms']:.1f} | {r['latency_p99_ms']:.1f} | {r['share_of_engine']} | "
@@ -287,7 +295,12 @@ def plot(records: list[dict], path: Path) -> None:
     fig.savefig(path, dpi=110)
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description="Parley against CTranslate2 and PyTorch, and served over gRPC.")
+    p.add_argument("--served", action="store_true",
+                   help="only the served paths against the offline engine (no CTranslate2 or PyTorch); "
+                        "writes bench/results/served.json")
+    args = p.parse_args(argv)
     s = settings()
     if not (s["package"] / "manifest.json").is_file():
         sys.exit(f"no model package at {s['package']}: run `make export` first")
@@ -295,6 +308,14 @@ def main() -> None:
     references = read_lines(s["data_dir"] / "test_2016_flickr.de.gz")[: s["sentences"]]
     common = {"sources": sources, "references": references, "beams": s["beams"], "batch_sizes": s["batch_sizes"],
               "threads": s["threads"], "checkpoint": str(s["checkpoint"]), "package": str(s["package"])}
+    meta = {"machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores", "settings":
+            {k: str(v) for k, v in s.items()}}
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    if args.served:
+        records = served_records(s, common, sources)
+        (RESULTS / "served.json").write_text(json.dumps({"meta": meta, "records": records}, indent=1) + "\n")
+        print(table(records))
+        return
     # Each engine with all threads in one batch (lanes 1) and, where it has one, with the threads
     # split over two batches decoded in parallel (lanes 2: Parley's lanes, CTranslate2's inter_threads).
     ct2 = {q: str(ctranslate2_model(s["checkpoint"], q)) for q in ("float32", "int8")}
@@ -312,7 +333,7 @@ def main() -> None:
     records = engine_records(s, common, jobs)
     print("measuring parley-grpc and parley-scheduler (the server without gRPC) ...", flush=True)
     records += served_records(s, common, sources)
-    kv = run_worker({**common, "task": "kv_cache", "steps": 30, "batch_size": 32})["kv_cache"]
+    kv = run_worker({**common, "task": "kv_cache", "steps": 30, "batch_size": 32}, s["server_cpus"])["kv_cache"]
 
     outputs = {}  # the translations at the largest batch size
     for r in records:
@@ -330,11 +351,8 @@ def main() -> None:
         r["engine"] = r["engine"].replace("float32", "fp32")
         if r["engine"] == "ctranslate2":
             r["precision"] = r["precision"].replace("float32", "fp32")
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    meta = {"machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores", "settings":
-            {k: str(v) for k, v in s.items()}, "checks": checks}
     (RESULTS / "latest.json").write_text(json.dumps(records, indent=1) + "\n")
-    (RESULTS / "latest-meta.json").write_text(json.dumps(meta, indent=1) + "\n")
+    (RESULTS / "latest-meta.json").write_text(json.dumps({**meta, "checks": checks}, indent=1) + "\n")
     plot(records, RESULTS / "throughput.png")
     print()
     print(table(records))

@@ -1,5 +1,11 @@
-"""make bench's bookkeeping: engines take turns, and a record is its median round."""
+"""make bench's bookkeeping: engines take turns, a record is its median round, the load
+generator can be kept off the server's CPUs."""
 
+import os
+
+import pytest
+
+from bench.cpus import load_generator_cpus, parse_cpus
 from bench.run import median_round, ratios_by_round, turns
 
 
@@ -28,3 +34,20 @@ def test_ratios_pair_rounds_against_ctranslate2s_faster_configuration():
     records = [record("parley", 2, [80.0, 90.0, 70.0]), record("ctranslate2", 1, [20.0]),
                record("ctranslate2", 2, [100.0, 90.0, 100.0]), {"engine": "parley-grpc", "beam_size": 1}]
     assert ratios_by_round(records) == {"beam1_batch8": [0.8, 1.0, 0.7]}
+
+
+def test_server_cpus_are_parsed_and_the_load_generator_gets_the_others():
+    available = sorted(os.sched_getaffinity(0))
+    if len(available) < 2:
+        pytest.skip("needs two CPUs: one for the server, one for the load generator")
+    first, rest = available[0], available[1:]
+    assert parse_cpus(f"{first}") == [first]
+    assert parse_cpus(f"{first}-{first}") == [first]
+    assert parse_cpus("") is None
+    with pytest.raises(ValueError, match="at least one for the load generator"):
+        parse_cpus(",".join(map(str, available)))
+    with pytest.raises(ValueError, match="expected CPU numbers"):
+        parse_cpus("zero")
+    with load_generator_cpus([first]):
+        assert sorted(os.sched_getaffinity(0)) == rest
+    assert sorted(os.sched_getaffinity(0)) == available
