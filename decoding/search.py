@@ -141,7 +141,7 @@ class _Group:
 
     def tokens_of(self, i: int, beam: int) -> tuple[int, ...]:
         age = int(self.age[i])
-        return tuple(int(t) for t in self.history[i, beam, self.history.shape[2] - age :]) if age else ()
+        return tuple(self.history[i, beam, self.history.shape[2] - age :].tolist()) if age else ()
 
     def _ended(self, i: int, beam: int, total: float) -> Hypothesis:
         """Source i's beam ending with EOS at this step: its tokens and length-normalised score."""
