@@ -1,5 +1,6 @@
 """The ONNX Runtime engine: batch independence, beams, n-best, length limits, parity with PyTorch."""
 
+import itertools
 import multiprocessing
 import shutil
 import subprocess
@@ -13,7 +14,7 @@ from export.package import ModelPackage, PackageError
 from model.checkpoint import load_model
 from model.generate import generate
 from server.engine.engine import Engine
-from server.engine.lanes import Job, LaneEngine, _LaneLoop, length_shares
+from server.engine.lanes import STEP_ROWS, Job, LaneEngine, _LaneLoop, length_shares
 
 
 @pytest.fixture(scope="module")
@@ -211,14 +212,29 @@ def test_a_failed_encoder_run_leaves_the_running_batch_as_it_was(engines):
     assert [results[i][0].tokens for i in range(4)] == [hyps[0].tokens for hyps in alone]
 
 
-def test_lanes_get_length_sorted_shares_of_equal_token_counts():
-    lengths = [5, 30, 1, 12, 3, 9, 2, 2, 7, 20]
-    shares = length_shares(lengths, 2)
-    assert sorted(shares[0] + shares[1]) == list(range(10))  # every source once
-    assert max(lengths[i] for i in shares[0]) <= min(lengths[i] for i in shares[1])  # short ones together
-    tokens = [sum(lengths[i] + 1 for i in share) for share in shares]
-    assert abs(tokens[0] - tokens[1]) <= max(lengths) + 1  # balanced up to one source
-    assert [len(s) for s in length_shares([3, 3], 2)] == [1, 1]
+def share_cost(lengths, rows, share):
+    return STEP_ROWS * max(lengths[i] + 1 for i in share) + sum(rows[i] * (lengths[i] + 1) for i in share)
+
+
+@pytest.mark.parametrize("lanes", [2, 3])
+def test_lanes_get_length_sorted_shares_of_the_least_largest_cost(lanes):
+    rng = np.random.default_rng(lanes)
+    for _ in range(50):
+        lengths = rng.integers(1, 40, size=int(rng.integers(lanes, 12))).tolist()
+        rows = rng.choice([1, 4], size=len(lengths)).tolist()
+        shares = length_shares(lengths, rows, lanes)
+        assert sorted(i for share in shares for i in share) == list(range(len(lengths)))  # every source once
+        assert len(shares) <= lanes and all(shares)
+        for short, long in zip(shares, shares[1:]):  # short ones together
+            assert max(lengths[i] for i in short) <= min(lengths[i] for i in long)
+        # No contiguous cut of the length order does better (brute force).
+        order = sorted(range(len(lengths)), key=lengths.__getitem__)
+        best = min(max(share_cost(lengths, rows, order[a:b]) for a, b in zip((0,) + cuts, cuts + (len(order),)))
+                   for cuts in itertools.combinations(range(1, len(order)), lanes - 1))
+        assert max(share_cost(lengths, rows, share) for share in shares) == best
+    assert [len(s) for s in length_shares([3, 3], [1, 1], 2)] == [1, 1]
+    # A step's fixed cost counts: eight short texts and one long one are not split by tokens.
+    assert [len(s) for s in length_shares([2] * 8 + [20], [1] * 9, 2)] == [8, 1]
 
 
 @pytest.mark.parametrize("variant", ["fp32", "fp32-on-device"])
