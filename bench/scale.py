@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import sys
 from contextlib import ExitStack
 from pathlib import Path
@@ -24,10 +23,10 @@ from model.data import read_lines
 from server.config import ServerConfig
 
 
-def layout(count: int) -> tuple[int, int]:
+def layout(count: int, cores: int) -> tuple[int, int]:
     """Threads and lanes of each of `count` replicas: the cores split evenly, one thread per
     lane, at most the server's default lanes."""
-    threads = max((os.cpu_count() or 1) // count, 1)
+    threads = max(cores // count, 1)
     return threads, min(threads, ServerConfig.lanes)
 
 
@@ -36,7 +35,7 @@ def main() -> None:
     if not (s["package"] / "manifest.json").is_file():
         sys.exit(f"no model package at {s['package']}: run `make export` first")
     sentences = read_lines(Path(s["data_dir"]) / "test_2016_flickr.en.gz")
-    layouts = {count: layout(count) for count in (1, 2)}
+    layouts = {count: layout(count, s["threads"]) for count in (1, 2)}  # s["threads"]: the cores to use
     runs = {count: [] for count in layouts}
     with ExitStack() as stack:
         targets = {}

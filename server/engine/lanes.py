@@ -109,14 +109,15 @@ def length_shares(lengths: Sequence[int], rows: Sequence[int], lanes: int) -> li
     counts); at batch 32 and 64 the same within noise.
     """
     order = length_order(lengths)
+    steps = [STEP_ROWS * (lengths[i] + 1) for i in order]  # a share's, from its last (longest) source
     tokens = [rows[i] * (lengths[i] + 1) for i in order]
 
     def cut(limit: int) -> list[list[int]]:
         """Shares filled shortest first while their cost stays within limit."""
         shares: list[list[int]] = []
         held = 0
-        for i, cost in zip(order, tokens):
-            if shares and STEP_ROWS * (lengths[i] + 1) + held + cost <= limit:
+        for i, step_cost, cost in zip(order, steps, tokens):
+            if shares and step_cost + held + cost <= limit:
                 shares[-1].append(i)
                 held += cost
             else:
@@ -124,8 +125,8 @@ def length_shares(lengths: Sequence[int], rows: Sequence[int], lanes: int) -> li
                 held = cost
         return shares
 
-    low = max((STEP_ROWS * (lengths[i] + 1) + cost for i, cost in zip(order, tokens)), default=0)
-    high = STEP_ROWS * (max(lengths, default=0) + 1) + sum(tokens)
+    low = max((s + t for s, t in zip(steps, tokens)), default=0)  # every source fits in some share
+    high = (steps[-1] if steps else 0) + sum(tokens)  # everything in one share
     while low < high:  # the smallest limit that needs no more than `lanes` shares
         middle = (low + high) // 2
         if len(cut(middle)) <= lanes:
