@@ -17,10 +17,15 @@ CALIBRATION = $(if $(wildcard $(DATA_DIR)/train.en.gz),--calibration $(DATA_DIR)
 
 .PHONY: setup test serve eval train export bench bench-served bench-scale bench-cuda proto clean
 
-$(READY): requirements/serve.txt requirements/dev.txt pyproject.toml
+$(READY): requirements/serve.txt requirements/dev.txt
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet -r requirements/dev.txt
+	touch $@
+
+# Parley itself, editable; this compiles its C part (decoding/_native.c) in place.
+INSTALLED := $(VENV)/.installed
+$(INSTALLED): $(READY) pyproject.toml setup.py decoding/_native.c
 	$(BIN)/pip install --quiet --no-deps --no-build-isolation -e .
 	touch $@
 
@@ -29,7 +34,7 @@ GENERATED := parley/v1/translate_pb2.py
 $(GENERATED): proto/parley/v1/translate.proto $(READY)
 	$(BIN)/python -m server.proto_build
 
-setup: $(READY) $(GENERATED)
+setup: $(INSTALLED) $(GENERATED)
 
 proto: $(GENERATED)
 
@@ -48,7 +53,7 @@ train: setup
 export: setup $(PACKAGE)/manifest.json
 
 # The default model's package: built from the committed checkpoint, verified on Multi30k val.
-$(PACKAGE)/manifest.json: $(READY) $(wildcard $(MODEL_DIR)/*) $(wildcard export/*.py) $(wildcard model/*.py)
+$(PACKAGE)/manifest.json: $(INSTALLED) $(wildcard $(MODEL_DIR)/*) $(wildcard export/*.py) $(wildcard model/*.py)
 	$(BIN)/python -m export $(MODEL_DIR) $(PACKAGE) --name multi30k-en-de --precision fp32,int8 --force $(VERIFY_ON_VAL) $(CALIBRATION)
 
 BENCH_READY := $(VENV)/.bench-ready

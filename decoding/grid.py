@@ -13,21 +13,15 @@ from __future__ import annotations
 
 import numpy as np
 
+from decoding import _native
+
 
 def query_grid(row_source: np.ndarray, sources: int) -> tuple[np.ndarray, np.ndarray]:
     """Place rows on the grid; row_source (R,) holds each row's source index in [0, sources).
 
     Returns slot_row (sources * width,): the row in each cell, 0 where empty;
-    and row_slot (R,): each row's cell. width is the largest number of rows of one source.
+    and row_slot (R,): each row's cell, the rows of a source filling its grid row in row
+    order. width is the largest number of rows of one source. (In C, decoding/_native.c:
+    the backend recomputes the grid whenever beams are reordered.)
     """
-    rows = len(row_source)
-    counts = np.bincount(row_source, minlength=sources)
-    width = max(int(counts.max(initial=0)), 1)
-    by_source = np.argsort(row_source, kind="stable")
-    first_of_source = np.cumsum(counts) - counts
-    rank = np.empty(rows, np.int64)
-    rank[by_source] = np.arange(rows) - first_of_source[row_source[by_source]]
-    row_slot = row_source * width + rank
-    slot_row = np.zeros(sources * width, np.int64)
-    slot_row[row_slot] = np.arange(rows)
-    return slot_row, row_slot
+    return _native.query_grid(row_source, sources)

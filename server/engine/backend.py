@@ -36,7 +36,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from decoding import Candidates
+from decoding import Candidates, _native
 from decoding.grid import query_grid
 from export.io import STEP_OUTPUTS
 from server.engine.buffers import CacheLayout, HostBuffers, copy_into
@@ -153,23 +153,17 @@ class OnnxStepBackend:
         """Keep these rows, in this order, as buffer rows [0, len(rows)): a kept row stays in its
         buffer row where it can; a second keep of a row, or a row above the new end, is copied
         into a buffer row no staying row holds."""
-        chosen = self.live[rows]
-        kept = len(chosen)
+        kept = len(rows)
         if kept > self.used:  # a newcomer's beams widen
             self._add_rows(kept - self.used)
-        by_row = np.argsort(chosen, kind="stable")
-        stays = chosen < kept
-        stays[by_row[1:][chosen[by_row[1:]] == chosen[by_row[:-1]]]] = False  # every keep after the first
-        held = np.zeros(kept, bool)
-        held[chosen[stays]] = True
-        targets, copied = np.flatnonzero(~held), chosen[~stays]
+        chosen, copied, targets, sources_read = _native.plan_select(
+            self.live, rows, self.used, self.lengths, self.row_source, self.sources)
         if len(targets) or kept < self.used:
             self.buffers.move_rows(copied, targets, kept)
-            self.lengths[targets], self.row_source[targets] = self.lengths[copied], self.row_source[copied]
-            chosen[~stays] = targets
         self.live, self.used = chosen, kept
         self._grid = None
-        self._drop_unread_sources()
+        if sources_read < self.sources:
+            self._drop_unread_sources(sources_read)
         next_slot = int(self.lengths[:kept].max(initial=0)) + 1  # keep room for the coming step
         if not kept:
             # An empty batch: sources that join start at slot 0, and attention over slots no
@@ -180,15 +174,12 @@ class OnnxStepBackend:
             # shrink and regrow its cache at every block boundary.
             self.buffers.set_capacity(_blocks(next_slot, CACHE_BLOCK), kept)
 
-    def _drop_unread_sources(self) -> None:
-        """Keep source entries [0, sources) for the sources some row reads, as select keeps rows:
-        a read entry above the new end moves into an unread one below it. The width shrinks to
-        the longest source left when that frees more than a block."""
-        read = np.zeros(self.sources, bool)  # a mask, not np.unique: this runs at every step
+    def _drop_unread_sources(self, kept: int) -> None:
+        """Keep source entries [0, kept) for the `kept` sources some row reads, as select keeps
+        rows: a read entry above the new end moves into an unread one below it. The width
+        shrinks to the longest source left when that frees more than a block."""
+        read = np.zeros(self.sources, bool)
         read[self.row_source[: self.used]] = True
-        kept = int(read.sum())
-        if kept == self.sources:
-            return
         moving, holes = np.flatnonzero(read[kept:]) + kept, np.flatnonzero(~read[:kept])
         self.buffers.move_sources(moving, holes, kept)
         if len(moving):

@@ -21,6 +21,8 @@ from dataclasses import dataclass
 import numpy as np
 import onnxruntime as ort
 
+from decoding import _native
+
 from server.engine.session import VariantSessions
 
 _NUMPY_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16}
@@ -120,18 +122,12 @@ class HostBuffers:
 
     def write(self, slots: np.ndarray, new_kv: list[np.ndarray]) -> None:
         """Store the new key/value of each decoded row (rows [0, len(slots))) in its slot."""
-        rows = len(slots)
-        # One slot for all (a batch that started together): a plain slice, no fancy index.
-        where = (slice(0, rows), slice(None), int(slots[0])) if rows and slots.min() == slots.max() \
-            else (np.arange(rows), slice(None), slots)
-        for buffer, new, axis in zip(self.cache, new_kv, self.layout.axes):
-            positions_on_2(buffer, axis)[where] = positions_on_2(new, axis)[:, :, 0]
+        _native.write_slots(self.cache, self.layout.axes, new_kv, slots)
 
     def move_rows(self, rows: np.ndarray, targets: np.ndarray, used: int) -> None:
         """Copy the caches of `rows` into the `targets` rows (no row is both); rows from `used`
         on are no longer decoded (they stay as spare rows)."""
-        for buffer in self.cache:
-            buffer[targets] = buffer[rows]
+        _native.copy_rows(self.cache, rows, targets)
 
     def move_sources(self, entries: np.ndarray, targets: np.ndarray, sources: int) -> None:
         """Copy source entries into the target entries (no entry is both); entries from

@@ -1,0 +1,134 @@
+"""decoding/_native.c: the search's and the backend's per-step kernels, case by case.
+
+The search and the engine tests cover them in use (against brute force and the PyTorch
+reference); here each rule is pinned down on arrays small enough to check by hand, and bad
+arguments must raise, never read or write out of bounds.
+"""
+
+import numpy as np
+import pytest
+
+from decoding import _native
+
+EOS = 2
+
+
+def beam_step(scores, values, choices, history=None, k=2, age=0, min_length=0, max_length=100, eos_values=None):
+    scores, values = np.array(scores, np.float32), np.array(values, np.float32)
+    n, w, _ = values.shape
+    history = np.zeros((n, w, 0), np.int64) if history is None else np.array(history, np.int64)
+    eos_values = np.full((n, w), -1.0, np.float32) if eos_values is None else np.array(eos_values, np.float32)
+    full = lambda v: np.full(n, v, np.int64)  # noqa: E731
+    return _native.beam_step(scores, values, np.array(choices, np.int64), eos_values, history, full(age),
+                             full(min_length), full(max_length), k, EOS)
+
+
+def test_beam_step_keeps_the_best_2k_with_ties_to_the_earlier_row_and_rank():
+    top, beams, ended, capped, rows, tokens, next_scores, history = beam_step(
+        scores=[[0.0, -1.0]], values=[[[-1.0, -2.0, -3.0], [0.0, -1.0, -5.0]]],
+        choices=[[[10, 11, 12], [20, 21, 22]]], history=[[[5], [6]]])
+    # totals: row 0: -1, -2, -3; row 1: -1, -2, -6 -> ties go to row 0
+    np.testing.assert_array_equal(top, [[-1, -1, -2, -2]])
+    np.testing.assert_array_equal(beams, [[0, 1, 0, 1]])
+    assert ended == [] and capped == []
+    np.testing.assert_array_equal(rows, [[0, 1]])
+    np.testing.assert_array_equal(tokens, [[10, 20]])
+    np.testing.assert_array_equal(next_scores, [[-1, -1]])
+    np.testing.assert_array_equal(history, [[[5, 10], [6, 20]]])
+
+
+def test_beam_step_continues_the_first_k_not_ending_and_reports_ends_among_the_first_k():
+    top, beams, ended, capped, rows, tokens, _, _ = beam_step(
+        scores=[[0.0, 0.0], [0.0, 0.0]], values=[[[-0.1, -0.2], [-0.3, -0.4]], [[-0.1, -0.2], [-0.3, -0.4]]],
+        choices=[[[EOS, 11], [12, 13]], [[10, 11], [12, EOS]]])
+    assert ended == [(0, 0)]  # source 1's EOS is 4th of 2k = 4, outside the first k = 2
+    np.testing.assert_array_equal(tokens, [[11, 12], [10, 11]])
+    np.testing.assert_array_equal(rows, [[0, 1], [2, 2]])  # numbered i * w + row
+
+
+def test_beam_step_length_rules():
+    values, choices = [[[-0.1, -0.5]]], [[[EOS, 7]]]
+    *_, tokens, _, _ = beam_step([[0.0]], values, choices, k=1, age=1, min_length=2)
+    np.testing.assert_array_equal(tokens, [[7]])  # EOS masked before min_length
+    top, _, ended, capped, _, tokens, _, _ = beam_step([[0.0]], [[[-0.1, -0.5]]], [[[5, 7]]], k=1, age=3,
+                                                       max_length=3, eos_values=[[-4.0]])
+    assert capped == [0] and ended == [(0, 0)]  # at the cap only EOS is left, with its own log-probability
+    np.testing.assert_array_equal(top, [[-4.0]])
+
+
+def test_beam_step_fills_a_tiny_vocabulary_with_dead_candidates():
+    top, beams, ended, _, rows, tokens, next_scores, _ = beam_step([[0.0]], [[[-1.0]]], [[[EOS]]], k=2)
+    np.testing.assert_array_equal(top, [[-1, -np.inf, -np.inf, -np.inf]])
+    assert ended == [(0, 0)]
+    np.testing.assert_array_equal(tokens, [[0, 0]])  # dead candidates continue with a token other than EOS
+    assert np.isneginf(next_scores).all()
+
+
+def test_beam_step_refuses_disagreeing_shapes():
+    with pytest.raises(ValueError, match="must agree"):
+        _native.beam_step(np.zeros((2, 1), np.float32), np.zeros((1, 1, 3), np.float32), np.zeros((1, 1, 3), np.int64),
+                          np.zeros((1, 1), np.float32), np.zeros((1, 1, 0), np.int64), np.zeros(1, np.int64),
+                          np.zeros(1, np.int64), np.zeros(1, np.int64), 1, EOS)
+
+
+def test_plan_select_keeps_rows_in_place_and_copies_second_keeps_into_free_rows():
+    lengths, row_source = np.array([3, 4, 5, 6, 0]), np.array([0, 0, 1, 1, 0])
+    live = np.array([2, 0, 1, 3])  # the search's rows 0..3 are buffer rows 2, 0, 1, 3
+    # keep the search's rows 1, 1, 3: buffer rows 0 (twice) and 3, which lies above the new end
+    chosen, copied, targets, sources_read = _native.plan_select(live, np.array([1, 1, 3]), 4, lengths, row_source, 2)
+    np.testing.assert_array_equal(chosen, [0, 1, 2])  # row 0 stays; its second keep and row 3 fill 1 and 2
+    np.testing.assert_array_equal(copied, [0, 3])
+    np.testing.assert_array_equal(targets, [1, 2])
+    np.testing.assert_array_equal(lengths[:3], [3, 3, 6])
+    np.testing.assert_array_equal(row_source[:3], [0, 0, 1])
+    assert sources_read == 2
+
+
+def test_plan_select_counts_the_sources_still_read():
+    lengths, row_source = np.array([1, 1, 1]), np.array([0, 1, 2])
+    *_, sources_read = _native.plan_select(np.arange(3), np.array([2]), 3, lengths, row_source, 3)
+    assert sources_read == 1
+
+
+def test_plan_select_refuses_rows_that_are_not_live():
+    with pytest.raises(ValueError, match="not a live row"):
+        _native.plan_select(np.arange(2), np.array([5]), 2, np.zeros(2, np.int64), np.zeros(2, np.int64), 1)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float16])
+def test_write_slots_writes_each_row_at_its_slot_in_both_layouts(dtype):
+    rows, heads, dim, positions = 3, 2, 4, 5
+    keys = np.zeros((rows + 1, heads, dim, positions), dtype)  # positions last (axis 3)
+    values = np.zeros((rows + 1, heads, positions, dim), dtype)  # positions on axis 2
+    new_k = np.arange(rows * heads * dim, dtype=dtype).reshape(rows, heads, dim, 1) + 1
+    new_v = -new_k.reshape(rows, heads, 1, dim)
+    slots = np.array([0, 4, 2])
+    _native.write_slots([keys, values], [3, 2], [new_k, new_v], slots)
+    for r, slot in enumerate(slots):
+        np.testing.assert_array_equal(keys[r, :, :, slot], new_k[r, :, :, 0])
+        np.testing.assert_array_equal(values[r, :, slot], new_v[r, :, 0])
+    assert np.count_nonzero(keys) == new_k.size and np.count_nonzero(values) == new_v.size  # nothing else
+
+
+def test_write_slots_refuses_a_slot_past_the_cache():
+    cache = np.zeros((1, 1, 2, 3), np.float32)
+    with pytest.raises(ValueError, match="slot 3 outside"):
+        _native.write_slots([cache], [2], [np.zeros((1, 1, 1, 3), np.float32)], np.array([3]))
+    with pytest.raises(ValueError, match="C-contiguous"):
+        _native.write_slots([cache.swapaxes(2, 3)], [3], [np.zeros((1, 1, 3, 1), np.float32)], np.array([0]))
+
+
+def test_copy_rows_copies_whole_rows_of_every_buffer():
+    a, b = np.arange(24, dtype=np.float32).reshape(4, 6), np.arange(8, dtype=np.float16).reshape(4, 1, 2)
+    expected_a, expected_b = a.copy(), b.copy()
+    expected_a[[0, 2]], expected_b[[0, 2]] = a[[3, 1]], b[[3, 1]]
+    _native.copy_rows([a, b], np.array([3, 1]), np.array([0, 2]))
+    np.testing.assert_array_equal(a, expected_a)
+    np.testing.assert_array_equal(b, expected_b)
+    with pytest.raises(ValueError, match="outside the buffer"):
+        _native.copy_rows([a], np.array([4]), np.array([0]))
+
+
+def test_query_grid_refuses_a_source_out_of_range():
+    with pytest.raises(ValueError, match="reads source 3"):
+        _native.query_grid(np.array([0, 3]), 2)
