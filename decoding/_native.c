@@ -266,7 +266,8 @@ done:
                          next_history);
 }
 
-/* plan_select(live, rows, used, lengths, row_source, sources) -> (chosen, copied, targets, sources_read)
+/* plan_select(live, rows, used, lengths, row_source, sources)
+ *     -> (chosen, copied, targets, sources_read, in_order)
  *
  * The backend keeps the rows live[rows] (in this order) as buffer rows [0, kept): a kept row
  * stays in its buffer row where it can; every keep of a row after its first, and a row at or
@@ -274,7 +275,7 @@ done:
  * ascending, paired with copied in the order of rows). chosen: each kept row's buffer row
  * after the copies. lengths and row_source (int64, indexed by buffer row) are updated in
  * place for the copies. sources_read: how many of the source entries [0, sources) rows
- * [0, kept) read afterwards.
+ * [0, kept) read afterwards; in_order: whether chosen is 0, 1, ..., kept - 1.
  */
 static PyObject *plan_select(PyObject *self, PyObject *args) {
     PyObject *live_obj, *rows_obj, *lengths_obj, *row_source_obj;
@@ -292,6 +293,7 @@ static PyObject *plan_select(PyObject *self, PyObject *args) {
     PyArrayObject *chosen = NULL, *copied = NULL, *targets = NULL;
     unsigned char *seen = NULL, *stays = NULL;
     npy_intp sources_read = 0;
+    int in_order = 1;
     if (!live_array || !rows_array)
         goto done;
     npy_intp kept = PyArray_DIM(rows_array, 0), held_rows = PyArray_DIM(lengths_array, 0);
@@ -350,6 +352,8 @@ static PyObject *plan_select(PyObject *self, PyObject *args) {
         length[target_row[j]] = length[copied_row[j]];
         row_source[target_row[j]] = row_source[copied_row[j]];
     }
+    for (npy_intp i = 0; i < kept && in_order; i++)
+        in_order = chosen_row[i] == i;
     unsigned char *read = seen + span;
     for (npy_intp r = 0; r < kept; r++) {
         npy_int64 source = row_source[r];
@@ -369,7 +373,7 @@ done:
         Py_XDECREF(targets);
         return NULL;
     }
-    return Py_BuildValue("NNNn", chosen, copied, targets, (Py_ssize_t)sources_read);
+    return Py_BuildValue("NNNnN", chosen, copied, targets, (Py_ssize_t)sources_read, PyBool_FromLong(in_order));
 }
 
 /* The (rows, H, a, b) shape of a cache buffer and its bytes per row; -1 with an error set. */
@@ -499,7 +503,8 @@ static PyMethodDef methods[] = {
      "beam_step(scores, values, choices, eos_values, history, age, min_length, max_length, k, eos_id) -> "
      "(top_scores, beams, ended, capped, next_rows, next_tokens, next_scores, next_history)"},
     {"plan_select", plan_select, METH_VARARGS,
-     "plan_select(live, rows, used, lengths, row_source, sources) -> (chosen, copied, targets, sources_read)"},
+     "plan_select(live, rows, used, lengths, row_source, sources) -> (chosen, copied, targets, sources_read, "
+     "in_order)"},
     {"write_slots", write_slots, METH_VARARGS, "write_slots(buffers, axes, new_kv, slots)"},
     {"copy_rows", copy_rows, METH_VARARGS, "copy_rows(buffers, rows, targets)"},
     {NULL, NULL, 0, NULL},

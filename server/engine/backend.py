@@ -63,6 +63,7 @@ class OnnxStepBackend:
         self.lengths = np.zeros(0, dtype=np.int64)  # tokens fed so far = each row's position and next slot
         self.row_source = np.zeros(0, dtype=np.int64)  # each buffer row's source: its source entry
         self.live = np.zeros(0, dtype=np.int64)  # buffer row of each row the search sees, in its order
+        self.in_order = True  # live is 0, 1, ...: no beam was reordered
         self.used = 0
         # Source entries, shared by a source's rows: [0, sources) are in use.
         self.src_mask = np.zeros((0, 0), dtype=bool)
@@ -133,7 +134,7 @@ class OnnxStepBackend:
         needed = int(lengths.max(initial=0)) + 1
         if needed > self.buffers.capacity:
             self.buffers.set_capacity(_blocks(needed, CACHE_BLOCK), used)
-        in_order = np.array_equal(live, np.arange(used))  # else beams were reordered
+        in_order = self.in_order
         fed = tokens.astype(np.int64, copy=False) if in_order else np.zeros(used, np.int64)
         if not in_order:
             fed[live] = tokens
@@ -156,7 +157,7 @@ class OnnxStepBackend:
         kept = len(rows)
         if kept > self.used:  # a newcomer's beams widen
             self._add_rows(kept - self.used)
-        chosen, copied, targets, sources_read = _native.plan_select(
+        chosen, copied, targets, sources_read, self.in_order = _native.plan_select(
             self.live, rows, self.used, self.lengths, self.row_source, self.sources)
         if len(targets) or kept < self.used:
             self.buffers.move_rows(copied, targets, kept)

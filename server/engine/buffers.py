@@ -132,8 +132,7 @@ class HostBuffers:
     def move_sources(self, entries: np.ndarray, targets: np.ndarray, sources: int) -> None:
         """Copy source entries into the target entries (no entry is both); entries from
         `sources` on are no longer read (they stay as spare entries)."""
-        for buffer in self.cross:
-            buffer[targets] = buffer[entries]
+        _native.copy_rows(self.cross, entries, targets)
 
 
 def positions_on_2(array: np.ndarray, axis: int) -> np.ndarray:
