@@ -53,7 +53,7 @@ train: setup
 export: setup $(PACKAGE)/manifest.json
 
 # The default model's package: built from the committed checkpoint, verified on Multi30k val.
-$(PACKAGE)/manifest.json: $(INSTALLED) $(wildcard $(MODEL_DIR)/*) $(wildcard export/*.py) $(wildcard model/*.py)
+$(PACKAGE)/manifest.json: $(READY) $(wildcard $(MODEL_DIR)/*) $(wildcard export/*.py) $(wildcard model/*.py) | $(INSTALLED)
 	$(BIN)/python -m export $(MODEL_DIR) $(PACKAGE) --name multi30k-en-de --precision fp32,int8 --force $(VERIFY_ON_VAL) $(CALIBRATION)
 
 BENCH_READY := $(VENV)/.bench-ready
