@@ -136,13 +136,13 @@ static PyObject *beam_step(PyObject *self, PyObject *args) {
         goto done;
     npy_intp n = PyArray_DIM(values_array, 0), w = PyArray_DIM(values_array, 1), per_row = PyArray_DIM(values_array, 2);
     npy_intp columns = PyArray_DIM(history_array, 2);
-    if (k < 1 || per_row < 1 || PyArray_DIM(scores_array, 0) != n || PyArray_DIM(scores_array, 1) != w ||
+    if (k < 1 || w < 1 || per_row < 1 || PyArray_DIM(scores_array, 0) != n || PyArray_DIM(scores_array, 1) != w ||
         PyArray_DIM(choices_array, 0) != n || PyArray_DIM(choices_array, 1) != w ||
         PyArray_DIM(choices_array, 2) != per_row || PyArray_DIM(eos_array, 0) != n || PyArray_DIM(eos_array, 1) != w ||
         PyArray_DIM(history_array, 0) != n || PyArray_DIM(history_array, 1) != w || PyArray_DIM(age_array, 0) != n ||
         PyArray_DIM(min_array, 0) != n || PyArray_DIM(max_array, 0) != n) {
         PyErr_SetString(PyExc_ValueError, "beam_step: scores and eos_values (n, w), values and choices (n, w, K), "
-                                          "history (n, w, T), age and the length rules (n,) must agree; k >= 1");
+                                          "history (n, w, T), age and the length rules (n,) must agree; k, w, K >= 1");
         goto done;
     }
     npy_intp width = k == 1 ? 1 : 2 * k, candidates = w * per_row;
