@@ -64,11 +64,12 @@ def test_beam_step_fills_a_tiny_vocabulary_with_dead_candidates():
     assert np.isneginf(next_scores).all()
 
 
-def test_beam_step_refuses_disagreeing_shapes():
+@pytest.mark.parametrize("n_scores, w", [(2, 1), (1, 0)])  # scores for 2 sources of 1; sources without rows
+def test_beam_step_refuses_disagreeing_shapes(n_scores, w):
     with pytest.raises(ValueError, match="must agree"):
-        _native.beam_step(np.zeros((2, 1), np.float32), np.zeros((1, 1, 3), np.float32), np.zeros((1, 1, 3), np.int64),
-                          np.zeros((1, 1), np.float32), np.zeros((1, 1, 0), np.int64), np.zeros(1, np.int64),
-                          np.zeros(1, np.int64), np.zeros(1, np.int64), 1, EOS)
+        _native.beam_step(np.zeros((n_scores, w), np.float32), np.zeros((1, w, 3), np.float32),
+                          np.zeros((1, w, 3), np.int64), np.zeros((1, w), np.float32), np.zeros((1, w, 0), np.int64),
+                          np.zeros(1, np.int64), np.zeros(1, np.int64), np.zeros(1, np.int64), 1, EOS)
 
 
 def test_plan_select_keeps_rows_in_place_and_copies_second_keeps_into_free_rows():
