@@ -376,17 +376,6 @@ done:
     return Py_BuildValue("NNNnN", chosen, copied, targets, (Py_ssize_t)sources_read, PyBool_FromLong(in_order));
 }
 
-/* The (rows, H, a, b) shape of a cache buffer and its bytes per row; -1 with an error set. */
-static int cache_shape(PyArrayObject *array, const char *name, npy_intp *shape) {
-    if (PyArray_NDIM(array) != 4) {
-        PyErr_Format(PyExc_ValueError, "%s: expected (rows, heads, a, b), got %d dimensions", name, PyArray_NDIM(array));
-        return -1;
-    }
-    for (int d = 0; d < 4; d++)
-        shape[d] = PyArray_DIM(array, d);
-    return 0;
-}
-
 /* write_slots(buffers, axes, new_kv, slots): each buffer's row r gets new_kv's row r at
  * position slots[r] of its position axis (2: (rows, H, positions, dk), 3: (rows, H, dk,
  * positions)); new_kv's position axis has length 1. Buffers are written in place. */
@@ -407,30 +396,31 @@ static PyObject *write_slots(PyObject *self, PyObject *args) {
     for (Py_ssize_t b = 0; b < count; b++) {
         PyArrayObject *buffer = in_place(PyList_GET_ITEM(buffers, b), "buffer");
         long axis = PyLong_AsLong(PyList_GET_ITEM(axes, b));
-        PyObject *new_obj = PyList_GET_ITEM(news, b);
-        npy_intp shape[4], new_shape[4];
-        if (buffer == NULL || (axis != 2 && axis != 3) || cache_shape(buffer, "buffer", shape) < 0) {
-            if (!PyErr_Occurred())
-                PyErr_SetString(PyExc_ValueError, "write_slots: the position axis must be 2 or 3");
+        if (buffer == NULL || PyErr_Occurred())
+            goto failed;
+        if (PyArray_NDIM(buffer) != 4 || (axis != 2 && axis != 3)) {
+            PyErr_SetString(PyExc_ValueError, "write_slots: a buffer is (rows, heads, a, b) with its positions on "
+                                              "axis 2 or 3");
             goto failed;
         }
-        PyArrayObject *new_array_ = (PyArrayObject *)PyArray_FROMANY(new_obj, PyArray_TYPE(buffer), 4, 4, NPY_ARRAY_IN_ARRAY);
-        if (new_array_ == NULL)
+        PyArrayObject *written = (PyArrayObject *)PyArray_FROMANY(PyList_GET_ITEM(news, b), PyArray_TYPE(buffer), 4, 4,
+                                                                  NPY_ARRAY_IN_ARRAY);
+        if (written == NULL)
             goto failed;
-        cache_shape(new_array_, "new", new_shape);
+        const npy_intp *shape = PyArray_DIMS(buffer), *new_shape = PyArray_DIMS(written);
         if (rows > shape[0] || new_shape[0] != rows || new_shape[1] != shape[1] || new_shape[axis] != 1 ||
             new_shape[5 - axis] != shape[5 - axis]) {
-            Py_DECREF(new_array_);
+            Py_DECREF(written);
             PyErr_SetString(PyExc_ValueError, "write_slots: new key/value shapes do not match the buffer");
             goto failed;
         }
         npy_intp item = PyArray_ITEMSIZE(buffer), heads = shape[1], positions = shape[axis], dim = shape[5 - axis];
         char *out = PyArray_DATA(buffer);
-        const char *in = PyArray_DATA(new_array_);
+        const char *in = PyArray_DATA(written);
         for (npy_intp r = 0; r < rows; r++) {
             npy_int64 slot = slots[r];
             if (slot < 0 || slot >= positions) {
-                Py_DECREF(new_array_);
+                Py_DECREF(written);
                 PyErr_Format(PyExc_ValueError, "write_slots: slot %lld outside the cache's %zd positions",
                              (long long)slot, (Py_ssize_t)positions);
                 goto failed;
@@ -449,7 +439,7 @@ static PyObject *write_slots(PyObject *self, PyObject *args) {
                 }
             }
         }
-        Py_DECREF(new_array_);
+        Py_DECREF(written);
     }
     Py_DECREF(slots_array);
     Py_RETURN_NONE;
