@@ -136,3 +136,52 @@ def test_copy_rows_copies_whole_rows_of_every_buffer():
 def test_query_grid_refuses_a_source_out_of_range():
     with pytest.raises(ValueError, match="reads source 3"):
         _native.query_grid(np.array([0, 3]), 2)
+
+
+def reference_beam_step(scores, values, choices, eos_values, history, age, min_length, max_length, k, eos_id):
+    """beam_step's documented rules, written plainly in numpy (the search's former implementation)."""
+    n, w, per_row = values.shape
+    values, choices = values.copy(), choices.copy()
+    too_short, at_cap = age < min_length, age >= max_length
+    values[too_short[:, None, None] & (choices == eos_id)] = -np.inf
+    values[at_cap] = -np.inf
+    values[at_cap, :, 0] = eos_values[at_cap]
+    choices[at_cap, :, 0] = eos_id
+    candidates = (scores[:, :, None] + values).reshape(n, w * per_row)
+    width = 1 if k == 1 else 2 * k
+    top = np.argsort(-candidates, axis=1, kind="stable")[:, :width]
+    sources = np.arange(n)[:, None]
+    top_scores, beams, tokens = candidates[sources, top], top // per_row, choices.reshape(n, -1)[sources, top]
+    if top.shape[1] < width:
+        missing = ((0, 0), (0, width - top.shape[1]))
+        top_scores = np.pad(top_scores, missing, constant_values=-np.inf)
+        beams, tokens = np.pad(beams, missing), np.pad(tokens, missing, constant_values=1 if eos_id == 0 else 0)
+    ends = tokens == eos_id
+    ended = [(int(i), int(j)) for i, j in zip(*np.nonzero(ends[:, :k] & np.isfinite(top_scores[:, :k])))]
+    continuing = np.argsort(ends, axis=1, kind="stable")[:, :k]
+    next_beams = beams[sources, continuing]
+    history = np.concatenate([history[sources, next_beams], tokens[sources, continuing][:, :, None]], axis=2)
+    return (top_scores, beams, ended, [int(i) for i in np.nonzero(at_cap)[0]], sources * w + next_beams,
+            tokens[sources, continuing], top_scores[sources, continuing], history)
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_beam_step_equals_the_plain_numpy_rules_on_random_steps(seed):
+    rng = np.random.default_rng(seed)
+    k = int(rng.choice([1, 2, 4]))
+    n, w = int(rng.integers(1, 6)), 1 if k == 1 else int(rng.choice([1, k]))  # newcomers have one row
+    per_row, columns = int(rng.integers(1, 2 * k + 2)), int(rng.integers(0, 4))  # few candidates: dead ones fill in
+    # small integers make ties common; -inf stands for masked or dead continuations
+    scores = rng.integers(-3, 1, (n, w)).astype(np.float32)
+    values = np.sort(rng.integers(-4, 1, (n, w, per_row)).astype(np.float32), axis=2)[:, :, ::-1].copy()
+    values[rng.random(values.shape) < 0.1] = -np.inf
+    choices = rng.integers(0, 5, (n, w, per_row))
+    eos_values = rng.integers(-4, 0, (n, w)).astype(np.float32)
+    history = rng.integers(0, 5, (n, w, columns))
+    age = rng.integers(0, 4, n)
+    min_length, max_length = rng.integers(0, 3, n), rng.integers(3, 5, n)
+    got = _native.beam_step(scores, values, choices, eos_values, history, age, min_length, max_length, k, EOS)
+    expected = reference_beam_step(scores, values, choices, eos_values, history, age, min_length, max_length, k, EOS)
+    for name, g, e in zip(["top_scores", "beams", "ended", "capped", "next_rows", "next_tokens", "next_scores",
+                           "next_history"], got, expected):
+        np.testing.assert_array_equal(np.asarray(g), np.asarray(e), err_msg=name)
