@@ -185,3 +185,32 @@ def test_beam_step_equals_the_plain_numpy_rules_on_random_steps(seed):
     for name, g, e in zip(["top_scores", "beams", "ended", "capped", "next_rows", "next_tokens", "next_scores",
                            "next_history"], got, expected):
         np.testing.assert_array_equal(np.asarray(g), np.asarray(e), err_msg=name)
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_plan_select_equals_the_plain_numpy_rules_on_random_selections(seed):
+    rng = np.random.default_rng(seed)
+    used, sources = int(rng.integers(1, 12)), int(rng.integers(1, 5))
+    live = rng.permutation(used)
+    rows = rng.integers(0, used, int(rng.integers(0, used + 3)))  # repeats: beams continued more than once
+    lengths, row_source = rng.integers(0, 9, used + 4), rng.integers(0, sources, used + 4)
+    kept = len(rows)
+    # the backend's former numpy version
+    chosen = live[rows]
+    by_row = np.argsort(chosen, kind="stable")
+    stays = chosen < kept
+    stays[by_row[1:][chosen[by_row[1:]] == chosen[by_row[:-1]]]] = False
+    held = np.zeros(kept, bool)
+    held[chosen[stays]] = True
+    targets, copied = np.flatnonzero(~held), chosen[~stays]
+    expected_lengths, expected_sources = lengths.copy(), row_source.copy()
+    expected_lengths[targets], expected_sources[targets] = lengths[copied], row_source[copied]
+    chosen[~stays] = targets
+    got = _native.plan_select(live, rows, used, lengths, row_source, sources)
+    np.testing.assert_array_equal(got[0], chosen)
+    np.testing.assert_array_equal(got[1], copied)
+    np.testing.assert_array_equal(got[2], targets)
+    assert got[3] == len(set(expected_sources[:kept].tolist()))
+    assert got[4] == np.array_equal(chosen, np.arange(kept))
+    np.testing.assert_array_equal(lengths, expected_lengths)
+    np.testing.assert_array_equal(row_source, expected_sources)
