@@ -267,15 +267,16 @@ done:
 }
 
 /* plan_select(live, rows, used, lengths, row_source, sources)
- *     -> (chosen, copied, targets, sources_read, in_order)
+ *     -> (chosen, copied, targets, read, in_order)
  *
  * The backend keeps the rows live[rows] (in this order) as buffer rows [0, kept): a kept row
  * stays in its buffer row where it can; every keep of a row after its first, and a row at or
  * above kept, is copied into a buffer row below kept that no staying row holds (targets,
  * ascending, paired with copied in the order of rows). chosen: each kept row's buffer row
  * after the copies. lengths and row_source (int64, indexed by buffer row) are updated in
- * place for the copies. sources_read: how many of the source entries [0, sources) rows
- * [0, kept) read afterwards; in_order: whether chosen is 0, 1, ..., kept - 1.
+ * place for the copies. read: None while rows [0, kept) still read every source entry
+ * [0, sources), else which entries they read (bool, (sources,)); in_order: whether chosen is
+ * 0, 1, ..., kept - 1.
  */
 static PyObject *plan_select(PyObject *self, PyObject *args) {
     PyObject *live_obj, *rows_obj, *lengths_obj, *row_source_obj;
@@ -290,7 +291,7 @@ static PyObject *plan_select(PyObject *self, PyObject *args) {
         return NULL;
     }
     PyArrayObject *live_array = as_array(live_obj, NPY_INT64, 1, "live"), *rows_array = as_array(rows_obj, NPY_INT64, 1, "rows");
-    PyArrayObject *chosen = NULL, *copied = NULL, *targets = NULL;
+    PyArrayObject *chosen = NULL, *copied = NULL, *targets = NULL, *read_entries = NULL;
     unsigned char *seen = NULL, *stays = NULL;
     npy_intp sources_read = 0;
     int in_order = 1;
@@ -362,6 +363,13 @@ static PyObject *plan_select(PyObject *self, PyObject *args) {
             sources_read++;
         }
     }
+    if (sources_read < sources) {
+        npy_intp read_shape[1] = {sources};
+        read_entries = new_array(1, read_shape, NPY_BOOL);
+        if (read_entries == NULL)
+            goto done;
+        memcpy(PyArray_DATA(read_entries), read, sources);
+    }
 done:
     PyMem_Free(seen);
     PyMem_Free(stays);
@@ -371,9 +379,14 @@ done:
         Py_XDECREF(chosen);
         Py_XDECREF(copied);
         Py_XDECREF(targets);
+        Py_XDECREF(read_entries);
         return NULL;
     }
-    return Py_BuildValue("NNNnN", chosen, copied, targets, (Py_ssize_t)sources_read, PyBool_FromLong(in_order));
+    if (read_entries == NULL) {
+        Py_INCREF(Py_None);
+        read_entries = (PyArrayObject *)Py_None;
+    }
+    return Py_BuildValue("NNNNN", chosen, copied, targets, read_entries, PyBool_FromLong(in_order));
 }
 
 /* write_slots(buffers, axes, new_kv, slots): each buffer's row r gets new_kv's row r at
@@ -493,7 +506,7 @@ static PyMethodDef methods[] = {
      "beam_step(scores, values, choices, eos_values, history, age, min_length, max_length, k, eos_id) -> "
      "(top_scores, beams, ended, capped, next_rows, next_tokens, next_scores, next_history)"},
     {"plan_select", plan_select, METH_VARARGS,
-     "plan_select(live, rows, used, lengths, row_source, sources) -> (chosen, copied, targets, sources_read, "
+     "plan_select(live, rows, used, lengths, row_source, sources) -> (chosen, copied, targets, read, "
      "in_order)"},
     {"write_slots", write_slots, METH_VARARGS, "write_slots(buffers, axes, new_kv, slots)"},
     {"copy_rows", copy_rows, METH_VARARGS, "copy_rows(buffers, rows, targets)"},

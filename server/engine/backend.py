@@ -157,14 +157,14 @@ class OnnxStepBackend:
         kept = len(rows)
         if kept > self.used:  # a newcomer's beams widen
             self._add_rows(kept - self.used)
-        chosen, copied, targets, sources_read, self.in_order = _native.plan_select(
+        chosen, copied, targets, read, self.in_order = _native.plan_select(
             self.live, rows, self.used, self.lengths, self.row_source, self.sources)
         if len(targets) or kept < self.used:
             self.buffers.move_rows(copied, targets, kept)
         self.live, self.used = chosen, kept
         self._grid = None
-        if sources_read < self.sources:
-            self._drop_unread_sources(sources_read)
+        if read is not None:
+            self._drop_unread_sources(read)
         next_slot = int(self.lengths[:kept].max(initial=0)) + 1  # keep room for the coming step
         if not kept:
             # An empty batch: sources that join start at slot 0, and attention over slots no
@@ -175,12 +175,11 @@ class OnnxStepBackend:
             # shrink and regrow its cache at every block boundary.
             self.buffers.set_capacity(_blocks(next_slot, CACHE_BLOCK), kept)
 
-    def _drop_unread_sources(self, kept: int) -> None:
-        """Keep source entries [0, kept) for the `kept` sources some row reads, as select keeps
-        rows: a read entry above the new end moves into an unread one below it. The width
-        shrinks to the longest source left when that frees more than a block."""
-        read = np.zeros(self.sources, bool)
-        read[self.row_source[: self.used]] = True
+    def _drop_unread_sources(self, read: np.ndarray) -> None:
+        """Keep source entries for the sources some row reads (`read`, one flag per entry), as
+        select keeps rows: a read entry above the new end moves into an unread one below it.
+        The width shrinks to the longest source left when that frees more than a block."""
+        kept = int(read.sum())
         moving, holes = np.flatnonzero(read[kept:]) + kept, np.flatnonzero(~read[:kept])
         self.buffers.move_sources(moving, holes, kept)
         if len(moving):

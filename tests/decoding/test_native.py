@@ -76,20 +76,20 @@ def test_plan_select_keeps_rows_in_place_and_copies_second_keeps_into_free_rows(
     lengths, row_source = np.array([3, 4, 5, 6, 0]), np.array([0, 0, 1, 1, 0])
     live = np.array([2, 0, 1, 3])  # the search's rows 0..3 are buffer rows 2, 0, 1, 3
     # keep the search's rows 1, 1, 3: buffer rows 0 (twice) and 3, which lies above the new end
-    chosen, copied, targets, sources_read, in_order = _native.plan_select(live, np.array([1, 1, 3]), 4, lengths,
-                                                                          row_source, 2)
+    chosen, copied, targets, read, in_order = _native.plan_select(live, np.array([1, 1, 3]), 4, lengths,
+                                                                  row_source, 2)
     np.testing.assert_array_equal(chosen, [0, 1, 2])  # row 0 stays; its second keep and row 3 fill 1 and 2
     np.testing.assert_array_equal(copied, [0, 3])
     np.testing.assert_array_equal(targets, [1, 2])
     np.testing.assert_array_equal(lengths[:3], [3, 3, 6])
     np.testing.assert_array_equal(row_source[:3], [0, 0, 1])
-    assert sources_read == 2 and in_order
+    assert read is None and in_order  # both sources are still read
 
 
-def test_plan_select_counts_the_sources_still_read():
+def test_plan_select_says_which_sources_are_still_read():
     lengths, row_source = np.array([1, 1, 1]), np.array([0, 1, 2])
-    *_, sources_read, in_order = _native.plan_select(np.arange(3), np.array([2]), 3, lengths, row_source, 3)
-    assert sources_read == 1 and in_order  # row 2 moved to buffer row 0
+    *_, read, in_order = _native.plan_select(np.arange(3), np.array([2]), 3, lengths, row_source, 3)
+    assert read.tolist() == [False, False, True] and in_order  # row 2 moved to buffer row 0
     *_, in_order = _native.plan_select(np.arange(3), np.array([1, 0]), 3, lengths, row_source, 3)
     assert not in_order  # rows 0 and 1 swapped places in the search's order, not in the buffers
 
@@ -210,7 +210,8 @@ def test_plan_select_equals_the_plain_numpy_rules_on_random_selections(seed):
     np.testing.assert_array_equal(got[0], chosen)
     np.testing.assert_array_equal(got[1], copied)
     np.testing.assert_array_equal(got[2], targets)
-    assert got[3] == len(set(expected_sources[:kept].tolist()))
+    expected_read = np.isin(np.arange(sources), expected_sources[:kept])
+    assert got[3] is None if expected_read.all() else got[3].tolist() == expected_read.tolist()
     assert got[4] == np.array_equal(chosen, np.arange(kept))
     np.testing.assert_array_equal(lengths, expected_lengths)
     np.testing.assert_array_equal(row_source, expected_sources)
