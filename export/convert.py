@@ -23,10 +23,10 @@ from export import EXPORTER_VERSION
 from export.calibrate import input_ranges
 from export.graphs import export_graphs
 from export.io import OPSET
-from export.optimize import (constants_as_initializers, fold_reshape_shapes, merge_parallel_matmuls,
-                             reshape_unit_axis_transposes, two_stage_top_k)
+from export.optimize import (constants_as_initializers, fold_output_scales, fold_reshape_shapes,
+                             merge_parallel_matmuls, reshape_unit_axis_transposes, two_stage_top_k)
 from export.package import FORMAT_VERSION, GRAPHS, MANIFEST_FILE, ModelPackage, file_record
-from export.quantize import convert_fp16, quantize_int8
+from export.quantize import convert_fp16, quantize_int8, weight_key
 from export.verify import Parity, check_variant
 from model.checkpoint import TOKENIZER_FILE, load_model
 from model.generate import translate_tokens
@@ -165,8 +165,13 @@ def build_variants(model: Transformer, staging: Path, options: ExportOptions, ca
     """fp32 graphs always (the others derive from them); returns precision -> build settings."""
     (staging / "fp32").mkdir()
     log("exporting fp32 graphs")
+    ranges = dict(calibration.ranges) if calibration else None
     for path in export_graphs(model, staging / "fp32"):
-        graph = merge_parallel_matmuls(constants_as_initializers(onnx.load(str(path))))
+        graph, rescaled = fold_output_scales(constants_as_initializers(onnx.load(str(path))))
+        for before, after in rescaled if ranges is not None else ():
+            if weight_key(before) in ranges:  # the projection keeps its calibrated range under its new weights
+                ranges[weight_key(after)] = ranges[weight_key(before)]
+        graph = merge_parallel_matmuls(graph)
         onnx.save(reshape_unit_axis_transposes(fold_reshape_shapes(graph)), str(path))
     variants = {"fp32": {}}
     for precision in options.precisions:
@@ -176,7 +181,7 @@ def build_variants(model: Transformer, staging: Path, options: ExportOptions, ca
         for graph in GRAPHS:
             source = onnx.load(str(staging / "fp32" / f"{graph}.onnx"))
             if precision == "int8":
-                converted = quantize_int8(source, options.int8_weight_bits, calibration and calibration.ranges)
+                converted = quantize_int8(source, options.int8_weight_bits, ranges)
                 if graph == "decoder_step":  # int8 runs on CPUs only; CUDA's own TopK needs no help
                     converted = two_stage_top_k(converted, model.config.vocab_size)
             else:

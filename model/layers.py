@@ -24,9 +24,9 @@ def sinusoidal_table(max_positions: int, d_model: int) -> torch.Tensor:
 
 
 def scaled_dot_product(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """softmax(q k^T / sqrt(d_k)) v with q (B,H,Tq,dk), keys transposed k (B,H,dk,Tk), values v (B,H,Tk,dk),
-    mask broadcastable to (B,H,Tq,Tk)."""
-    scores = q @ k / math.sqrt(q.size(-1))  # (B, H, Tq, Tk)
+    """softmax(q k^T) v with queries already scaled by 1/sqrt(d_k) (MultiHeadAttention.queries),
+    q (B,H,Tq,dk), keys transposed k (B,H,dk,Tk), values v (B,H,Tk,dk), mask broadcastable to (B,H,Tq,Tk)."""
+    scores = q @ k  # (B, H, Tq, Tk)
     scores = scores.masked_fill(~mask, torch.finfo(scores.dtype).min)
     return torch.softmax(scores, dim=-1) @ v  # (B, H, Tq, dk)
 
@@ -36,6 +36,7 @@ class MultiHeadAttention(nn.Module):
         super().__init__()
         self.num_heads = num_heads
         self.head_dim = d_model // num_heads
+        self.scale = 1.0 / math.sqrt(self.head_dim)
         self.q_proj = nn.Linear(d_model, d_model)
         self.k_proj = nn.Linear(d_model, d_model)
         self.v_proj = nn.Linear(d_model, d_model)
@@ -48,6 +49,13 @@ class MultiHeadAttention(nn.Module):
     def merge_heads(self, x: torch.Tensor) -> torch.Tensor:
         batch, _, length, _ = x.shape
         return x.transpose(1, 2).reshape(batch, length, self.num_heads * self.head_dim)  # (B, T, D)
+
+    def queries(self, x: torch.Tensor) -> torch.Tensor:
+        """The queries of x (B, T, D), scaled by 1/sqrt(dk) here rather than the scores after the
+        product: the export folds this factor into the projection's weights
+        (export.optimize.fold_output_scales), while a factor on the scores became a GEMM alpha
+        that keeps ONNX Runtime's CPU GEMM off its fast path for one-query rows."""
+        return self.q_proj(x) * self.scale
 
     def project_kv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Keys and values of x split into heads, as a cache holds them: keys transposed (B, H, dk, T),
@@ -66,7 +74,7 @@ class MultiHeadAttention(nn.Module):
 
     def attend(self, query: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """Attention of query (B,Tq,D) over keys/values laid out as project_kv returns them."""
-        q = self.split_heads(self.q_proj(query))
+        q = self.split_heads(self.queries(query))
         return self.out_proj(self.merge_heads(scaled_dot_product(q, k, v, mask)))
 
     def attend_grid(self, query: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor,
@@ -77,7 +85,7 @@ class MultiHeadAttention(nn.Module):
         slot_row (N*W,) the row in each grid cell, row_slot (R,) each row's cell.
         Sizes come from the mask, shared by all layers, so the exported graph computes them once.
         """
-        q = self.q_proj(query)[:, 0]  # (R, D)
+        q = self.queries(query)[:, 0]  # (R, D)
         grid = q.index_select(0, slot_row).view(mask.size(0), -1, self.num_heads, self.head_dim).transpose(1, 2)
         out = scaled_dot_product(grid, k, v, mask)  # (N, H, W, dk)
         out = out.transpose(1, 2).reshape(-1, self.num_heads * self.head_dim).index_select(0, row_slot)
@@ -94,12 +102,11 @@ class MultiHeadAttention(nn.Module):
         score row is concatenated, so the cache is never copied; the caller writes the
         returned new key (B,H,dk,1) and value (B,H,1,dk) into its slot.
         """
-        q = self.split_heads(self.q_proj(query))  # (B, H, 1, dk)
+        q = self.split_heads(self.queries(query))  # (B, H, 1, dk)
         k_new, v_new = self.split_heads(self.k_proj(query)), self.split_heads(self.v_proj(query))  # (B, H, 1, dk)
-        scale = 1.0 / math.sqrt(self.head_dim)
-        cache_scores = (q @ cache_k) * scale  # (B, H, 1, C)
+        cache_scores = q @ cache_k  # (B, H, 1, C)
         cache_scores = cache_scores.masked_fill(~cache_mask[:, None, None, :], torch.finfo(q.dtype).min)
-        self_score = (q * k_new).sum(-1, keepdim=True) * scale  # (B, H, 1, 1)
+        self_score = (q * k_new).sum(-1, keepdim=True)  # (B, H, 1, 1)
         weights = torch.softmax(torch.cat([cache_scores, self_score], dim=-1), dim=-1)  # (B, H, 1, C+1)
         capacity = cache_mask.size(1)  # the mask's, shared by all layers: computed once in the graph
         out = weights[..., :capacity] @ cache_v + weights[..., capacity:] * v_new  # (B, H, 1, dk)

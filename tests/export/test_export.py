@@ -6,6 +6,7 @@ from pathlib import Path
 
 import numpy as np
 import onnx
+import onnxruntime
 import pytest
 import torch
 
@@ -293,6 +294,22 @@ def test_merged_projections_add_their_biases_once_and_unit_axis_transposes_are_r
     decoder = onnx.load(str(package.graph_path("fp32", "decoder_step"))).graph
     # One position per row: only the cross-attention grid's two transposes per layer move data.
     assert sum(n.op_type == "Transpose" for n in decoder.node) == 2 * package.architecture["decoder_layers"]
+
+
+@pytest.mark.parametrize("precision", ["fp32", "int8"])
+def test_attention_products_run_as_plain_matmuls_with_the_scale_in_the_query_weights(tiny_package, precision,
+                                                                                    tmp_path):
+    """A factor on a score product becomes FusedMatMul's alpha in ONNX Runtime, which takes a
+    one-query row off MLAS's matrix-vector path; the queries' 1/sqrt(d_k) is in their weights."""
+    package = ModelPackage.load(tiny_package)
+    options = onnxruntime.SessionOptions()
+    options.optimized_model_filepath = str(tmp_path / "optimized.onnx")
+    onnxruntime.InferenceSession(str(package.graph_path(precision, "decoder_step")), options,
+                                 providers=["CPUExecutionProvider"])
+    nodes = onnx.load(options.optimized_model_filepath).graph.node
+    products = [n for n in nodes if n.op_type in ("MatMul", "FusedMatMul")]
+    assert len(products) >= 4 * package.architecture["decoder_layers"]  # two products per attention
+    assert not [n.name for n in products for a in n.attribute if a.name == "alpha" and a.f != 1.0]
 
 
 @pytest.mark.parametrize("precision", ["fp32", "int8", "fp16"])

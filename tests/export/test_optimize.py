@@ -1,0 +1,49 @@
+import numpy as np
+import onnx
+import onnxruntime
+from onnx import TensorProto, helper, numpy_helper
+
+from export.optimize import fold_output_scales
+
+
+def run(model: onnx.ModelProto, x: np.ndarray) -> list[np.ndarray]:
+    session = onnxruntime.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    return session.run(None, {"x": x})
+
+
+def projections_then_scales() -> onnx.ModelProto:
+    """x -> MatMul(W) -> Add(b) -> Mul(0.25) -> out (foldable); x -> MatMul(T) -> Mul(3) -> tied,
+    where T is also read by another MatMul (not foldable)."""
+    rng = np.random.default_rng(0)
+    inits = [numpy_helper.from_array(rng.standard_normal(shape).astype(np.float32), name)
+             for name, shape in (("W", (4, 3)), ("b", (3,)), ("T", (4, 3)))]
+    inits += [numpy_helper.from_array(np.array(0.25, np.float32), "quarter"),
+              numpy_helper.from_array(np.array(3.0, np.float32), "three")]
+    nodes = [
+        helper.make_node("MatMul", ["x", "W"], ["xw"]),
+        helper.make_node("Add", ["xw", "b"], ["xwb"]),
+        helper.make_node("Mul", ["xwb", "quarter"], ["out"]),
+        helper.make_node("MatMul", ["x", "T"], ["xt"]),
+        helper.make_node("Mul", ["three", "xt"], ["tied"]),
+        helper.make_node("MatMul", ["x", "T"], ["also_t"]),
+    ]
+    outputs = [helper.make_tensor_value_info(name, TensorProto.FLOAT, None) for name in ("out", "tied", "also_t")]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 4])],
+                              outputs, inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+
+
+def test_a_scalar_after_a_projection_moves_into_its_weights_unless_they_are_shared():
+    model = projections_then_scales()
+    x = np.random.default_rng(1).standard_normal((2, 4)).astype(np.float32)
+    expected = run(model, x)
+    weight = numpy_helper.to_array(next(i for i in model.graph.initializer if i.name == "W")).copy()
+
+    folded, columns = fold_output_scales(model)
+
+    assert [n.op_type for n in folded.graph.node] == ["MatMul", "Add", "MatMul", "Mul", "MatMul"]
+    for got, want in zip(run(folded, x), expected):
+        np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
+    assert len(columns) == 1
+    np.testing.assert_array_equal(columns[0][0], weight[:, 0])
+    np.testing.assert_array_equal(columns[0][1], weight[:, 0] * np.float32(0.25))
