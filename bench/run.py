@@ -56,6 +56,8 @@ def settings() -> dict:
         "server_cpus": server_cpus,
         "grpc_clients": [1, 16, 64],
         "grpc_requests": 256 if quick else 1000,
+        # Also at the most clients: requests of this many texts, gRPC's cost per call shared by them.
+        "grpc_texts_per_request": 8,
         "rounds": int(os.environ.get("BENCH_ROUNDS", 3)),
         "data_dir": Path(os.environ.get("DATA_DIR", ROOT.parent / "shared" / "data" / "multi30k")),
         "checkpoint": ROOT / "model" / "default",
@@ -196,13 +198,15 @@ def engine_records(s: dict, common: dict, jobs: list[dict]) -> list[dict]:
 
 def served_records(s: dict, common: dict, sources: list[str]) -> list[dict]:
     """One sentence per request through a real server on loopback (parley-grpc: 1, 16 and 64
-    clients) and through the server's scheduler without gRPC (parley-scheduler: 64 clients),
-    in rounds; in each, every served figure is divided by the offline engine's (2 lanes,
-    the largest batch) measured just before it: its share of the offline engine."""
+    clients; at 64 also requests of several texts) and through the server's scheduler without
+    gRPC (parley-scheduler: 64 clients), in rounds; in each, every served figure is divided by
+    the offline engine's (2 lanes, the largest batch) measured just before it: its share of
+    the offline engine."""
     reference = Worker("engine", {**common, "engine": "parley", "precision": "int8", "lanes": 2}, s["server_cpus"])
     clients = max(s["grpc_clients"])
     scheduler = Worker("scheduler", {**common, "clients": clients}, s["server_cpus"])
-    runs = defaultdict(list)  # (engine, beam, clients) -> one record per round
+    runs = defaultdict(list)  # (engine, beam, clients, texts per request) -> one record per round
+    loads = [(n, 1) for n in s["grpc_clients"]] + [(clients, s["grpc_texts_per_request"])]
     try:
         with replicas(s["package"], 1, s["threads"], "--precision", "int8", cpus=s["server_cpus"]) as ports, \
                 load_generator_cpus(s["server_cpus"]):
@@ -212,15 +216,19 @@ def served_records(s: dict, common: dict, sources: list[str]) -> list[dict]:
                 print(f"round {r + 1} of {s['rounds']} ...", flush=True)
                 for beam in s["beams"]:
                     offline = reference.ask({"beam_size": beam, "batch_size": max(s["batch_sizes"]), "score": False})
-                    measured = [scheduler.ask({"beam_size": beam, "requests": s["grpc_requests"]})]
-                    for n in s["grpc_clients"]:
+                    measured = [{**scheduler.ask({"beam_size": beam, "requests": s["grpc_requests"]}),
+                                 "texts_per_request": 1}]
+                    for n, texts in loads:
+                        # As many requests whatever their size: fewer would leave clients idle at the end.
                         requests = min(s["grpc_requests"], 200) if n == 1 else s["grpc_requests"]
-                        result = asyncio.run(run_load(round_robin_target(ports), sources, n, requests, [beam]))
+                        result = asyncio.run(run_load(round_robin_target(ports), sources, n, requests, [beam], [texts]))
                         measured.append({"engine": "parley-grpc", "precision": "int8", "beam_size": beam,
-                                         "batch_size": 1, "threads": s["threads"], **result})
+                                         "batch_size": 1, "threads": s["threads"], "texts_per_request": texts,
+                                         **result})
                     for record in measured:
                         share = round(record["sentences_per_s"] / offline["sentences_per_s"], 3)
-                        runs[record["engine"], beam, record["clients"]].append({**record, "share_of_engine": share})
+                        key = record["engine"], beam, record["clients"], record["texts_per_request"]
+                        runs[key].append({**record, "share_of_engine": share})
         reference.finish()
         scheduler.finish()
     except BaseException:
@@ -228,7 +236,7 @@ def served_records(s: dict, common: dict, sources: list[str]) -> list[dict]:
         scheduler.kill()
         raise
     records = []
-    for key in sorted(runs, key=lambda k: (k[0] != "parley-grpc", k[1], k[2])):
+    for key in sorted(runs, key=lambda k: (k[0] != "parley-grpc", k[1], k[2], k[3])):
         shares = [r["share_of_engine"] for r in runs[key]]
         records.append({**median_round(runs[key]), "bleu": None, "round_shares": shares,
                         "share_of_engine": lower_median(shares)})
@@ -260,10 +268,11 @@ def table(records: list[dict]) -> str:
                     f"{ratio} | {best_ratio} |")
     served = [r for r in records if r["engine"] in ("parley-grpc", "parley-scheduler")]
     if served:
-        rows += [""] * bool(rows) + ["| one sentence per request, int8 | beam | clients | sent/s | p50 ms | p99 ms "
-                                     "| share of offline engine | errors |", "|---|---|---|---|---|---|---|---|"]
+        rows += [""] * bool(rows) + ["| served, int8 | beam | clients | texts per request | sent/s | p50 ms | p99 ms "
+                                     "| share of offline engine | errors |", "|---|---|---|---|---|---|---|---|---|"]
         for r in served:
-            rows.append(f"| {r['engine']} | {r['beam_size']} | {r['clients']} | {r['sentences_per_s']:.1f} | "
+            rows.append(f"| {r['engine']} | {r['beam_size']} | {r['clients']} | {r['texts_per_request']} | "
+                        f"{r['sentences_per_s']:.1f} | "
                         f"{r['latency_p50_ms']:.1f} | {r['latency_p99_ms']:.1f} | {r['share_of_engine']} | "
                         f"{r.get('errors') or 0} |")
     return "\n".join(rows)
