@@ -233,6 +233,8 @@ class Search:
         top_k = min(2 * max(g.k for g in self.groups) + 1, self.backend.vocab_size)
         step = self.backend.step(self.tokens, top_k)
         kept, next_tokens, finished, offset = [], [], [], 0
+        # Greedy rows stay where they are until a source finishes; beams may move at any step.
+        moved = any(group.k > 1 for group in self.groups)
         for group in self.groups:
             rows, shape = group.rows, (len(group.keys), group.width)
             kept_rows, tokens, results = group.advance(
@@ -244,8 +246,9 @@ class Search:
             finished += results
             offset += rows
         self._forget_empty_groups()
-        self._select(np.concatenate(kept) if kept else np.zeros(0, np.int64), offset)
-        self.tokens = np.concatenate(next_tokens) if next_tokens else np.zeros(0, np.int64)
+        if moved or finished:
+            self._select(np.concatenate(kept) if kept else np.zeros(0, np.int64), offset)
+        self.tokens = np.concatenate(next_tokens) if len(next_tokens) != 1 else next_tokens[0]
         self._merge_equal_neighbours()
         return finished
 
