@@ -12,13 +12,14 @@ def run(model: onnx.ModelProto, x: np.ndarray) -> list[np.ndarray]:
 
 
 def projections_then_scales() -> onnx.ModelProto:
-    """x -> MatMul(W) -> Add(b) -> Mul(0.25) -> out (foldable); x -> MatMul(T) -> Mul(3) -> tied,
-    where T is also read by another MatMul (not foldable)."""
+    """x -> MatMul(W) -> Add(b) -> Mul(0.25) -> out and x -> MatMul(U) -> Mul(2) -> unbiased
+    (foldable); x -> MatMul(T) -> Mul(3) -> tied, where T is also read by another MatMul (not)."""
     rng = np.random.default_rng(0)
     inits = [numpy_helper.from_array(rng.standard_normal(shape).astype(np.float32), name)
-             for name, shape in (("W", (4, 3)), ("b", (3,)), ("T", (4, 3)))]
+             for name, shape in (("W", (4, 3)), ("b", (3,)), ("T", (4, 3)), ("U", (4, 2)))]
     inits += [numpy_helper.from_array(np.array(0.25, np.float32), "quarter"),
-              numpy_helper.from_array(np.array(3.0, np.float32), "three")]
+              numpy_helper.from_array(np.array(3.0, np.float32), "three"),
+              numpy_helper.from_array(np.array([2.0], np.float32), "two")]
     nodes = [
         helper.make_node("MatMul", ["x", "W"], ["xw"]),
         helper.make_node("Add", ["xw", "b"], ["xwb"]),
@@ -26,8 +27,11 @@ def projections_then_scales() -> onnx.ModelProto:
         helper.make_node("MatMul", ["x", "T"], ["xt"]),
         helper.make_node("Mul", ["three", "xt"], ["tied"]),
         helper.make_node("MatMul", ["x", "T"], ["also_t"]),
+        helper.make_node("MatMul", ["x", "U"], ["xu"]),
+        helper.make_node("Mul", ["xu", "two"], ["unbiased"]),
     ]
-    outputs = [helper.make_tensor_value_info(name, TensorProto.FLOAT, None) for name in ("out", "tied", "also_t")]
+    outputs = [helper.make_tensor_value_info(name, TensorProto.FLOAT, None)
+               for name in ("out", "tied", "also_t", "unbiased")]
     graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 4])],
                               outputs, inits)
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
@@ -41,9 +45,9 @@ def test_a_scalar_after_a_projection_moves_into_its_weights_unless_they_are_shar
 
     folded, columns = fold_output_scales(model)
 
-    assert [n.op_type for n in folded.graph.node] == ["MatMul", "Add", "MatMul", "Mul", "MatMul"]
+    assert [n.op_type for n in folded.graph.node] == ["MatMul", "Add", "MatMul", "Mul", "MatMul", "MatMul"]
     for got, want in zip(run(folded, x), expected):
         np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
-    assert len(columns) == 1
+    assert len(columns) == 2
     np.testing.assert_array_equal(columns[0][0], weight[:, 0])
     np.testing.assert_array_equal(columns[0][1], weight[:, 0] * np.float32(0.25))
