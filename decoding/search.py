@@ -246,9 +246,9 @@ class Search:
             finished += results
             offset += rows
         self._forget_empty_groups()
-        if moved or finished:
-            self._select(np.concatenate(kept) if kept else np.zeros(0, np.int64), offset)
-        self.tokens = np.concatenate(next_tokens) if len(next_tokens) != 1 else next_tokens[0]
+        if moved or finished:  # (a step has at least one group: every list holds one entry per group)
+            self._select(np.concatenate(kept), offset)
+        self.tokens = np.concatenate(next_tokens)
         self._merge_equal_neighbours()
         return finished
 
