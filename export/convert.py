@@ -24,7 +24,8 @@ from export.calibrate import input_ranges
 from export.graphs import export_graphs
 from export.io import OPSET
 from export.optimize import (constants_as_initializers, fold_output_scales, fold_reshape_shapes,
-                             merge_parallel_matmuls, reshape_unit_axis_transposes, two_stage_top_k)
+                             merge_parallel_matmuls, merge_reshape_chains, reshape_unit_axis_transposes,
+                             two_stage_top_k)
 from export.package import FORMAT_VERSION, GRAPHS, MANIFEST_FILE, ModelPackage, file_record
 from export.quantize import convert_fp16, quantize_int8, weight_key
 from export.verify import Parity, check_variant
@@ -172,7 +173,7 @@ def build_variants(model: Transformer, staging: Path, options: ExportOptions, ca
             if weight_key(before) in ranges:  # the projection keeps its calibrated range under its new weights
                 ranges[weight_key(after)] = ranges[weight_key(before)]
         graph = merge_parallel_matmuls(graph)
-        onnx.save(reshape_unit_axis_transposes(fold_reshape_shapes(graph)), str(path))
+        onnx.save(merge_reshape_chains(reshape_unit_axis_transposes(fold_reshape_shapes(graph))), str(path))
     variants = {"fp32": {}}
     for precision in options.precisions:
         if precision == "fp32":

@@ -3,7 +3,7 @@ import onnx
 import onnxruntime
 from onnx import TensorProto, helper, numpy_helper
 
-from export.optimize import fold_output_scales
+from export.optimize import fold_output_scales, merge_reshape_chains
 
 
 def run(model: onnx.ModelProto, x: np.ndarray) -> list[np.ndarray]:
@@ -51,3 +51,35 @@ def test_a_scalar_after_a_projection_moves_into_its_weights_unless_they_are_shar
     assert len(columns) == 2
     np.testing.assert_array_equal(columns[0][0], weight[:, 0])
     np.testing.assert_array_equal(columns[0][1], weight[:, 0] * np.float32(0.25))
+
+
+def reshape_chains() -> onnx.ModelProto:
+    """x (n, 8) -> (0, 2, 4) -> (0, 2, 1, 4) -> heads and -> (0, 8, 1) -> flat (mergeable: the
+    intermediate is read twice, both reads keep n); x -> (2, -1) -> (0, 0, 1) -> pairs, whose
+    0s copy dimensions the first shape fixed (not mergeable)."""
+    shapes = {"split": [0, 2, 4], "unit": [0, 2, 1, 4], "back": [0, 8, 1], "fixed": [2, -1], "copy": [0, 0, 1]}
+    inits = [numpy_helper.from_array(np.array(v, np.int64), k) for k, v in shapes.items()]
+    nodes = [
+        helper.make_node("Reshape", ["x", "split"], ["by_head"]),
+        helper.make_node("Reshape", ["by_head", "unit"], ["heads"]),
+        helper.make_node("Reshape", ["by_head", "back"], ["flat"]),
+        helper.make_node("Reshape", ["x", "fixed"], ["two_rows"]),
+        helper.make_node("Reshape", ["two_rows", "copy"], ["pairs"]),
+    ]
+    outputs = [helper.make_tensor_value_info(name, TensorProto.FLOAT, None) for name in ("heads", "flat", "pairs")]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 8])],
+                              outputs, inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+
+
+def test_a_reshape_of_a_reshape_reads_the_first_input_where_the_copied_dimensions_allow():
+    model = reshape_chains()
+    x = np.arange(24, dtype=np.float32).reshape(3, 8)
+    expected = run(model, x)
+
+    merged = merge_reshape_chains(model)
+
+    assert [(n.input[0], n.output[0]) for n in merged.graph.node] == [
+        ("x", "heads"), ("x", "flat"), ("x", "two_rows"), ("two_rows", "pairs")]
+    for got, want in zip(run(merged, x), expected):
+        np.testing.assert_array_equal(got, want)
