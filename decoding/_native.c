@@ -391,7 +391,8 @@ done:
 
 /* write_slots(buffers, axes, new_kv, slots): each buffer's row r gets new_kv's row r at
  * position slots[r] of its position axis (2: (rows, H, positions, dk), 3: (rows, H, dk,
- * positions)); new_kv's position axis has length 1. Buffers are written in place. */
+ * positions)); new_kv's position axis has length 1. Buffers are written in place; then every
+ * row's slot (int64, in place: the rows' lengths) advances by one, to the next step's. */
 static PyObject *write_slots(PyObject *self, PyObject *args) {
     PyObject *buffers, *axes, *news, *slots_obj;
     if (!PyArg_ParseTuple(args, "O!O!O!O", &PyList_Type, &buffers, &PyList_Type, &axes, &PyList_Type, &news, &slots_obj))
@@ -401,10 +402,15 @@ static PyObject *write_slots(PyObject *self, PyObject *args) {
         PyErr_SetString(PyExc_ValueError, "write_slots: one axis and one new key/value per buffer");
         return NULL;
     }
-    PyArrayObject *slots_array = as_array(slots_obj, NPY_INT64, 1, "slots");
+    PyArrayObject *slots_array = in_place(slots_obj, "slots");
     if (slots_array == NULL)
         return NULL;
-    const npy_int64 *slots = PyArray_DATA(slots_array);
+    if (PyArray_TYPE(slots_array) != NPY_INT64 || PyArray_NDIM(slots_array) != 1) {
+        PyErr_SetString(PyExc_ValueError, "write_slots: slots must be a 1-d int64 array");
+        return NULL;
+    }
+    Py_INCREF(slots_array);
+    npy_int64 *slots = PyArray_DATA(slots_array);
     npy_intp rows = PyArray_DIM(slots_array, 0);
     for (Py_ssize_t b = 0; b < count; b++) {
         PyArrayObject *buffer = in_place(PyList_GET_ITEM(buffers, b), "buffer");
@@ -454,11 +460,105 @@ static PyObject *write_slots(PyObject *self, PyObject *args) {
         }
         Py_DECREF(written);
     }
+    for (npy_intp r = 0; r < rows; r++)
+        slots[r]++;
     Py_DECREF(slots_array);
     Py_RETURN_NONE;
 failed:
     Py_DECREF(slots_array);
     return NULL;
+}
+
+/* resized(buffers, axes, length, used) -> list: each buffer (rows, H, a, b), its positions on
+ * axis 2 or 3 (axes), as a new array with `length` positions: rows [0, used) keep their
+ * positions (as many as fit), zero past them; the other rows are left uninitialised (whoever
+ * takes them writes them first). */
+static PyObject *resized(PyObject *self, PyObject *args) {
+    PyObject *buffers, *axes;
+    Py_ssize_t length, used;
+    if (!PyArg_ParseTuple(args, "O!O!nn", &PyList_Type, &buffers, &PyList_Type, &axes, &length, &used))
+        return NULL;
+    Py_ssize_t count = PyList_GET_SIZE(buffers);
+    if (PyList_GET_SIZE(axes) != count || length < 0 || used < 0) {
+        PyErr_SetString(PyExc_ValueError, "resized: one axis per buffer, a length and a row count >= 0");
+        return NULL;
+    }
+    PyObject *out = PyList_New(count);
+    if (out == NULL)
+        return NULL;
+    for (Py_ssize_t b = 0; b < count; b++) {
+        PyArrayObject *buffer = in_place(PyList_GET_ITEM(buffers, b), "buffer");
+        long axis = PyLong_AsLong(PyList_GET_ITEM(axes, b));
+        if (buffer == NULL || PyErr_Occurred())
+            goto failed;
+        if (PyArray_NDIM(buffer) != 4 || (axis != 2 && axis != 3) || used > PyArray_DIM(buffer, 0)) {
+            PyErr_SetString(PyExc_ValueError, "resized: a buffer is (rows, heads, a, b) with its positions on axis 2 "
+                                              "or 3, and has the used rows");
+            goto failed;
+        }
+        npy_intp shape[4];
+        memcpy(shape, PyArray_DIMS(buffer), sizeof(shape));
+        npy_intp held = shape[axis], kept = held < length ? held : length, item = PyArray_ITEMSIZE(buffer);
+        shape[axis] = length;
+        Py_INCREF(PyArray_DESCR(buffer));  /* PyArray_Empty steals it */
+        PyArrayObject *grown = (PyArrayObject *)PyArray_Empty(4, shape, PyArray_DESCR(buffer), 0);
+        if (grown == NULL)
+            goto failed;
+        /* The positions lie in runs: one per (row, head) for (positions, dk), each position dk
+         * values; one per (row, head, d) for (dk, positions), each position one value. */
+        npy_intp runs = used * shape[1] * (axis == 3 ? shape[2] : 1);
+        npy_intp unit = item * (axis == 3 ? 1 : shape[3]);  /* bytes per position in a run */
+        const char *from = PyArray_DATA(buffer);
+        char *to = PyArray_DATA(grown);
+        for (npy_intp run = 0; run < runs; run++) {
+            memcpy(to + run * length * unit, from + run * held * unit, kept * unit);
+            memset(to + (run * length + kept) * unit, 0, (length - kept) * unit);
+        }
+        PyList_SET_ITEM(out, b, (PyObject *)grown);
+    }
+    return out;
+failed:
+    Py_DECREF(out);
+    return NULL;
+}
+
+/* cache_mask(lengths, capacity, block) -> (capacity, mask): the cache capacity a step on rows
+ * of these lengths (int64) needs, the given one where it holds every row's next slot (index
+ * length), else that slot rounded up to whole blocks; mask (rows, capacity) bool, true at
+ * the slots a row has filled (s < length). */
+static PyObject *cache_mask(PyObject *self, PyObject *args) {
+    PyObject *lengths_obj;
+    Py_ssize_t capacity, block;
+    if (!PyArg_ParseTuple(args, "Onn", &lengths_obj, &capacity, &block))
+        return NULL;
+    if (block < 1) {
+        PyErr_SetString(PyExc_ValueError, "cache_mask: block must be >= 1");
+        return NULL;
+    }
+    PyArrayObject *lengths_array = as_array(lengths_obj, NPY_INT64, 1, "lengths");
+    if (lengths_array == NULL)
+        return NULL;
+    const npy_int64 *lengths = PyArray_DATA(lengths_array);
+    npy_intp rows = PyArray_DIM(lengths_array, 0);
+    npy_int64 longest = 0;
+    for (npy_intp r = 0; r < rows; r++)
+        longest = lengths[r] > longest ? lengths[r] : longest;
+    if (longest + 1 > capacity)
+        capacity = (Py_ssize_t)((longest + block) / block * block);
+    npy_intp shape[2] = {rows, capacity};
+    PyArrayObject *mask = new_array(2, shape, NPY_BOOL);
+    if (mask == NULL) {
+        Py_DECREF(lengths_array);
+        return NULL;
+    }
+    npy_bool *out = PyArray_DATA(mask);
+    for (npy_intp r = 0; r < rows; r++) {
+        npy_intp filled = lengths[r] < 0 ? 0 : (npy_intp)lengths[r];
+        memset(out + r * capacity, 1, filled);
+        memset(out + r * capacity + filled, 0, capacity - filled);
+    }
+    Py_DECREF(lengths_array);
+    return Py_BuildValue("nN", capacity, mask);
 }
 
 /* copy_rows(buffers, rows, targets): in every buffer, row targets[j] becomes a copy of row
@@ -509,6 +609,8 @@ static PyMethodDef methods[] = {
      "plan_select(live, rows, used, lengths, row_source, sources) -> (chosen, copied, targets, read, "
      "in_order)"},
     {"write_slots", write_slots, METH_VARARGS, "write_slots(buffers, axes, new_kv, slots)"},
+    {"cache_mask", cache_mask, METH_VARARGS, "cache_mask(lengths, capacity, block) -> (capacity, mask)"},
+    {"resized", resized, METH_VARARGS, "resized(buffers, axes, length, used) -> list of new buffers"},
     {"copy_rows", copy_rows, METH_VARARGS, "copy_rows(buffers, rows, targets)"},
     {NULL, NULL, 0, NULL},
 };

@@ -131,9 +131,10 @@ class OnnxStepBackend:
     def _run(self, tokens: np.ndarray, top_k: int, outputs: list[str]) -> list[np.ndarray]:
         live, used = self.live, self.used
         lengths = self.lengths[:used]  # every decoded row is live
-        needed = int(lengths.max(initial=0)) + 1
-        if needed > self.buffers.capacity:
-            self.buffers.set_capacity(_blocks(needed, CACHE_BLOCK), used)
+        # A row's keys fill slots 0 .. length-1 of its cache, so validity follows from the lengths.
+        capacity, cache_mask = _native.cache_mask(lengths, self.buffers.capacity, CACHE_BLOCK)
+        if capacity != self.buffers.capacity:
+            self.buffers.set_capacity(capacity, used)
         in_order = self.in_order
         fed = tokens.astype(np.int64, copy=False) if in_order else np.zeros(used, np.int64)
         if not in_order:
@@ -141,13 +142,10 @@ class OnnxStepBackend:
         if self._grid is None:  # rows or sources changed since the last step
             self._grid = query_grid(self.row_source[:used], self.sources)
         slot_row, row_slot = self._grid
-        # A row's keys fill slots 0 .. length-1 of its cache, so validity follows from the lengths.
-        feeds = {"tokens": fed, "positions": lengths, "cache_mask": np.arange(self.buffers.capacity) < lengths[:, None],
-                 "src_mask": self.src_mask[: self.sources], "slot_row": slot_row, "row_slot": row_slot,
-                 "top_k": np.array(top_k, np.int64)}
+        feeds = {"tokens": fed, "positions": lengths, "cache_mask": cache_mask, "src_mask": self.src_mask[: self.sources],
+                 "slot_row": slot_row, "row_slot": row_slot, "top_k": np.array(top_k, np.int64)}
         results, new_kv = self.buffers.run_decoder(feeds, outputs, used, self.sources)
-        self.buffers.write(lengths, new_kv)
-        lengths += 1
+        self.buffers.write(lengths, new_kv)  # and the rows' lengths advance
         return results if in_order else [r[live] for r in results]
 
     def select(self, rows: np.ndarray) -> None:

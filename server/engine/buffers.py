@@ -92,11 +92,11 @@ class HostBuffers:
     def set_capacity(self, capacity: int, used: int) -> None:
         """Resize every row's cache to `capacity` slots; rows [0, used) keep their slots (spare
         rows are zeroed when they join: add_rows)."""
-        self.cache = [resized(c, axis, capacity, used) for c, axis in zip(self.cache, self.layout.axes)]
+        self.cache = _native.resized(self.cache, self.layout.axes, capacity, used)
 
     def set_width(self, width: int, sources: int) -> None:
         """Cut the source entries to `width` positions; entries [0, sources) keep theirs."""
-        self.cross = [resized(c, axis, width, sources) for c, axis in zip(self.cross, self.layout.axes)]
+        self.cross = _native.resized(self.cross, self.layout.axes, width, sources)
 
     def place_sources(self, entries: np.ndarray, cross: list[np.ndarray], sources: int, width: int) -> None:
         """Store new sources' keys/values (w positions) at these entries, zero past w: entries
@@ -121,7 +121,8 @@ class HostBuffers:
         return results[: len(outputs)], results[len(outputs) :]
 
     def write(self, slots: np.ndarray, new_kv: list[np.ndarray]) -> None:
-        """Store the new key/value of each decoded row (rows [0, len(slots))) in its slot."""
+        """Store the new key/value of each decoded row (rows [0, len(slots))) in its slot; the
+        slots (the rows' lengths, written in place) then advance by one."""
         _native.write_slots(self.cache, self.layout.axes, new_kv, slots)
 
     def move_rows(self, rows: np.ndarray, targets: np.ndarray, used: int) -> None:
@@ -138,16 +139,6 @@ class HostBuffers:
 def positions_on_2(array: np.ndarray, axis: int) -> np.ndarray:
     """A view of a cache tensor with its positions on axis 2: (rows, H, positions, dk)."""
     return array if axis == 2 else array.swapaxes(2, 3)
-
-
-def resized(array: np.ndarray, axis: int, length: int, used: int) -> np.ndarray:
-    """A cache tensor with `length` positions on `axis`: rows [0, used) keep theirs, zero-padded;
-    other rows are left uninitialised (whoever takes them writes them first)."""
-    out = np.empty(array.shape[:axis] + (length,) + array.shape[axis + 1 :], array.dtype)
-    kept = min(length, array.shape[axis])
-    positions_on_2(out, axis)[:used, :, :kept] = positions_on_2(array, axis)[:used, :, :kept]
-    positions_on_2(out, axis)[:used, :, kept:] = 0
-    return out
 
 
 def copy_into(array: np.ndarray, shape: tuple) -> np.ndarray:

@@ -128,6 +128,7 @@ class DeviceBuffers:
         onehot = np.zeros((self.cache_rows, self._capacity), dtype=bool)
         onehot[np.arange(len(slots)), slots] = True
         self._pending = (onehot, new_kv)
+        slots += 1
 
     def move_rows(self, rows: np.ndarray, targets: np.ndarray, used: int) -> None:
         if used:

@@ -100,7 +100,7 @@ def test_plan_select_refuses_rows_that_are_not_live():
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float16])
-def test_write_slots_writes_each_row_at_its_slot_in_both_layouts(dtype):
+def test_write_slots_writes_each_row_at_its_slot_in_both_layouts_then_advances_the_slots(dtype):
     rows, heads, dim, positions = 3, 2, 4, 5
     keys = np.zeros((rows + 1, heads, dim, positions), dtype)  # positions last (axis 3)
     values = np.zeros((rows + 1, heads, positions, dim), dtype)  # positions on axis 2
@@ -108,7 +108,8 @@ def test_write_slots_writes_each_row_at_its_slot_in_both_layouts(dtype):
     new_v = -new_k.reshape(rows, heads, 1, dim)
     slots = np.array([0, 4, 2])
     _native.write_slots([keys, values], [3, 2], [new_k, new_v], slots)
-    for r, slot in enumerate(slots):
+    np.testing.assert_array_equal(slots, [1, 5, 3])
+    for r, slot in enumerate([0, 4, 2]):
         np.testing.assert_array_equal(keys[r, :, :, slot], new_k[r, :, :, 0])
         np.testing.assert_array_equal(values[r, :, slot], new_v[r, :, 0])
     assert np.count_nonzero(keys) == new_k.size and np.count_nonzero(values) == new_v.size  # nothing else
@@ -120,6 +121,30 @@ def test_write_slots_refuses_a_slot_past_the_cache():
         _native.write_slots([cache], [2], [np.zeros((1, 1, 1, 3), np.float32)], np.array([3]))
     with pytest.raises(ValueError, match="C-contiguous"):
         _native.write_slots([cache.swapaxes(2, 3)], [3], [np.zeros((1, 1, 3, 1), np.float32)], np.array([0]))
+
+
+def test_cache_mask_marks_the_filled_slots_and_grows_the_capacity_in_blocks_when_a_row_needs_it():
+    capacity, mask = _native.cache_mask(np.array([0, 3, 1]), 4, 16)
+    assert capacity == 4
+    np.testing.assert_array_equal(mask, np.arange(4) < np.array([[0], [3], [1]]))
+    capacity, mask = _native.cache_mask(np.array([2, 16]), 16, 16)  # slot 16 is the 17th
+    assert capacity == 32 and mask.shape == (2, 32) and mask.dtype == bool
+    np.testing.assert_array_equal(mask.sum(axis=1), [2, 16])
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float16])
+def test_resized_keeps_the_used_rows_positions_and_zeroes_the_new_ones(dtype):
+    values = np.arange(5 * 2 * 3 * 4, dtype=dtype).reshape(5, 2, 3, 4) + 1  # positions on axis 2: 3
+    keys = values.swapaxes(2, 3).copy()  # positions on axis 3
+    grown, cut = _native.resized([values, keys], [2, 3], 5, 3), _native.resized([values, keys], [2, 3], 2, 3)
+    assert [a.shape for a in grown] == [(5, 2, 5, 4), (5, 2, 4, 5)] and [a.dtype for a in grown] == [dtype, dtype]
+    assert [a.shape for a in cut] == [(5, 2, 2, 4), (5, 2, 4, 2)]
+    for axis, before, after, smaller in zip((2, 3), (values, keys), grown, cut):
+        if axis == 3:  # compare with the positions on axis 2
+            before, after, smaller = before.swapaxes(2, 3), after.swapaxes(2, 3), smaller.swapaxes(2, 3)
+        np.testing.assert_array_equal(after[:3, :, :3], before[:3])
+        assert not after[:3, :, 3:].any()  # new positions are zero
+        np.testing.assert_array_equal(smaller[:3], before[:3, :, :2])
 
 
 def test_copy_rows_copies_whole_rows_of_every_buffer():
