@@ -96,18 +96,16 @@ class OnnxStepBackend:
                 entries = max(self.sources + added, entries * 3 // 2 + 8)
             padded_width = max(held_width, _blocks(width, SOURCE_BLOCK))
             self.src_mask = copy_into(self.src_mask, (entries, padded_width))
-        sources = np.arange(self.sources, self.sources + added)
-        self.src_mask[sources] = False
+        first = self.sources
+        self.src_mask[first : first + added] = False
         self.sources += added
-        first = 0
         for src_mask, cross in encoded:
-            entries = sources[first : first + len(src_mask)]
-            self.src_mask[entries, : src_mask.shape[1]] = src_mask
-            self.buffers.place_sources(entries, cross, self.sources, self.src_mask.shape[1])
+            self.src_mask[first : first + len(src_mask), : src_mask.shape[1]] = src_mask
+            self.buffers.place_sources(first, cross, self.sources, self.src_mask.shape[1])
             first += len(src_mask)
         rows = self._add_rows(added)
         self.lengths[rows] = 0
-        self.row_source[rows] = sources
+        self.row_source[rows] = np.arange(self.sources - added, self.sources)
         self.live = np.concatenate([self.live, rows])
         self._grid = self._padding = None
 

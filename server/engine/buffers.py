@@ -98,18 +98,20 @@ class HostBuffers:
         """Cut the source entries to `width` positions; entries [0, sources) keep theirs."""
         self.cross = _native.resized(self.cross, self.layout.axes, width, sources)
 
-    def place_sources(self, entries: np.ndarray, cross: list[np.ndarray], sources: int, width: int) -> None:
-        """Store new sources' keys/values (w positions) at these entries, zero past w: entries
-        [0, sources) are in use after, with `width` positions (the backend places the sources
-        of several encoder runs one run at a time, with the final sources and width)."""
+    def place_sources(self, first: int, cross: list[np.ndarray], sources: int, width: int) -> None:
+        """Store n new sources' keys/values (w positions) at entries [first, first + n), zero
+        past w: entries [0, sources) are in use after, with `width` positions (the backend
+        places the sources of several encoder runs one run at a time, with the final sources
+        and width)."""
         held, axes = len(self.cross[0]), self.layout.axes
         if sources > held or width > self.cross[0].shape[axes[0]]:
             rows = max(sources, held * 3 // 2 + 8) if sources > held else held
             self.cross = [copy_into(c, self.layout.shape(rows, width, axis)) for c, axis in zip(self.cross, axes)]
         for buffer, values, axis in zip(self.cross, cross, axes):
             buffer, values = positions_on_2(buffer, axis), positions_on_2(values, axis)
-            buffer[entries, :, : values.shape[2]] = values
-            buffer[entries, :, values.shape[2] :] = 0  # masked, but must be finite (see add_rows)
+            entries = buffer[first : first + len(values)]  # a slice: copies run 1.5x as fast as through indices
+            entries[:, :, : values.shape[2]] = values
+            entries[:, :, values.shape[2] :] = 0  # masked, but must be finite (see add_rows)
 
     def run_decoder(self, feeds: dict, outputs: list[str], used: int, sources: int) -> tuple[list, list]:
         """One decoder step on rows [0, used) and source entries [0, sources): the named

@@ -96,12 +96,13 @@ class DeviceBuffers:
             self._update(np.arange(self.cache_rows), capacity)
         self._capacity = capacity
 
-    def place_sources(self, entries: np.ndarray, cross: list[ort.OrtValue], sources: int, width: int) -> None:
+    def place_sources(self, first: int, cross: list[ort.OrtValue], sources: int, width: int) -> None:
         """As HostBuffers.place_sources; entries in use but not placed yet (a later encoder run's)
         hold a copy of a held row until then."""
         held = self.cross if self.cross_rows else self._zeros(1, width)
         order = np.minimum(np.arange(sources), max(self.cross_rows, 1) - 1)
-        order[entries] = max(self.cross_rows, 1) + np.arange(len(entries))  # past the held rows: the new ones
+        placed = cross[0].shape()[0]
+        order[first : first + placed] = max(self.cross_rows, 1) + np.arange(placed)  # past the held rows: the new ones
         self.cross = self._run(self.ops.place, {"x": held, "v": cross}, order=order, width=np.array([width]))
         self.cross_rows = sources
 
