@@ -469,18 +469,18 @@ failed:
     return NULL;
 }
 
-/* resized(buffers, axes, length, used) -> list: each buffer (rows, H, a, b), its positions on
- * axis 2 or 3 (axes), as a new array with `length` positions: rows [0, used) keep their
- * positions (as many as fit), zero past them; the other rows are left uninitialised (whoever
- * takes them writes them first). */
+/* resized(buffers, axes, rows, length, used) -> list: each buffer (rows, H, a, b), its
+ * positions on axis 2 or 3 (axes), as a new array of `rows` rows with `length` positions:
+ * rows [0, used) keep their positions (as many as fit), zero past them; the other rows are
+ * left uninitialised (whoever takes them writes them first). */
 static PyObject *resized(PyObject *self, PyObject *args) {
     PyObject *buffers, *axes;
-    Py_ssize_t length, used;
-    if (!PyArg_ParseTuple(args, "O!O!nn", &PyList_Type, &buffers, &PyList_Type, &axes, &length, &used))
+    Py_ssize_t rows, length, used;
+    if (!PyArg_ParseTuple(args, "O!O!nnn", &PyList_Type, &buffers, &PyList_Type, &axes, &rows, &length, &used))
         return NULL;
     Py_ssize_t count = PyList_GET_SIZE(buffers);
-    if (PyList_GET_SIZE(axes) != count || length < 0 || used < 0) {
-        PyErr_SetString(PyExc_ValueError, "resized: one axis per buffer, a length and a row count >= 0");
+    if (PyList_GET_SIZE(axes) != count || length < 0 || used < 0 || used > rows) {
+        PyErr_SetString(PyExc_ValueError, "resized: one axis per buffer, a length >= 0 and 0 <= used <= rows");
         return NULL;
     }
     PyObject *out = PyList_New(count);
@@ -499,6 +499,7 @@ static PyObject *resized(PyObject *self, PyObject *args) {
         npy_intp shape[4];
         memcpy(shape, PyArray_DIMS(buffer), sizeof(shape));
         npy_intp held = shape[axis], kept = held < length ? held : length, item = PyArray_ITEMSIZE(buffer);
+        shape[0] = rows;
         shape[axis] = length;
         Py_INCREF(PyArray_DESCR(buffer));  /* PyArray_Empty steals it */
         PyArrayObject *grown = (PyArrayObject *)PyArray_Empty(4, shape, PyArray_DESCR(buffer), 0);
@@ -610,7 +611,7 @@ static PyMethodDef methods[] = {
      "in_order)"},
     {"write_slots", write_slots, METH_VARARGS, "write_slots(buffers, axes, new_kv, slots)"},
     {"cache_mask", cache_mask, METH_VARARGS, "cache_mask(lengths, capacity, block) -> (capacity, mask)"},
-    {"resized", resized, METH_VARARGS, "resized(buffers, axes, length, used) -> list of new buffers"},
+    {"resized", resized, METH_VARARGS, "resized(buffers, axes, rows, length, used) -> list of new buffers"},
     {"copy_rows", copy_rows, METH_VARARGS, "copy_rows(buffers, rows, targets)"},
     {NULL, NULL, 0, NULL},
 };

@@ -83,7 +83,7 @@ class HostBuffers:
         """Make rows [used, used + added) part of the decoded prefix."""
         if used + added > len(self.cache[0]):
             rows = max(used + added, len(self.cache[0]) * 3 // 2 + 8)
-            self.cache = [copy_into(c, (rows,) + c.shape[1:]) for c in self.cache]
+            self.cache = _native.resized(self.cache, self.layout.axes, rows, self.capacity, used)
         for buffer in self.cache:
             # Spare rows may hold anything (resizes leave them uninitialised); masked slots get
             # zero attention weight, but 0 x NaN is NaN, so the values there must be finite.
@@ -92,11 +92,11 @@ class HostBuffers:
     def set_capacity(self, capacity: int, used: int) -> None:
         """Resize every row's cache to `capacity` slots; rows [0, used) keep their slots (spare
         rows are zeroed when they join: add_rows)."""
-        self.cache = _native.resized(self.cache, self.layout.axes, capacity, used)
+        self.cache = _native.resized(self.cache, self.layout.axes, len(self.cache[0]), capacity, used)
 
     def set_width(self, width: int, sources: int) -> None:
         """Cut the source entries to `width` positions; entries [0, sources) keep theirs."""
-        self.cross = _native.resized(self.cross, self.layout.axes, width, sources)
+        self.cross = _native.resized(self.cross, self.layout.axes, len(self.cross[0]), width, sources)
 
     def place_sources(self, first: int, cross: list[np.ndarray], sources: int, width: int) -> None:
         """Store n new sources' keys/values (w positions) at entries [first, first + n), zero
@@ -104,9 +104,9 @@ class HostBuffers:
         places the sources of several encoder runs one run at a time, with the final sources
         and width)."""
         held, axes = len(self.cross[0]), self.layout.axes
-        if sources > held or width > self.cross[0].shape[axes[0]]:
+        if sources > held or width > self.cross[0].shape[axes[0]]:  # entries [0, first) are in use already
             rows = max(sources, held * 3 // 2 + 8) if sources > held else held
-            self.cross = [copy_into(c, self.layout.shape(rows, width, axis)) for c, axis in zip(self.cross, axes)]
+            self.cross = _native.resized(self.cross, axes, rows, width, first)
         for buffer, values, axis in zip(self.cross, cross, axes):
             buffer, values = positions_on_2(buffer, axis), positions_on_2(values, axis)
             entries = buffer[first : first + len(values)]  # a slice: copies run 1.5x as fast as through indices

@@ -136,8 +136,8 @@ def test_cache_mask_marks_the_filled_slots_and_grows_the_capacity_in_blocks_when
 def test_resized_keeps_the_used_rows_positions_and_zeroes_the_new_ones(dtype):
     values = np.arange(5 * 2 * 3 * 4, dtype=dtype).reshape(5, 2, 3, 4) + 1  # positions on axis 2: 3
     keys = values.swapaxes(2, 3).copy()  # positions on axis 3
-    grown, cut = _native.resized([values, keys], [2, 3], 5, 3), _native.resized([values, keys], [2, 3], 2, 3)
-    assert [a.shape for a in grown] == [(5, 2, 5, 4), (5, 2, 4, 5)] and [a.dtype for a in grown] == [dtype, dtype]
+    grown, cut = _native.resized([values, keys], [2, 3], 7, 5, 3), _native.resized([values, keys], [2, 3], 5, 2, 3)
+    assert [a.shape for a in grown] == [(7, 2, 5, 4), (7, 2, 4, 5)] and [a.dtype for a in grown] == [dtype, dtype]
     assert [a.shape for a in cut] == [(5, 2, 2, 4), (5, 2, 4, 2)]
     for axis, before, after, smaller in zip((2, 3), (values, keys), grown, cut):
         if axis == 3:  # compare with the positions on axis 2
