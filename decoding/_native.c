@@ -267,16 +267,19 @@ done:
 }
 
 /* plan_select(live, rows, used, lengths, row_source, sources)
- *     -> (chosen, copied, targets, read, in_order)
+ *     -> (chosen, copied, targets, in_order, sources_kept, moving, holes)
  *
  * The backend keeps the rows live[rows] (in this order) as buffer rows [0, kept): a kept row
  * stays in its buffer row where it can; every keep of a row after its first, and a row at or
  * above kept, is copied into a buffer row below kept that no staying row holds (targets,
  * ascending, paired with copied in the order of rows). chosen: each kept row's buffer row
  * after the copies. lengths and row_source (int64, indexed by buffer row) are updated in
- * place for the copies. read: None while rows [0, kept) still read every source entry
- * [0, sources), else which entries they read (bool, (sources,)); in_order: whether chosen is
- * 0, 1, ..., kept - 1.
+ * place for the copies. in_order: whether chosen is 0, 1, ..., kept - 1.
+ *
+ * Source entries are kept the same way: the sources_kept entries that rows [0, kept) still
+ * read become entries [0, sources_kept); a read entry at or above that end (moving,
+ * ascending) moves into an unread one below it (holes, ascending, paired with moving), and
+ * row_source follows for rows [0, kept).
  */
 static PyObject *plan_select(PyObject *self, PyObject *args) {
     PyObject *live_obj, *rows_obj, *lengths_obj, *row_source_obj;
@@ -291,7 +294,7 @@ static PyObject *plan_select(PyObject *self, PyObject *args) {
         return NULL;
     }
     PyArrayObject *live_array = as_array(live_obj, NPY_INT64, 1, "live"), *rows_array = as_array(rows_obj, NPY_INT64, 1, "rows");
-    PyArrayObject *chosen = NULL, *copied = NULL, *targets = NULL, *read_entries = NULL;
+    PyArrayObject *chosen = NULL, *copied = NULL, *targets = NULL, *moving = NULL, *holes = NULL;
     unsigned char *seen = NULL, *stays = NULL;
     npy_intp sources_read = 0;
     int in_order = 1;
@@ -363,12 +366,35 @@ static PyObject *plan_select(PyObject *self, PyObject *args) {
             sources_read++;
         }
     }
-    if (sources_read < sources) {
-        npy_intp read_shape[1] = {sources};
-        read_entries = new_array(1, read_shape, NPY_BOOL);
-        if (read_entries == NULL)
+    npy_intp moves = 0;  /* read entries at or above sources_read: as many as unread ones below it */
+    for (npy_intp e = sources_read; e < sources; e++)
+        moves += read[e];
+    npy_intp move_shape[1] = {moves};
+    moving = new_array(1, move_shape, NPY_INT64);
+    holes = new_array(1, move_shape, NPY_INT64);
+    if (!moving || !holes)
+        goto done;
+    npy_int64 *moving_entry = PyArray_DATA(moving), *hole_entry = PyArray_DATA(holes);
+    for (npy_intp e = sources_read, j = 0; e < sources; e++)
+        if (read[e])
+            moving_entry[j++] = e;
+    for (npy_intp e = 0, j = 0; e < sources_read; e++)
+        if (!read[e])
+            hole_entry[j++] = e;
+    if (moves) {
+        npy_int64 *renumbered = PyMem_Malloc(sources * sizeof(npy_int64));
+        if (renumbered == NULL) {
+            PyErr_NoMemory();
             goto done;
-        memcpy(PyArray_DATA(read_entries), read, sources);
+        }
+        for (npy_intp e = 0; e < sources; e++)
+            renumbered[e] = e;
+        for (npy_intp j = 0; j < moves; j++)
+            renumbered[moving_entry[j]] = hole_entry[j];
+        for (npy_intp r = 0; r < kept; r++)
+            if (row_source[r] >= 0 && row_source[r] < sources)
+                row_source[r] = renumbered[row_source[r]];
+        PyMem_Free(renumbered);
     }
 done:
     PyMem_Free(seen);
@@ -379,14 +405,11 @@ done:
         Py_XDECREF(chosen);
         Py_XDECREF(copied);
         Py_XDECREF(targets);
-        Py_XDECREF(read_entries);
+        Py_XDECREF(moving);
+        Py_XDECREF(holes);
         return NULL;
     }
-    if (read_entries == NULL) {
-        Py_INCREF(Py_None);
-        read_entries = (PyArrayObject *)Py_None;
-    }
-    return Py_BuildValue("NNNNN", chosen, copied, targets, read_entries, PyBool_FromLong(in_order));
+    return Py_BuildValue("NNNNnNN", chosen, copied, targets, PyBool_FromLong(in_order), sources_read, moving, holes);
 }
 
 /* write_slots(buffers, axes, new_kv, slots): each buffer's row r gets new_kv's row r at
@@ -607,8 +630,8 @@ static PyMethodDef methods[] = {
      "beam_step(scores, values, choices, eos_values, history, age, min_length, max_length, k, eos_id) -> "
      "(top_scores, beams, ended, capped, next_rows, next_tokens, next_scores, next_history)"},
     {"plan_select", plan_select, METH_VARARGS,
-     "plan_select(live, rows, used, lengths, row_source, sources) -> (chosen, copied, targets, read, "
-     "in_order)"},
+     "plan_select(live, rows, used, lengths, row_source, sources) -> (chosen, copied, targets, in_order, "
+     "sources_kept, moving, holes)"},
     {"write_slots", write_slots, METH_VARARGS, "write_slots(buffers, axes, new_kv, slots)"},
     {"cache_mask", cache_mask, METH_VARARGS, "cache_mask(lengths, capacity, block) -> (capacity, mask)"},
     {"resized", resized, METH_VARARGS, "resized(buffers, axes, rows, length, used) -> list of new buffers"},

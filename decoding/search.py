@@ -138,9 +138,10 @@ class _Group:
 
     def keep(self, live: np.ndarray) -> None:
         """Keep these sources (indices), dropping the rest."""
-        self.keys = [self.keys[i] for i in live]
-        self.num_hypotheses = [self.num_hypotheses[i] for i in live]
-        self.finished = [self.finished[i] for i in live]
+        indices = live.tolist()  # Python ints index lists several times faster than numpy's
+        self.keys = [self.keys[i] for i in indices]
+        self.num_hypotheses = [self.num_hypotheses[i] for i in indices]
+        self.finished = [self.finished[i] for i in indices]
         for name in _PER_SOURCE:
             setattr(self, name, getattr(self, name)[live])
         width = int(self.age.max(initial=0))

@@ -153,14 +153,14 @@ class OnnxStepBackend:
         kept = len(rows)
         if kept > self.used:  # a newcomer's beams widen
             self._add_rows(kept - self.used)
-        chosen, copied, targets, read, self.in_order = _native.plan_select(
+        chosen, copied, targets, self.in_order, sources_kept, moving, holes = _native.plan_select(
             self.live, rows, self.used, self.lengths, self.row_source, self.sources)
         if len(targets) or kept < self.used:
             self.buffers.move_rows(copied, targets, kept)
         self.live, self.used = chosen, kept
         self._grid = None
-        if read is not None:
-            self._drop_unread_sources(read)
+        if sources_kept < self.sources:
+            self._drop_unread_sources(sources_kept, moving, holes)
         next_slot = int(self.lengths[:kept].max(initial=0)) + 1  # keep room for the coming step
         if not kept:
             # An empty batch: sources that join start at slot 0, and attention over slots no
@@ -171,21 +171,16 @@ class OnnxStepBackend:
             # shrink and regrow its cache at every block boundary.
             self.buffers.set_capacity(_blocks(next_slot, CACHE_BLOCK), kept)
 
-    def _drop_unread_sources(self, read: np.ndarray) -> None:
-        """Keep source entries for the sources some row reads (`read`, one flag per entry), as
-        select keeps rows: a read entry above the new end moves into an unread one below it.
-        The width shrinks to the longest source left when that frees more than a block."""
-        kept = int(read.sum())
-        moving, holes = np.flatnonzero(read[kept:]) + kept, np.flatnonzero(~read[:kept])
+    def _drop_unread_sources(self, kept: int, moving: np.ndarray, holes: np.ndarray) -> None:
+        """Keep the `kept` source entries some row still reads as entries [0, kept), as select
+        keeps rows: plan_select chose the read entries at or above the new end that move into
+        unread ones below it, and renumbered the rows' sources. The width shrinks to the
+        longest source left when that frees more than a block."""
         self.buffers.move_sources(moving, holes, kept)
-        if len(moving):
-            renumbered = np.arange(self.sources)
-            renumbered[moving] = holes
-            self.row_source[: self.used] = renumbered[self.row_source[: self.used]]
-            self.src_mask[holes] = self.src_mask[moving]
+        self.src_mask[holes] = self.src_mask[moving]
         self.sources = kept
         self._padding = None
-        longest = int(self.src_mask[:kept].any(axis=0).nonzero()[0].max(initial=-1)) + 1
+        longest = int(self.src_mask[:kept].sum(axis=1).max(initial=0))  # masks are true from position 0
         if self.src_mask.shape[1] > _blocks(longest + SOURCE_BLOCK, SOURCE_BLOCK):
             width = _blocks(longest, SOURCE_BLOCK)
             self.src_mask = np.ascontiguousarray(self.src_mask[:, :width])

@@ -76,21 +76,24 @@ def test_plan_select_keeps_rows_in_place_and_copies_second_keeps_into_free_rows(
     lengths, row_source = np.array([3, 4, 5, 6, 0]), np.array([0, 0, 1, 1, 0])
     live = np.array([2, 0, 1, 3])  # the search's rows 0..3 are buffer rows 2, 0, 1, 3
     # keep the search's rows 1, 1, 3: buffer rows 0 (twice) and 3, which lies above the new end
-    chosen, copied, targets, read, in_order = _native.plan_select(live, np.array([1, 1, 3]), 4, lengths,
-                                                                  row_source, 2)
+    chosen, copied, targets, in_order, sources_kept, moving, holes = _native.plan_select(
+        live, np.array([1, 1, 3]), 4, lengths, row_source, 2)
     np.testing.assert_array_equal(chosen, [0, 1, 2])  # row 0 stays; its second keep and row 3 fill 1 and 2
     np.testing.assert_array_equal(copied, [0, 3])
     np.testing.assert_array_equal(targets, [1, 2])
     np.testing.assert_array_equal(lengths[:3], [3, 3, 6])
     np.testing.assert_array_equal(row_source[:3], [0, 0, 1])
-    assert read is None and in_order  # both sources are still read
+    assert in_order and sources_kept == 2 and len(moving) == len(holes) == 0  # both sources are still read
 
 
-def test_plan_select_says_which_sources_are_still_read():
-    lengths, row_source = np.array([1, 1, 1]), np.array([0, 1, 2])
-    *_, read, in_order = _native.plan_select(np.arange(3), np.array([2]), 3, lengths, row_source, 3)
-    assert read.tolist() == [False, False, True] and in_order  # row 2 moved to buffer row 0
-    *_, in_order = _native.plan_select(np.arange(3), np.array([1, 0]), 3, lengths, row_source, 3)
+def test_plan_select_moves_the_sources_still_read_below_the_new_end():
+    lengths, row_source = np.array([1, 1, 1, 1]), np.array([0, 1, 2, 3])
+    _, _, _, in_order, sources_kept, moving, holes = _native.plan_select(np.arange(4), np.array([3, 1]), 4, lengths,
+                                                                         row_source, 4)
+    # rows 3 and 1 stay (row 3 moves to buffer row 0): sources 3 and 1 are read, 3 moves into entry 0
+    assert in_order and sources_kept == 2 and moving.tolist() == [3] and holes.tolist() == [0]
+    assert row_source[:2].tolist() == [0, 1]
+    *_, in_order, _, _, _ = _native.plan_select(np.arange(3), np.array([1, 0]), 3, lengths, row_source, 3)
     assert not in_order  # rows 0 and 1 swapped places in the search's order, not in the buffers
 
 
@@ -231,12 +234,19 @@ def test_plan_select_equals_the_plain_numpy_rules_on_random_selections(seed):
     expected_lengths, expected_sources = lengths.copy(), row_source.copy()
     expected_lengths[targets], expected_sources[targets] = lengths[copied], row_source[copied]
     chosen[~stays] = targets
+    read = np.isin(np.arange(sources), expected_sources[:kept])  # and the source entries the same way
+    sources_kept = int(read.sum())
+    moving, holes = np.flatnonzero(read[sources_kept:]) + sources_kept, np.flatnonzero(~read[:sources_kept])
+    renumbered = np.arange(sources)
+    renumbered[moving] = holes
+    expected_sources[:kept] = renumbered[expected_sources[:kept]]
     got = _native.plan_select(live, rows, used, lengths, row_source, sources)
     np.testing.assert_array_equal(got[0], chosen)
     np.testing.assert_array_equal(got[1], copied)
     np.testing.assert_array_equal(got[2], targets)
-    expected_read = np.isin(np.arange(sources), expected_sources[:kept])
-    assert got[3] is None if expected_read.all() else got[3].tolist() == expected_read.tolist()
-    assert got[4] == np.array_equal(chosen, np.arange(kept))
+    assert got[3] == np.array_equal(chosen, np.arange(kept))
+    assert got[4] == sources_kept
+    np.testing.assert_array_equal(got[5], moving)
+    np.testing.assert_array_equal(got[6], holes)
     np.testing.assert_array_equal(lengths, expected_lengths)
     np.testing.assert_array_equal(row_source, expected_sources)
