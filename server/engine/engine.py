@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Hashable, Sequence
 
 from decoding import DecodingParams, Hypothesis
@@ -37,6 +38,13 @@ def default_precision(package: ModelPackage, device: str) -> str:
     """int8 on CPU, fp16 on CUDA, fp32 where the preferred variant is absent."""
     preferred = "fp16" if device == "cuda" else "int8"
     return preferred if preferred in package.precisions else "fp32"
+
+
+def resolve(package: ModelPackage, precision: str | None, device: str | None) -> tuple[str, str]:
+    """The (precision, device) an engine runs: CUDA where this onnxruntime has it, and the
+    device's default variant, unless asked otherwise."""
+    device = device or ("cuda" if cuda_available() else "cpu")
+    return precision or default_precision(package, device), device
 
 
 class TextFront(ABC):
@@ -74,14 +82,15 @@ class Engine(TextFront):
     process (server.engine.lanes runs one in each of several worker processes)."""
 
     def __init__(self, package: ModelPackage, precision: str | None = None, device: str | None = None,
-                 threads: int = 0, optimization: str = "all", cache_on_device: bool | None = None):
+                 threads: int = 0, optimization: str = "all", cache_on_device: bool | None = None,
+                 graphs: dict[str, Path] | None = None):
         """cache_on_device: keep the decoder's caches on the execution provider's device and run
-        with IO binding (server.engine.device_buffers); default: on CUDA only."""
+        with IO binding (server.engine.device_buffers); default: on CUDA only. graphs: the
+        variant's graphs as session.shared_graphs saved them, opened instead of the package's."""
         super().__init__(package)
-        self.device = device or ("cuda" if cuda_available() else "cpu")
-        self.precision = precision or default_precision(package, self.device)
+        self.precision, self.device = resolve(package, precision, device)
         cache_on_device = self.device == "cuda" if cache_on_device is None else cache_on_device
-        self.sessions = open_sessions(package, self.precision, self.device, threads, optimization)
+        self.sessions = open_sessions(package, self.precision, self.device, threads, optimization, graphs)
         self._device_ops = _cache_ops(self.sessions) if cache_on_device else None
         special = package.special_tokens
         self.pad_id, self.bos_id, self.eos_id = special["pad"], special["bos"], special["eos"]

@@ -26,23 +26,30 @@ from __future__ import annotations
 
 import asyncio
 import atexit
+import logging
 import math
 import multiprocessing
 import os
 import pickle
 import select
+import shutil
 import signal
 import struct
+import tempfile
 import time
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
+from pathlib import Path
 from typing import Callable, Hashable, Sequence
 
 from decoding import DecodingParams, Hypothesis
 from decoding.padding import length_order
 from export.package import ModelPackage
-from server.engine.engine import Engine, TextFront
+from server.engine.engine import Engine, TextFront, resolve
 from server.engine.memory import keep_freed_memory
+from server.engine.session import shared_graphs
+
+log = logging.getLogger("parley.lanes")
 
 # An idle lane polls this long for the next message before it sleeps: waking a sleeping
 # process costs more on virtual CPUs. Measured, 2 lanes, batches of 8: greedy 752-765 ->
@@ -85,6 +92,7 @@ class LaneSpec:
     device: str | None
     threads: int
     optimization: str
+    graphs: dict[str, Path] | None  # the variant's graphs with their weights packed once for all lanes
 
 
 # A decoder step's fixed cost (ONNX Runtime's per run, Python's per step), in rows: int8,
@@ -276,7 +284,9 @@ class LaneEngine(TextFront):
             raise ValueError(f"lanes must be >= 1, got {lanes}")
         super().__init__(package)
         lane_threads = max(1, (threads or os.cpu_count() or 1) // lanes) if lanes > 1 else threads
-        spec = LaneSpec(package, precision, device, lane_threads, optimization)
+        self.shared_dir = None
+        graphs = self._share_weights(*resolve(package, precision, device), optimization) if lanes > 1 else None
+        spec = LaneSpec(package, precision, device, lane_threads, optimization, graphs)
         self.lanes = [Lane(spec, f"parley-lane-{package.name}-{i}") for i in range(lanes)]  # they load in parallel
         # Registered after multiprocessing's own exit handler, so it runs first: that one would
         # terminate the lanes (which ignore SIGTERM) and wait for them.
@@ -313,9 +323,34 @@ class LaneEngine(TextFront):
             raise RuntimeError(f"decoding failed: {failures[0]}")
         return results
 
+    def _share_weights(self, precision: str, device: str, optimization: str) -> dict[str, Path] | None:
+        """On CPU, the variant's graphs with packed weights that every lane maps (one copy in
+        memory and in the caches: session.shared_graphs), in a directory of their own until
+        close; None (each lane packs its own) elsewhere or where they cannot be written."""
+        if device != "cpu":
+            return None
+        try:
+            self.shared_dir = Path(tempfile.mkdtemp(prefix=f"parley-{self.package.name}-"))
+        except OSError as error:  # no writable temporary directory: the lanes still work
+            log.warning("no directory for the lanes' shared weights: each lane packs its own",
+                        extra={"reason": str(error)})
+            return None
+        atexit.register(shutil.rmtree, self.shared_dir, True)  # runs after the lanes' close (registered later)
+        try:
+            return shared_graphs(self.package, precision, optimization, self.shared_dir)
+        except BaseException:
+            self._remove_shared()
+            raise
+
+    def _remove_shared(self) -> None:
+        if self.shared_dir is not None:
+            shutil.rmtree(self.shared_dir, ignore_errors=True)
+            self.shared_dir = None
+
     def close(self) -> None:
-        """Stop the lane processes (idempotent)."""
+        """Stop the lane processes and remove their shared graphs (idempotent)."""
         _close_lanes(self.lanes)
+        self._remove_shared()
 
 
 def _close_lanes(lanes: list[Lane]) -> None:
@@ -333,7 +368,7 @@ def _lane_main(conn: Connection, spec: LaneSpec) -> None:
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     keep_freed_memory()
     try:
-        engine = Engine(spec.package, spec.precision, spec.device, spec.threads, spec.optimization)
+        engine = Engine(spec.package, spec.precision, spec.device, spec.threads, spec.optimization, graphs=spec.graphs)
         # First-run allocations and kernel choices, before any request waits on them.
         engine.decode(engine.tokenizer.encode(["Warm-up."]), [DecodingParams(beam_size=2, max_length=8)])
     except Exception as error:

@@ -5,6 +5,8 @@ import multiprocessing
 import shutil
 import subprocess
 import sys
+import tempfile
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -117,14 +119,18 @@ def test_two_lane_processes_decode_what_one_engine_decodes(engines, tiny_package
             assert [h.score for hyps in results for h in hyps] == \
                 pytest.approx([h.score for hyps in wanted for h in hyps], abs=1e-5)  # other batch mates: float noise
 
+        for lane in two_lanes.lanes:  # the weights packed once, in files every lane maps
+            assert str(two_lanes.shared_dir) in Path(f"/proc/{lane.process.pid}/maps").read_text()
         for _ in range(2):  # the lanes' batches run on after the first call
             same(two_lanes.decode(sources, params), expected)
         with pytest.raises(ValueError, match="exceeds the model's limit"):
             two_lanes.decode([[5] * (two_lanes.max_source_tokens + 1)], params[:1])
         same(two_lanes.decode(sources[:1], params[:1]), expected[:1])  # the refusal left the lanes as they were
     finally:
+        shared = two_lanes.shared_dir
         two_lanes.close()
     assert all(not lane.process.is_alive() for lane in two_lanes.lanes)
+    assert not shared.exists()
     with pytest.raises(ValueError, match="lanes must be >= 1"):
         LaneEngine(ModelPackage.load(tiny_package), precision="int8", device="cpu", lanes=0)
 
@@ -157,10 +163,27 @@ def test_a_lane_admits_the_texts_of_all_waiting_messages_in_one_encoder_run(engi
 def test_a_program_that_never_closes_its_lanes_still_exits(tiny_package):
     script = ("from export.package import ModelPackage; from server.engine.lanes import LaneEngine; "
               f"engine = LaneEngine(ModelPackage.load({str(tiny_package)!r}), 'int8', 'cpu', lanes=2); "
+              "print(engine.shared_dir); "
               "print(engine.translate(['A dog.'], [__import__('decoding').DecodingParams(max_length=10)])[0][0].tokens)")
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr
-    assert int(result.stdout) > 0  # generated tokens
+    shared, tokens = result.stdout.split()
+    assert int(tokens) > 0  # generated tokens
+    assert not Path(shared).exists()  # the lanes' shared graphs go with them
+
+
+def test_lanes_without_a_writable_temporary_directory_each_pack_their_own_weights(tiny_package, monkeypatch, caplog):
+    def no_directory(**_):
+        raise PermissionError("read-only file system")
+
+    monkeypatch.setattr(tempfile, "mkdtemp", no_directory)
+    engine = LaneEngine(ModelPackage.load(tiny_package), precision="int8", device="cpu", lanes=2)
+    try:
+        assert engine.shared_dir is None
+        assert "each lane packs its own" in caplog.text
+        assert engine.decode(mixed_sources(2), [DecodingParams(max_length=10)] * 2)[0][0].tokens
+    finally:
+        engine.close()
 
 
 def test_offline_decoding_on_a_dead_lane_says_so(tiny_package):
