@@ -16,7 +16,7 @@ from export.package import ModelPackage, PackageError
 from model.checkpoint import load_model
 from model.generate import generate
 from server.engine.engine import Engine
-from server.engine.lanes import STEP_ROWS, Job, LaneEngine, _LaneLoop, length_shares
+from server.engine.lanes import STEP_ROWS, Job, LaneEngine, _LaneLoop, from_wire, length_shares, to_wire
 
 
 @pytest.fixture(scope="module")
@@ -145,7 +145,7 @@ def test_a_lane_admits_the_texts_of_all_waiting_messages_in_one_encoder_run(engi
     loop.batch.backend.buffers.encode = lambda src_tokens: (runs.append(len(src_tokens)), encode(src_tokens))[1]
     sources = mixed_sources(3, seed=7)
     for i, source in enumerate(sources):
-        parent_end.send(("admit", [Job(i, source, DecodingParams(max_length=10))]))
+        parent_end.send(to_wire(("admit", [Job(i, source, DecodingParams(max_length=10))])))
     parent_end.send(("cancel", [2]))
     assert loop._take_messages()
     assert runs == [3]
@@ -154,10 +154,27 @@ def test_a_lane_admits_the_texts_of_all_waiting_messages_in_one_encoder_run(engi
     # One text that cannot be admitted fails alone, not the texts that arrived with it.
     too_long = [5] * (engines["int8"].max_source_tokens + 1)
     for key, source in ((3, sources[0]), (4, too_long), (5, sources[1])):
-        parent_end.send(("admit", [Job(key, source, DecodingParams(max_length=10))]))
+        parent_end.send(to_wire(("admit", [Job(key, source, DecodingParams(max_length=10))])))
     assert loop._take_messages()
     assert [(e.key, "exceeds the model's limit" in e.reason) for e in loop.endings[1:]] == [(4, True)]
     assert sorted(loop.deadlines) == [0, 1, 3, 5]
+
+
+def test_lane_messages_cross_the_pipe_as_plain_tuples_and_arrive_whole():
+    import pickle
+
+    from decoding import Hypothesis
+    from server.engine.lanes import Ending
+
+    admit = ("admit", [Job(("req", 3), [5, 6, 7], DecodingParams(beam_size=4, num_hypotheses=2, length_penalty=0.6,
+                                                                  max_length=30, min_length=2), 12.5)])
+    ended = ("ended", [Ending(1, [Hypothesis((9, 8), -1.5), Hypothesis((9,), -2.0)]), Ending(2, []),
+                       Ending(3, reason="cancelled")], [(4, 0.25)])
+    for message in (admit, ended, ("cancel", [1, 2]), ("stop",)):
+        wire = to_wire(message)
+        # only tuples, lists and plain values: nothing pickle would reduce in Python
+        assert "dataclass" not in repr(type(wire)) and b"decoding" not in pickle.dumps(wire)
+        assert from_wire(pickle.loads(pickle.dumps(wire))) == message
 
 
 def test_a_program_that_never_closes_its_lanes_still_exits(tiny_package):

@@ -9,7 +9,7 @@ import pytest
 
 from decoding import DecodingParams
 from server.config import ServerConfig
-from server.engine.lanes import Ending, LoopPipe
+from server.engine.lanes import Ending, Job, LoopPipe, from_wire, to_wire
 from server.errors import ServingError
 from server.metrics import Metrics
 from server.scheduler import Row, Scheduler
@@ -62,14 +62,16 @@ def test_the_event_loop_end_of_a_lane_pipe_speaks_connection_frames_without_bloc
         parent, lane_end = multiprocessing.Pipe()
         received, ended = [], loop.create_future()
         pipe = LoopPipe(loop, parent, received.append, lambda: ended.set_result(True))
-        big = ("admit", list(range(300_000)))  # more than the pipe holds: the rest waits for the reader
+        # more than the pipe holds: the rest waits for the reader
+        big = ("admit", [Job(i, [4, 5, 6], DecodingParams()) for i in range(60_000)])
         pipe.send(big)
         pipe.send(("cancel", [7]))
         assert pipe.unsent, "the whole message was written: the test needs one the pipe cannot take"
-        assert await asyncio.to_thread(lambda: [lane_end.recv(), lane_end.recv()]) == [big, ("cancel", [7])]
-        reports = [("ended", [], [(3, 0.5)]), ("ended", list(range(50_000)), [])]
+        got = await asyncio.to_thread(lambda: [from_wire(lane_end.recv()), from_wire(lane_end.recv())])
+        assert got == [big, ("cancel", [7])]
+        reports = [("ended", [], [(3, 0.5)]), ("ended", [Ending(i, []) for i in range(15_000)], [])]  # > one read
         for report in reports:
-            lane_end.send(report)
+            lane_end.send(to_wire(report))
         while len(received) < len(reports):
             await asyncio.sleep(0.01)
         assert received == reports
