@@ -50,7 +50,7 @@ from decoding import DecodingParams, Hypothesis
 from decoding.padding import length_order
 from export.package import ModelPackage
 from server.engine.engine import Engine, TextFront, resolve
-from server.engine.memory import keep_freed_memory
+from server.engine.memory import keep_freed_memory, return_freed_memory
 from server.engine.session import shared_graphs
 
 log = logging.getLogger("parley.lanes")
@@ -364,6 +364,8 @@ class LaneEngine(TextFront):
         except BaseException:
             self._remove_shared()
             raise
+        finally:
+            return_freed_memory()  # ONNX Runtime's working memory for the packing (~15 MB for the default model)
 
     def _remove_shared(self) -> None:
         if self.shared_dir is not None:

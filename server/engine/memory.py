@@ -31,3 +31,13 @@ def keep_freed_memory() -> bool:
         return False
     settings = ((_M_MMAP_THRESHOLD, MMAP_THRESHOLD), (_M_TRIM_THRESHOLD, TRIM_THRESHOLD), (_M_TOP_PAD, TOP_PAD))
     return all(mallopt(option, value) == 1 for option, value in settings)
+
+
+def return_freed_memory() -> None:
+    """Give the heap's freed memory back to the kernel now (glibc; elsewhere nothing), after a
+    one-off burst of allocations that keep_freed_memory's settings would otherwise keep."""
+    if sys.platform.startswith("linux"):
+        try:
+            ctypes.CDLL("libc.so.6").malloc_trim(0)
+        except (OSError, AttributeError):
+            pass
