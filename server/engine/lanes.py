@@ -48,7 +48,7 @@ from typing import Callable, Hashable, Sequence
 
 from decoding import DecodingParams, Hypothesis
 from decoding.padding import length_order
-from export.package import ModelPackage
+from export.package import ModelPackage, PackageError
 from server.engine.engine import Engine, TextFront, resolve
 from server.engine.memory import keep_freed_memory, return_freed_memory
 from server.engine.session import shared_graphs
@@ -354,16 +354,16 @@ class LaneEngine(TextFront):
             return None
         try:
             self.shared_dir = Path(tempfile.mkdtemp(prefix=f"parley-{self.package.name}-"))
-        except OSError as error:  # no writable temporary directory: the lanes still work
-            log.warning("no directory for the lanes' shared weights: each lane packs its own",
-                        extra={"reason": str(error)})
-            return None
-        atexit.register(shutil.rmtree, self.shared_dir, True)  # runs after the lanes' close (registered later)
-        try:
+            atexit.register(shutil.rmtree, self.shared_dir, True)  # runs after the lanes' close (registered later)
             return shared_graphs(self.package, precision, optimization, self.shared_dir)
-        except BaseException:
+        except PackageError:  # a damaged package: the lanes could not load it either
             self._remove_shared()
             raise
+        except Exception as error:  # e.g. no writable or a full temporary directory: the lanes still work
+            self._remove_shared()
+            log.warning("could not pack the weights once for all lanes: each lane packs its own",
+                        extra={"reason": f"{type(error).__name__}: {error}"})
+            return None
         finally:
             return_freed_memory()  # ONNX Runtime's working memory for the packing (~15 MB for the default model)
 

@@ -189,15 +189,23 @@ def test_a_program_that_never_closes_its_lanes_still_exits(tiny_package):
     assert not Path(shared).exists()  # the lanes' shared graphs go with them
 
 
-def test_lanes_without_a_writable_temporary_directory_each_pack_their_own_weights(tiny_package, monkeypatch, caplog):
-    def no_directory(**_):
-        raise PermissionError("read-only file system")
+@pytest.mark.parametrize("failing", ["tempfile.mkdtemp", "server.engine.lanes.shared_graphs"])
+def test_lanes_that_cannot_share_packed_weights_each_pack_their_own(tiny_package, monkeypatch, caplog, failing):
+    """No writable temporary directory, or a full one: the model still loads."""
+    made = []
+    real_mkdtemp = tempfile.mkdtemp
 
-    monkeypatch.setattr(tempfile, "mkdtemp", no_directory)
+    def fail(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(tempfile, "mkdtemp", lambda **kwargs: made.append(real_mkdtemp(**kwargs)) or made[-1])
+    monkeypatch.setattr(failing, fail)
     engine = LaneEngine(ModelPackage.load(tiny_package), precision="int8", device="cpu", lanes=2)
     try:
         assert engine.shared_dir is None
-        assert "each lane packs its own" in caplog.text
+        warning = next(r for r in caplog.records if "each lane packs its own" in r.getMessage())
+        assert "No space left" in warning.reason
+        assert not any(Path(d).exists() for d in made)  # a directory made before the failure is gone
         assert engine.decode(mixed_sources(2), [DecodingParams(max_length=10)] * 2)[0][0].tokens
     finally:
         engine.close()
