@@ -92,7 +92,7 @@ done:
 }
 
 /* beam_step(scores, values, choices, eos_values, history, age, min_length, max_length, k, eos_id)
- *     -> (top_scores, beams, ended, capped, next_rows, next_tokens, next_scores, next_history)
+ *     -> (top_scores, beams, ended, capped, next_rows, next_tokens, next_scores, next_history, next_age)
  *
  * One step of beam search (greedy: k = 1) for n sources of w rows each, from each row's best
  * K continuations: scores (n, w) float32 cumulative log-probabilities; values (n, w, K)
@@ -108,8 +108,9 @@ done:
  * other than EOS). ended: the (source, candidate) pairs among each source's first k that end
  * with EOS with a finite score, in source order. The k candidates that continue are the
  * first k not ending with EOS (then, if there are fewer, the first that do): the rows they
- * continue, numbered i * w + row (next_rows), their tokens and scores (n, k), and
- * next_history (n, k, T + 1), each continuing row's history and its new token.
+ * continue, numbered i * w + row (next_rows), their tokens and scores (n, k),
+ * next_history (n, k, T + 1), each continuing row's history and its new token, and
+ * next_age (n,), age + 1.
  */
 static PyObject *beam_step(PyObject *self, PyObject *args) {
     PyObject *scores_obj, *values_obj, *choices_obj, *eos_obj, *history_obj, *age_obj, *min_obj, *max_obj;
@@ -127,7 +128,7 @@ static PyObject *beam_step(PyObject *self, PyObject *args) {
     PyArrayObject *min_array = as_array(min_obj, NPY_INT64, 1, "min_length");
     PyArrayObject *max_array = as_array(max_obj, NPY_INT64, 1, "max_length");
     PyArrayObject *top_scores = NULL, *beams = NULL, *next_rows = NULL, *next_tokens = NULL;
-    PyArrayObject *next_scores = NULL, *next_history = NULL;
+    PyArrayObject *next_scores = NULL, *next_history = NULL, *next_age = NULL;
     PyObject *ended = NULL, *capped = NULL;
     npy_intp *order = NULL;
     npy_int64 *tokens = NULL;
@@ -153,12 +154,14 @@ static PyObject *beam_step(PyObject *self, PyObject *args) {
     next_tokens = new_array(2, next_shape, NPY_INT64);
     next_scores = new_array(2, next_shape, NPY_FLOAT32);
     next_history = new_array(3, history_shape, NPY_INT64);
+    npy_intp age_shape[1] = {n};
+    next_age = new_array(1, age_shape, NPY_INT64);
     ended = PyList_New(0);
     capped = PyList_New(0);
     order = PyMem_Malloc(width * sizeof(npy_intp));
     tokens = PyMem_Malloc(width * sizeof(npy_int64));
-    if (!top_scores || !beams || !next_rows || !next_tokens || !next_scores || !next_history || !ended ||
-        !capped || !order || !tokens) {
+    if (!top_scores || !beams || !next_rows || !next_tokens || !next_scores || !next_history || !next_age ||
+        !ended || !capped || !order || !tokens) {
         if (!PyErr_Occurred())
             PyErr_NoMemory();
         goto done;
@@ -172,7 +175,9 @@ static PyObject *beam_step(PyObject *self, PyObject *args) {
     npy_int64 *beam = PyArray_DATA(beams), *kept_row = PyArray_DATA(next_rows);
     npy_int64 *kept_token = PyArray_DATA(next_tokens), *kept_history = PyArray_DATA(next_history);
     npy_int64 filler = eos_id == 0 ? 1 : 0;
+    npy_int64 *older = PyArray_DATA(next_age);
     for (npy_intp i = 0; i < n; i++) {
+        older[i] = age[i] + 1;
         const int too_short = age[i] < min_length[i], at_cap = age[i] >= max_length[i];
         if (at_cap) {
             PyObject *index = PyLong_FromSsize_t(i);
@@ -260,10 +265,11 @@ done:
         Py_XDECREF(next_tokens);
         Py_XDECREF(next_scores);
         Py_XDECREF(next_history);
+        Py_XDECREF(next_age);
         return NULL;
     }
-    return Py_BuildValue("NNNNNNNN", top_scores, beams, ended, capped, next_rows, next_tokens, next_scores,
-                         next_history);
+    return Py_BuildValue("NNNNNNNNN", top_scores, beams, ended, capped, next_rows, next_tokens, next_scores,
+                         next_history, next_age);
 }
 
 /* plan_select(live, rows, used, lengths, row_source, sources)
@@ -628,7 +634,7 @@ static PyMethodDef methods[] = {
     {"query_grid", query_grid, METH_VARARGS, "query_grid(row_source, sources) -> (slot_row, row_slot)"},
     {"beam_step", beam_step, METH_VARARGS,
      "beam_step(scores, values, choices, eos_values, history, age, min_length, max_length, k, eos_id) -> "
-     "(top_scores, beams, ended, capped, next_rows, next_tokens, next_scores, next_history)"},
+     "(top_scores, beams, ended, capped, next_rows, next_tokens, next_scores, next_history, next_age)"},
     {"plan_select", plan_select, METH_VARARGS,
      "plan_select(live, rows, used, lengths, row_source, sources) -> (chosen, copied, targets, in_order, "
      "sources_kept, moving, holes)"},

@@ -166,7 +166,7 @@ class _Group:
         that finished. The step's arithmetic is decoding/_native.c's beam_step.
         """
         n, k = len(values), self.k
-        top_scores, beams, ended, capped, rows, next_tokens, next_scores, history = _native.beam_step(
+        top_scores, beams, ended, capped, rows, next_tokens, next_scores, history, next_age = _native.beam_step(
             self.scores, values, choices, eos_values, self.history, self.age, self.min_length, self.max_length,
             k, eos_id)
         done = set(capped)  # at their length cap, or with k finished hypotheses (they had fewer before)
@@ -176,8 +176,7 @@ class _Group:
                 done.add(i)
         results = [(self.keys[i], sorted(self.finished[i], key=lambda h: -h.score)[: self.num_hypotheses[i]])
                    for i in sorted(done)]
-        self.history, self.scores = history, next_scores
-        self.age += 1
+        self.history, self.scores, self.age = history, next_scores, next_age
         self.width = k
         if not done:
             return rows.reshape(-1), next_tokens.reshape(-1), results
@@ -231,25 +230,23 @@ class Search:
 
     def step(self) -> list[tuple[Hashable, list[Hypothesis]]]:
         """Advance every live source by one token; returns the sources that finished."""
-        top_k = min(2 * max(g.k for g in self.groups) + 1, self.backend.vocab_size)
-        step = self.backend.step(self.tokens, top_k)
+        widest = max(g.k for g in self.groups)
+        step = self.backend.step(self.tokens, min(2 * widest + 1, self.backend.vocab_size))
         kept, next_tokens, finished, offset = [], [], [], 0
-        # Greedy rows stay where they are until a source finishes; beams may move at any step.
-        moved = any(group.k > 1 for group in self.groups)
         for group in self.groups:
             rows, shape = group.rows, (len(group.keys), group.width)
             kept_rows, tokens, results = group.advance(
                 step.log_probs[offset : offset + rows].reshape(*shape, -1),
                 step.tokens[offset : offset + rows].reshape(*shape, -1),
                 step.eos_log_probs[offset : offset + rows].reshape(shape), self.eos_id)
-            kept.append(kept_rows + offset)
+            kept.append(kept_rows + offset if offset else kept_rows)
             next_tokens.append(tokens)
             finished += results
             offset += rows
         self._forget_empty_groups()
-        if moved or finished:  # (a step has at least one group: every list holds one entry per group)
-            self._select(np.concatenate(kept), offset)
-        self.tokens = np.concatenate(next_tokens)
+        if widest > 1 or finished:  # greedy rows stay where they are until a source finishes
+            self._select(_joined(kept), offset)
+        self.tokens = _joined(next_tokens)
         self._merge_equal_neighbours()
         return finished
 
@@ -287,6 +284,11 @@ class Search:
     def _select(self, rows: np.ndarray, current_rows: int) -> None:
         if not np.array_equal(rows, np.arange(current_rows)):
             self.backend.select(rows)
+
+
+def _joined(parts: list[np.ndarray]) -> np.ndarray:
+    """The groups' arrays end to end (a step has at least one group; most have one)."""
+    return parts[0] if len(parts) == 1 else np.concatenate(parts)
 
 
 def search(backend: StepBackend, params: Sequence[DecodingParams], bos_id: int, eos_id: int) -> list[list[Hypothesis]]:

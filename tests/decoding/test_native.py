@@ -24,7 +24,7 @@ def beam_step(scores, values, choices, history=None, k=2, age=0, min_length=0, m
 
 
 def test_beam_step_keeps_the_best_2k_with_ties_to_the_earlier_row_and_rank():
-    top, beams, ended, capped, rows, tokens, next_scores, history = beam_step(
+    top, beams, ended, capped, rows, tokens, next_scores, history, age = beam_step(
         scores=[[0.0, -1.0]], values=[[[-1.0, -2.0, -3.0], [0.0, -1.0, -5.0]]],
         choices=[[[10, 11, 12], [20, 21, 22]]], history=[[[5], [6]]])
     # totals: row 0: -1, -2, -3; row 1: -1, -2, -6 -> ties go to row 0
@@ -35,10 +35,11 @@ def test_beam_step_keeps_the_best_2k_with_ties_to_the_earlier_row_and_rank():
     np.testing.assert_array_equal(tokens, [[10, 20]])
     np.testing.assert_array_equal(next_scores, [[-1, -1]])
     np.testing.assert_array_equal(history, [[[5, 10], [6, 20]]])
+    np.testing.assert_array_equal(age, [1])  # one token more
 
 
 def test_beam_step_continues_the_first_k_not_ending_and_reports_ends_among_the_first_k():
-    top, beams, ended, capped, rows, tokens, _, _ = beam_step(
+    top, beams, ended, capped, rows, tokens, *_ = beam_step(
         scores=[[0.0, 0.0], [0.0, 0.0]], values=[[[-0.1, -0.2], [-0.3, -0.4]], [[-0.1, -0.2], [-0.3, -0.4]]],
         choices=[[[EOS, 11], [12, 13]], [[10, 11], [12, EOS]]])
     assert ended == [(0, 0)]  # source 1's EOS is 4th of 2k = 4, outside the first k = 2
@@ -48,16 +49,16 @@ def test_beam_step_continues_the_first_k_not_ending_and_reports_ends_among_the_f
 
 def test_beam_step_length_rules():
     values, choices = [[[-0.1, -0.5]]], [[[EOS, 7]]]
-    *_, tokens, _, _ = beam_step([[0.0]], values, choices, k=1, age=1, min_length=2)
+    tokens = beam_step([[0.0]], values, choices, k=1, age=1, min_length=2)[5]
     np.testing.assert_array_equal(tokens, [[7]])  # EOS masked before min_length
-    top, _, ended, capped, _, tokens, _, _ = beam_step([[0.0]], [[[-0.1, -0.5]]], [[[5, 7]]], k=1, age=3,
-                                                       max_length=3, eos_values=[[-4.0]])
+    top, _, ended, capped, _, tokens, *_ = beam_step([[0.0]], [[[-0.1, -0.5]]], [[[5, 7]]], k=1, age=3,
+                                                     max_length=3, eos_values=[[-4.0]])
     assert capped == [0] and ended == [(0, 0)]  # at the cap only EOS is left, with its own log-probability
     np.testing.assert_array_equal(top, [[-4.0]])
 
 
 def test_beam_step_fills_a_tiny_vocabulary_with_dead_candidates():
-    top, beams, ended, _, rows, tokens, next_scores, _ = beam_step([[0.0]], [[[-1.0]]], [[[EOS]]], k=2)
+    top, beams, ended, _, rows, tokens, next_scores, *_ = beam_step([[0.0]], [[[-1.0]]], [[[EOS]]], k=2)
     np.testing.assert_array_equal(top, [[-1, -np.inf, -np.inf, -np.inf]])
     assert ended == [(0, 0)]
     np.testing.assert_array_equal(tokens, [[0, 0]])  # dead candidates continue with a token other than EOS
@@ -190,7 +191,7 @@ def reference_beam_step(scores, values, choices, eos_values, history, age, min_l
     next_beams = beams[sources, continuing]
     history = np.concatenate([history[sources, next_beams], tokens[sources, continuing][:, :, None]], axis=2)
     return (top_scores, beams, ended, [int(i) for i in np.nonzero(at_cap)[0]], sources * w + next_beams,
-            tokens[sources, continuing], top_scores[sources, continuing], history)
+            tokens[sources, continuing], top_scores[sources, continuing], history, age + 1)
 
 
 @pytest.mark.parametrize("seed", range(40))
@@ -210,8 +211,10 @@ def test_beam_step_equals_the_plain_numpy_rules_on_random_steps(seed):
     min_length, max_length = rng.integers(0, 3, n), rng.integers(3, 5, n)
     got = _native.beam_step(scores, values, choices, eos_values, history, age, min_length, max_length, k, EOS)
     expected = reference_beam_step(scores, values, choices, eos_values, history, age, min_length, max_length, k, EOS)
-    for name, g, e in zip(["top_scores", "beams", "ended", "capped", "next_rows", "next_tokens", "next_scores",
-                           "next_history"], got, expected):
+    names = ["top_scores", "beams", "ended", "capped", "next_rows", "next_tokens", "next_scores", "next_history",
+             "next_age"]
+    assert len(got) == len(expected) == len(names)
+    for name, g, e in zip(names, got, expected):
         np.testing.assert_array_equal(np.asarray(g), np.asarray(e), err_msg=name)
 
 
