@@ -43,7 +43,8 @@ def open_sessions(
     """Verify the variant's checksums and open its two graphs.
 
     threads: intra-op threads (0: ONNX Runtime's default, one per physical core).
-    graphs: open these files (shared_graphs') instead of the package's.
+    graphs: open these files instead of the package's: shared_graphs built them from the
+    package after verifying it, so they are not verified again here.
     """
     if device not in PROVIDERS:
         raise ValueError(f"device must be one of {', '.join(PROVIDERS)}, got {device!r}")
@@ -52,7 +53,8 @@ def open_sessions(
     if device == "cuda" and not cuda_available():
         raise RuntimeError("device 'cuda' asked for, but this onnxruntime has no CUDAExecutionProvider "
                            "(install onnxruntime-gpu)")
-    package.verify_files(precision)
+    if not graphs:
+        package.verify_files(precision)
     options = _session_options(threads, optimization)
 
     def session(graph: str) -> ort.InferenceSession:
