@@ -174,12 +174,12 @@ class _Group:
             self.finished[i].append(self._ended(i, int(beams[i, j]), top_scores[i, j]))
             if len(self.finished[i]) >= k:
                 done.add(i)
-        results = [(self.keys[i], sorted(self.finished[i], key=lambda h: -h.score)[: self.num_hypotheses[i]])
-                   for i in sorted(done)]
         self.history, self.scores, self.age = history, next_scores, next_age
         self.width = k
         if not done:
-            return rows.reshape(-1), next_tokens.reshape(-1), results
+            return rows.reshape(-1), next_tokens.reshape(-1), []
+        results = [(self.keys[i], sorted(self.finished[i], key=lambda h: -h.score)[: self.num_hypotheses[i]])
+                   for i in sorted(done)]
         live = np.array([i for i in range(n) if i not in done], np.int64)
         self.keep(live)
         return rows[live].reshape(-1), next_tokens[live].reshape(-1), results
@@ -230,24 +230,28 @@ class Search:
 
     def step(self) -> list[tuple[Hashable, list[Hypothesis]]]:
         """Advance every live source by one token; returns the sources that finished."""
-        widest = max(g.k for g in self.groups)
+        groups = self.groups
+        widest = max([g.k for g in groups])
         step = self.backend.step(self.tokens, min(2 * widest + 1, self.backend.vocab_size))
         kept, next_tokens, finished, offset = [], [], [], 0
-        for group in self.groups:
+        for group in groups:
             rows, shape = group.rows, (len(group.keys), group.width)
-            kept_rows, tokens, results = group.advance(
-                step.log_probs[offset : offset + rows].reshape(*shape, -1),
-                step.tokens[offset : offset + rows].reshape(*shape, -1),
-                step.eos_log_probs[offset : offset + rows].reshape(shape), self.eos_id)
+            values, choices, eos_values = step.log_probs, step.tokens, step.eos_log_probs
+            if len(groups) > 1:  # this group's rows of the step's
+                values, choices, eos_values = (a[offset : offset + rows] for a in (values, choices, eos_values))
+            kept_rows, tokens, results = group.advance(values.reshape(*shape, -1), choices.reshape(*shape, -1),
+                                                       eos_values.reshape(shape), self.eos_id)
             kept.append(kept_rows + offset if offset else kept_rows)
             next_tokens.append(tokens)
             finished += results
             offset += rows
-        self._forget_empty_groups()
+        if finished:
+            self._forget_empty_groups()
         if widest > 1 or finished:  # greedy rows stay where they are until a source finishes
             self._select(_joined(kept), offset)
         self.tokens = _joined(next_tokens)
-        self._merge_equal_neighbours()
+        if len(self.groups) > 1:
+            self._merge_equal_neighbours()
         return finished
 
     def cancel(self, keys: set) -> list[Hashable]:
