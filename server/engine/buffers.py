@@ -67,9 +67,27 @@ class HostBuffers:
         # backend builds the same complete feed at every step.
         self._run_decoder = sessions.decoder._sess.run
         self.layout = layout
+        self._read: tuple = ()  # (used, sources, the decoder's feed of their views): see _views
         self.cache = [np.zeros(layout.shape(0, 0, axis), layout.dtype) for axis in layout.axes]
         self.cross = [np.zeros(layout.shape(0, 0, axis), layout.dtype) for axis in layout.axes]
-        self._read: tuple = ()  # (used, sources, cache, cross, the decoder's feed of their views): see _views
+
+    # Buffers that are replaced (resized) drop the views of the old ones, which would otherwise
+    # keep them in memory until the next step.
+    @property
+    def cache(self) -> list[np.ndarray]:
+        return self._cache
+
+    @cache.setter
+    def cache(self, buffers: list[np.ndarray]) -> None:
+        self._cache, self._read = buffers, ()
+
+    @property
+    def cross(self) -> list[np.ndarray]:
+        return self._cross
+
+    @cross.setter
+    def cross(self, buffers: list[np.ndarray]) -> None:
+        self._cross, self._read = buffers, ()
 
     @property
     def capacity(self) -> int:
@@ -125,11 +143,11 @@ class HostBuffers:
         same views until the rows, the sources or the buffers change (most steps of a batch
         keep them all), so a step makes none (twelve slices took ~2 us of every step)."""
         read = self._read
-        if not read or read[0] != used or read[1] != sources or read[2] is not self.cache or read[3] is not self.cross:
-            views = {name: buffer[:used] for name, buffer in zip(self.layout.cache_names, self.cache)}
-            views.update((name, buffer[:sources]) for name, buffer in zip(self.layout.cross_names, self.cross))
-            self._read = read = (used, sources, self.cache, self.cross, views)
-        return read[4]
+        if not read or read[0] != used or read[1] != sources:
+            views = {name: buffer[:used] for name, buffer in zip(self.layout.cache_names, self._cache)}
+            views.update((name, buffer[:sources]) for name, buffer in zip(self.layout.cross_names, self._cross))
+            self._read = read = (used, sources, views)
+        return read[2]
 
     def write(self, slots: np.ndarray, new_kv: list[np.ndarray]) -> None:
         """Store the new key/value of each decoded row (rows [0, len(slots))) in its slot; the
