@@ -67,7 +67,7 @@ class HostBuffers:
         # backend builds the same complete feed at every step.
         self._run_decoder = sessions.decoder._sess.run
         self.layout = layout
-        self._read: tuple = ()  # (used, sources, the decoder's feed of their views): see _views
+        self._feed_views: tuple = ()  # (used, sources, the decoder's feed of their views): see _views
         self.cache = [np.zeros(layout.shape(0, 0, axis), layout.dtype) for axis in layout.axes]
         self.cross = [np.zeros(layout.shape(0, 0, axis), layout.dtype) for axis in layout.axes]
 
@@ -79,7 +79,7 @@ class HostBuffers:
 
     @cache.setter
     def cache(self, buffers: list[np.ndarray]) -> None:
-        self._cache, self._read = buffers, ()
+        self._cache, self._feed_views = buffers, ()
 
     @property
     def cross(self) -> list[np.ndarray]:
@@ -87,7 +87,7 @@ class HostBuffers:
 
     @cross.setter
     def cross(self, buffers: list[np.ndarray]) -> None:
-        self._cross, self._read = buffers, ()
+        self._cross, self._feed_views = buffers, ()
 
     @property
     def capacity(self) -> int:
@@ -142,12 +142,12 @@ class HostBuffers:
         """The caches of rows [0, used) and the source entries [0, sources), by input name: the
         same views until the rows, the sources or the buffers change (most steps of a batch
         keep them all), so a step makes none (twelve slices took ~2 us of every step)."""
-        read = self._read
-        if not read or read[0] != used or read[1] != sources:
+        current = self._feed_views
+        if not current or current[0] != used or current[1] != sources:
             views = {name: buffer[:used] for name, buffer in zip(self.layout.cache_names, self._cache)}
             views.update((name, buffer[:sources]) for name, buffer in zip(self.layout.cross_names, self._cross))
-            self._read = read = (used, sources, views)
-        return read[2]
+            self._feed_views = current = (used, sources, views)
+        return current[2]
 
     def write(self, slots: np.ndarray, new_kv: list[np.ndarray]) -> None:
         """Store the new key/value of each decoded row (rows [0, len(slots))) in its slot; the
