@@ -23,11 +23,8 @@ TOP_PAD = 64 << 20  # extra heap taken with each extension
 
 def keep_freed_memory() -> bool:
     """Apply the settings; False where the C library is not glibc (nothing changes there)."""
-    if not sys.platform.startswith("linux"):
-        return False
-    try:
-        mallopt = ctypes.CDLL("libc.so.6").mallopt
-    except (OSError, AttributeError):  # musl and others: no mallopt
+    mallopt = _glibc("mallopt")
+    if mallopt is None:
         return False
     settings = ((_M_MMAP_THRESHOLD, MMAP_THRESHOLD), (_M_TRIM_THRESHOLD, TRIM_THRESHOLD), (_M_TOP_PAD, TOP_PAD))
     return all(mallopt(option, value) == 1 for option, value in settings)
@@ -36,8 +33,16 @@ def keep_freed_memory() -> bool:
 def return_freed_memory() -> None:
     """Give the heap's freed memory back to the kernel now (glibc; elsewhere nothing), after a
     one-off burst of allocations that keep_freed_memory's settings would otherwise keep."""
-    if sys.platform.startswith("linux"):
-        try:
-            ctypes.CDLL("libc.so.6").malloc_trim(0)
-        except (OSError, AttributeError):
-            pass
+    malloc_trim = _glibc("malloc_trim")
+    if malloc_trim is not None:
+        malloc_trim(0)
+
+
+def _glibc(function: str):
+    """glibc's `function`, or None where the C library is another (musl and others lack it)."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        return getattr(ctypes.CDLL("libc.so.6"), function)
+    except (OSError, AttributeError):
+        return None
