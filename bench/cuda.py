@@ -21,6 +21,7 @@ import sacrebleu
 from decoding import DecodingParams
 from export.package import ModelPackage
 from model.data import read_lines
+from server.engine.buffers import HostBuffers
 from server.engine.engine import Engine
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -29,23 +30,41 @@ GRID = ((1, 64), (4, 64), (1, 256), (4, 256))
 
 
 class GraphTimer:
-    """Time and count every ONNX Runtime run, per graph."""
+    """Time and count every ONNX Runtime run, per graph, while in its `with` block."""
 
     def __init__(self):
         self.seconds, self.calls = collections.Counter(), collections.Counter()
-        for method in ("run", "run_with_iobinding"):
-            setattr(ort.InferenceSession, method, self._timed(getattr(ort.InferenceSession, method)))
+        self._replaced: list[tuple[type, str, object]] = []
 
-    def _timed(self, method):
-        def run(session, *args, **kwargs):
+    def __enter__(self) -> "GraphTimer":
+        def graph_name(session: ort.InferenceSession) -> str:
+            return Path(session._model_path).stem if session._model_path else session.get_modelmeta().graph_name
+
+        for method in ("run", "run_with_iobinding"):
+            self._replace(ort.InferenceSession, method, graph_name)
+        # Host caches run the decoder step beneath InferenceSession.run (buffers.py).
+        self._replace(HostBuffers, "run_decoder", lambda buffers: "decoder_step")
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        for owner, name, method in reversed(self._replaced):
+            setattr(owner, name, method)
+        self._replaced.clear()
+
+    def _replace(self, owner: type, name: str, graph_name) -> None:
+        method = getattr(owner, name)
+
+        def timed(instance, *args, **kwargs):
             start = time.perf_counter()
             try:
-                return method(session, *args, **kwargs)
+                return method(instance, *args, **kwargs)
             finally:
-                name = Path(session._model_path).stem if session._model_path else session.get_modelmeta().graph_name
-                self.seconds[name] += time.perf_counter() - start
-                self.calls[name] += 1
-        return run
+                graph = graph_name(instance)
+                self.seconds[graph] += time.perf_counter() - start
+                self.calls[graph] += 1
+
+        self._replaced.append((owner, name, method))
+        setattr(owner, name, timed)
 
     def take(self) -> dict:
         spent = {name: [self.calls[name], round(seconds, 3)] for name, seconds in self.seconds.items()}
@@ -65,29 +84,22 @@ def main() -> None:
     package = ModelPackage.load(args.package)
     sources = read_lines(args.data_dir / "test_2016_flickr.en.gz")[: args.sentences]
     references = read_lines(args.data_dir / "test_2016_flickr.de.gz")[: args.sentences]
-    timer, records, texts = GraphTimer(), [], {}
-    for precision in [p for p in ("fp16", "fp32") if p in package.precisions]:
-        for on_device in (False, True):
-            engine = Engine(package, precision=precision, device=args.device, cache_on_device=on_device)
-            ids = engine.tokenizer.encode(sources)
-            for beam, batch in GRID:
-                if batch != 64 and not on_device:
-                    continue
-                params = [DecodingParams(beam_size=beam)] * batch
-                engine.decode(ids[:batch], params[: len(ids[:batch])])  # warm-up: kernels, memory arena
-                timer.take()
-                start, hypotheses = time.perf_counter(), []
-                for i in range(0, len(ids), batch):
-                    part = ids[i : i + batch]
-                    hypotheses += engine.detokenize_many(engine.decode(part, params[: len(part)]))
-                seconds = time.perf_counter() - start
-                texts[precision, on_device, beam, batch] = [h[0].text for h in hypotheses]
-                records.append(dict(
-                    precision=precision, cache_on_device=on_device, beam_size=beam, batch_size=batch,
-                    sentences_per_s=round(len(sources) / seconds, 1),
-                    bleu=round(sacrebleu.corpus_bleu(texts[precision, on_device, beam, batch], [references]).score, 2),
-                    graphs=timer.take()))
-                print(records[-1], flush=True)
+    records, texts = [], {}
+    with GraphTimer() as timer:
+        for precision in [p for p in ("fp16", "fp32") if p in package.precisions]:
+            for on_device in (False, True):
+                engine = Engine(package, precision=precision, device=args.device, cache_on_device=on_device)
+                ids = engine.tokenizer.encode(sources)
+                for beam, batch in GRID:
+                    if batch != 64 and not on_device:
+                        continue
+                    seconds, out = translate_all(engine, ids, beam, batch, timer)
+                    texts[precision, on_device, beam, batch] = out
+                    records.append(dict(precision=precision, cache_on_device=on_device, beam_size=beam,
+                                        batch_size=batch, sentences_per_s=round(len(sources) / seconds, 1),
+                                        bleu=round(sacrebleu.corpus_bleu(out, [references]).score, 2),
+                                        graphs=timer.take()))
+                    print(records[-1], flush=True)
     agreement = {}
     for (precision, on_device, beam, batch), out in texts.items():
         if on_device and (precision, False, beam, batch) in texts:
@@ -99,6 +111,20 @@ def main() -> None:
     print(json.dumps(agreement, indent=1))
     args.out.write_text(json.dumps({"device": args.device, "onnxruntime": ort.__version__, "records": records,
                                     "agreement": agreement}, indent=1) + "\n")
+
+
+def translate_all(engine: Engine, ids: list[list[int]], beam: int, batch: int,
+                  timer: GraphTimer) -> tuple[float, list[str]]:
+    """Seconds to translate ids in batches of `batch` after a warm-up batch (kernels, memory
+    arena; its graph runs are not counted), and each text's best translation."""
+    params = [DecodingParams(beam_size=beam)] * batch
+    engine.decode(ids[:batch], params[: len(ids[:batch])])
+    timer.take()
+    start, hypotheses = time.perf_counter(), []
+    for i in range(0, len(ids), batch):
+        part = ids[i : i + batch]
+        hypotheses += engine.detokenize_many(engine.decode(part, params[: len(part)]))
+    return time.perf_counter() - start, [h[0].text for h in hypotheses]
 
 
 def _same(a: list[str], b: list[str]) -> float:
