@@ -11,15 +11,12 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from parley.v1 import translate_pb2 as pb
-from parley.v1 import translate_pb2_grpc as pb_grpc
 from server.config import ServerConfig
 from server.metrics import Metrics
 from server.models import ModelRegistry, load_models
-from server.servicer import TranslatorServicer
+from server.servicer import SERVICE_NAME, TranslatorServicer, add_to_server
 
 log = logging.getLogger("parley.server")
-SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Translator"].full_name
 
 
 class ParleyServer:
@@ -49,7 +46,7 @@ class ParleyServer:
         self.port = (self.grpc_server.add_secure_port(address, self._credentials()) if self.config.tls_cert
                      else self.grpc_server.add_insecure_port(address))
         self.servicer = TranslatorServicer(None, self.config, self.metrics)
-        pb_grpc.add_TranslatorServicer_to_server(self.servicer, self.grpc_server)
+        add_to_server(self.servicer, self.grpc_server)
         # The port opens first: while models load and warm up, health answers NOT_SERVING
         # (startup probes wait) and translate calls get UNAVAILABLE.
         await self.grpc_server.start()

@@ -9,7 +9,7 @@ from pathlib import Path
 from export.package import MANIFEST_FILE, ModelPackage
 from server.config import ServerConfig
 from server.engine.lanes import LaneEngine
-from server.errors import ModelNotFound
+from server.errors import InvalidRequest, ModelNotFound
 from server.metrics import Metrics
 from server.scheduler import Scheduler
 
@@ -34,14 +34,19 @@ class ModelRegistry:
         self.default = default
 
     def resolve(self, name: str, source_language: str = "", target_language: str = "") -> LoadedModel:
+        """The model named, else the one serving the languages given (the default model if it
+        does), else the default model. Languages given with a name must be the model's."""
         if name:
             if name not in self.models:
                 raise ModelNotFound(f"no model named '{name}'; this server has: {', '.join(sorted(self.models))}")
-            return self.models[name]
+            model = self.models[name]
+            if not _serves(model, source_language, target_language):
+                raise InvalidRequest(f"model '{name}' translates {model.package.source_language}->"
+                                     f"{model.package.target_language}, not {source_language or '*'}->"
+                                     f"{target_language or '*'}; name another model or leave the languages empty")
+            return model
         if source_language or target_language:
-            matches = [m for m in self.models.values()
-                       if source_language in ("", m.package.source_language)
-                       and target_language in ("", m.package.target_language)]
+            matches = [m for m in self.models.values() if _serves(m, source_language, target_language)]
             if not matches:
                 pairs = ", ".join(f"{m.package.source_language}->{m.package.target_language}" for m in self.models.values())
                 raise ModelNotFound(f"no model translates {source_language or '*'}->{target_language or '*'}; "
@@ -51,6 +56,12 @@ class ModelRegistry:
 
     def __iter__(self):
         return iter(self.models.values())
+
+
+def _serves(model: LoadedModel, source_language: str, target_language: str) -> bool:
+    """Whether the model translates these languages (an empty one: any)."""
+    return source_language in ("", model.package.source_language) and \
+        target_language in ("", model.package.target_language)
 
 
 def find_packages(repository: Path) -> list[Path]:

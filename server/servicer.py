@@ -7,20 +7,23 @@ import contextlib
 import logging
 import time
 from dataclasses import dataclass, field
-from typing import AsyncIterator, Iterator
+from typing import AsyncIterator, Callable, Iterator
 
 import grpc
+from google.protobuf.message import DecodeError, Message
 
 from parley.v1 import translate_pb2 as pb
 from parley.v1 import translate_pb2_grpc as pb_grpc
 from server.config import ServerConfig
-from server.errors import ServingError, Unavailable
+from server.errors import InvalidRequest, ServingError, Unavailable
 from server.metrics import Metrics
 from server.models import LoadedModel, ModelRegistry
 from server.requests import ValidatedRequest, empty_translation, translation_pb, validate
 from server.scheduler import Row
 
 log = logging.getLogger("parley.rpc")
+
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Translator"].full_name
 
 
 @dataclass
@@ -134,6 +137,15 @@ class TranslatorServicer(pb_grpc.TranslatorServicer):
         finally:
             self.active_calls -= 1
 
+    async def parse(self, data: bytes, message_type: type[Message], method: str, context) -> Message:
+        """A request's bytes as message_type; one that does not parse ends the call with
+        INVALID_ARGUMENT and the reason (gRPC's own parsing would answer UNKNOWN)."""
+        try:
+            return message_type.FromString(data)
+        except DecodeError as error:
+            await self._fail(InvalidRequest(f"the request does not parse as {message_type.DESCRIPTOR.full_name}: "
+                                            f"{error} (strings must be UTF-8)"), context, _Call(method))
+
     async def _fail(self, error: BaseException, context, call: _Call):
         """Map an error to its status (the only place that does), record it, end the call."""
         if isinstance(error, asyncio.CancelledError):
@@ -150,3 +162,26 @@ class TranslatorServicer(pb_grpc.TranslatorServicer):
     def _record(self, call: _Call, code: grpc.StatusCode) -> None:
         self.metrics.requests.labels(call.model, call.method, code.name).inc()
         self.metrics.request_duration.labels(call.model, call.method).observe(time.perf_counter() - call.started)
+
+
+def add_to_server(servicer: TranslatorServicer, server: grpc.aio.Server) -> None:
+    """Serve the Translator service from `servicer`, its requests parsed by servicer.parse."""
+
+    def unary(method: Callable, request_type: type[Message], response_type: type[Message]):
+        async def handle(data: bytes, context):
+            return await method(await servicer.parse(data, request_type, method.__name__, context), context)
+
+        return grpc.unary_unary_rpc_method_handler(handle, response_serializer=response_type.SerializeToString)
+
+    def streaming(method: Callable, request_type: type[Message], response_type: type[Message]):
+        async def handle(data: bytes, context):
+            async for response in method(await servicer.parse(data, request_type, method.__name__, context), context):
+                yield response
+
+        return grpc.unary_stream_rpc_method_handler(handle, response_serializer=response_type.SerializeToString)
+
+    handlers = {"Translate": unary(servicer.Translate, pb.TranslateRequest, pb.TranslateResponse),
+                "TranslateStream": streaming(servicer.TranslateStream, pb.TranslateRequest, pb.TranslateResponse),
+                "ListModels": unary(servicer.ListModels, pb.ListModelsRequest, pb.ListModelsResponse)}
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),))
+    server.add_registered_method_handlers(SERVICE_NAME, handlers)

@@ -94,6 +94,8 @@ def test_list_models(running):
     (request("x", model="klingon"), "NOT_FOUND", "no model named 'klingon'; this server has: tiny"),
     (pb.TranslateRequest(texts=["x"], source_language="fr", target_language="de"), "NOT_FOUND",
      "no model translates fr->de"),
+    (pb.TranslateRequest(texts=["x"], model="tiny", source_language="fr"), "INVALID_ARGUMENT",
+     "model 'tiny' translates en->de, not fr->*"),
 ])
 def test_bad_requests_get_a_clear_status(running, bad, code, message):
     with pytest.raises(grpc.RpcError) as error:
@@ -103,6 +105,24 @@ def test_bad_requests_get_a_clear_status(running, bad, code, message):
     with pytest.raises(grpc.RpcError) as error:
         list(running.stub().TranslateStream(bad))
     assert error.value.code().name == code
+
+
+@pytest.mark.parametrize("method,data,message", [
+    ("Translate", b"\x0a\x03\xff\xfe\xfd", "parley.v1.TranslateRequest: Error parsing message"),  # texts[0] not UTF-8
+    ("TranslateStream", b"\xff\xff\xff", "parley.v1.TranslateRequest"),
+    ("ListModels", b"\x0a", "parley.v1.ListModelsRequest"),
+])
+def test_a_request_that_does_not_parse_is_invalid_argument(start_server, method, data, message):
+    server = start_server()
+    channel = grpc.insecure_channel(server.address)
+    call = (channel.unary_stream if method == "TranslateStream" else channel.unary_unary)(f"/parley.v1.Translator/{method}")
+    with pytest.raises(grpc.RpcError) as error:
+        response = call(data)
+        list(response) if method == "TranslateStream" else response
+    assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert message in error.value.details() and "strings must be UTF-8" in error.value.details()
+    assert f'parley_requests_total{{code="INVALID_ARGUMENT",method="{method}",model="unknown"}} 1.0' in server.metrics_text()
+    assert server.stub().Translate(request("A dog.")).translations  # the server goes on
 
 
 def test_over_limit_message_names_the_limit(running):
