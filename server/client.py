@@ -48,7 +48,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     p.add_argument("--tls-key", type=Path, help="client private key, for mTLS")
     args = p.parse_args(argv)
 
-    stub = pb_grpc.TranslatorStub(channel(args.address, args.tls_ca, args.tls_cert, args.tls_key))
+    try:
+        stub = pb_grpc.TranslatorStub(channel(args.address, args.tls_ca, args.tls_cert, args.tls_key))
+    except OSError as error:
+        p.error(f"cannot read {error.filename}: {error.strerror}")
     try:
         if args.list_models:
             for m in stub.ListModels(pb.ListModelsRequest(), timeout=args.timeout).models:

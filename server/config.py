@@ -62,6 +62,10 @@ class ServerConfig:
             problems.append("tls_cert and tls_key go together")
         if self.tls_client_ca and not self.tls_cert:
             problems.append("tls_client_ca needs tls_cert and tls_key")
+        for name in ("tls_cert", "tls_key", "tls_client_ca"):
+            path = getattr(self, name)
+            if path and not path.is_file():
+                problems.append(f"{name} {path} is not a file")
         if self.log_format not in ("json", "text"):
             problems.append("log_format must be json or text")
         if problems:

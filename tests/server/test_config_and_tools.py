@@ -22,6 +22,7 @@ def test_flags_override_environment_which_overrides_defaults():
     ({"PARLEY_PORT": "http"}, "PARLEY_PORT='http' is not a valid port"),
     ({"PARLEY_DEVICE": "tpu"}, "device must be auto, cpu or cuda"),
     ({"PARLEY_TLS_CERT": "cert.pem"}, "tls_cert and tls_key go together"),
+    ({"PARLEY_TLS_CERT": "/no/cert.pem", "PARLEY_TLS_KEY": "/no/key.pem"}, "tls_cert /no/cert.pem is not a file"),
 ])
 def test_bad_configuration_is_explained(environ, message, capsys):
     with pytest.raises(SystemExit):
@@ -66,5 +67,7 @@ def test_client_translates_and_reports_errors(tiny_package):
         assert "tiny (default): en->de int8 on cpu" in listed.stdout
         bad = subprocess.run(client + ["--beam", "99", "x"], capture_output=True, text=True, timeout=60)
         assert bad.returncode != 0 and "INVALID_ARGUMENT: beam_size 99 exceeds the maximum of 8" in bad.stderr
+        no_ca = subprocess.run(client + ["--tls-ca", "/no/ca.pem", "x"], capture_output=True, text=True, timeout=60)
+        assert no_ca.returncode == 2 and "cannot read /no/ca.pem: No such file or directory" in no_ca.stderr
     finally:
         server.close()
