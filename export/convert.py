@@ -125,8 +125,12 @@ def load_checkpoint(checkpoint_dir: Path) -> tuple[Transformer, Tokenizer]:
 
 def sample_sentences(model: Transformer, tokenizer: Tokenizer, options: ExportOptions):
     """The user's sample, or pseudo-sentences decoded from random token ids when none is given."""
-    if options.sample:
+    if options.sample_size < 1:
+        raise ExportError(f"the sample size must be at least 1, got {options.sample_size}")
+    if options.sample is not None:
         sample = list(options.sample[: options.sample_size])
+        if not any(line.strip() for line in sample):
+            raise ExportError("the sample file has no sentences (one source sentence a line)")
         references = list(options.references[: len(sample)]) if options.references else None
         return sample, references
     rng = np.random.default_rng(0)
@@ -144,7 +148,7 @@ class Calibration:
 
 
 def calibrate(model: Transformer, tokenizer: Tokenizer, options: ExportOptions, log) -> Calibration | None:
-    if "int8" not in options.precisions or not options.calibration:
+    if "int8" not in options.precisions or options.calibration is None:
         return None
     if options.calibration_size < 1:
         raise ExportError(f"the calibration size must be at least 1, got {options.calibration_size}")

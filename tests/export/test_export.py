@@ -385,6 +385,13 @@ def test_cli_failure_messages(tiny_checkpoint, tmp_path):
     (tmp_path / "blank.en").write_text("\n  \n")
     result = export_cli(tiny_checkpoint, tmp_path / "out", "--calibration", tmp_path / "blank.en")
     assert result.returncode != 0 and "the calibration file has no sentences" in result.stderr
+    (tmp_path / "empty.en").write_text("")
+    result = export_cli(tiny_checkpoint, tmp_path / "out", "--calibration", tmp_path / "empty.en")
+    assert result.returncode != 0 and "the calibration file has no sentences" in result.stderr
+    result = export_cli(tiny_checkpoint, tmp_path / "out", "--sample", tmp_path / "empty.en")
+    assert result.returncode != 0 and "the sample file has no sentences" in result.stderr
+    result = export_cli(tiny_checkpoint, tmp_path / "out", "--sample-size", "0")
+    assert result.returncode != 0 and "the sample size must be at least 1, got 0" in result.stderr
     assert not (tmp_path / "out").exists()
 
     broken = tmp_path / "broken"
