@@ -6,6 +6,8 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -158,6 +160,28 @@ def test_a_lane_admits_the_texts_of_all_waiting_messages_in_one_encoder_run(engi
     assert loop._take_messages()
     assert [(e.key, "exceeds the model's limit" in e.reason) for e in loop.endings[1:]] == [(4, True)]
     assert sorted(loop.deadlines) == [0, 1, 3, 5]
+
+
+def test_an_idle_lane_returns_its_freed_memory_once_a_second_has_passed(engines, monkeypatch):
+    import server.engine.lanes as lanes
+
+    returned = []
+    monkeypatch.setattr(lanes, "return_freed_memory", lambda: returned.append(time.monotonic()))
+    parent_end, lane_end = multiprocessing.Pipe()
+    loop = _LaneLoop(engines["int8"], lane_end)
+    job = to_wire(("admit", [Job(1, mixed_sources(1)[0], DecodingParams(max_length=10))]))
+    parent_end.send(job)
+    assert loop._take_messages() and returned == []  # work was waiting
+    while len(loop.batch):
+        loop._step()
+    threading.Timer(0.1, parent_end.send, [job]).start()
+    assert loop._take_messages() and returned == []  # work came within the second
+    while len(loop.batch):
+        loop._step()
+    idle_since = time.monotonic()
+    threading.Timer(lanes.IDLE_RETURN_S + 0.5, parent_end.send, [job]).start()
+    assert loop._take_messages()
+    assert len(returned) == 1 and returned[0] - idle_since >= lanes.IDLE_RETURN_S
 
 
 def test_lane_messages_cross_the_pipe_as_plain_tuples_and_arrive_whole():
