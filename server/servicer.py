@@ -160,8 +160,12 @@ class TranslatorServicer(pb_grpc.TranslatorServicer):
         await context.abort(code, message)
 
     def _record(self, call: _Call, code: grpc.StatusCode) -> None:
+        seconds = time.perf_counter() - call.started
         self.metrics.requests.labels(call.model, call.method, code.name).inc()
-        self.metrics.request_duration.labels(call.model, call.method).observe(time.perf_counter() - call.started)
+        self.metrics.request_duration.labels(call.model, call.method).observe(seconds)
+        if log.isEnabledFor(logging.DEBUG):  # one line per call: an access log, off at the default level
+            log.debug("call", extra={"method": call.method, "model": call.model, "code": code.name,
+                                     "duration_ms": round(seconds * 1000, 2)})
 
 
 def add_to_server(servicer: TranslatorServicer, server: grpc.aio.Server) -> None:

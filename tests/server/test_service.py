@@ -125,6 +125,15 @@ def test_a_request_that_does_not_parse_is_invalid_argument(start_server, method,
     assert server.stub().Translate(request("A dog.")).translations  # the server goes on
 
 
+def test_debug_logs_one_line_per_call(running, caplog):
+    with caplog.at_level("DEBUG", logger="parley.rpc"):
+        running.stub().Translate(request("A dog."))
+        with pytest.raises(grpc.RpcError):
+            running.stub().Translate(request())
+    calls = [(r.method, r.model, r.code) for r in caplog.records if r.name == "parley.rpc" and r.message == "call"]
+    assert calls == [("Translate", "tiny", "OK"), ("Translate", "unknown", "INVALID_ARGUMENT")]
+
+
 def test_over_limit_message_names_the_limit(running):
     with pytest.raises(grpc.RpcError) as error:
         running.stub().Translate(request("fine", "word " * 80))
