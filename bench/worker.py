@@ -59,8 +59,11 @@ def say(message: dict) -> None:
 
 def measure_cell(spec: dict, engine, tokenizer: Tokenizer, sources: list[list[int]], beam: int, batch_size: int,
                  score: bool) -> dict:
-    """All the sources in batches of batch_size; with score, the BLEU and the translations too
-    (the same in every round: an engine's output does not depend on timing)."""
+    """All the sources in batches of batch_size, after one untimed batch (the engine may have
+    idled while others ran: Parley's lanes return their freed memory after a lull); with score,
+    the BLEU and the translations too (the same in every round: an engine's output does not
+    depend on timing)."""
+    engine.translate(sources[:batch_size], beam)
     outputs, latencies = [], []
     started = time.perf_counter()
     for i in range(0, len(sources), batch_size):
@@ -175,6 +178,7 @@ def serve_scheduler(spec: dict) -> None:
             say({"ready": True})
             while line := await asyncio.to_thread(sys.stdin.readline):
                 cell = json.loads(line)
+                await load(cell["beam_size"], spec["clients"])  # untimed, as in measure_cell
                 say(await load(cell["beam_size"], cell["requests"]))
             peak = peak_rss_mb([lane.process.pid for lane in engine.lanes])  # while the lanes are there
         finally:

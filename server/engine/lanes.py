@@ -68,8 +68,10 @@ STATS_EVERY = 32  # a busy lane reports its step statistics at least this often 
 # A lane idle this long gives its freed heap back to the kernel (memory.return_freed_memory):
 # the malloc settings that speed up a busy lane keep up to 256 MB of freed memory, which an
 # idle server has no use for. Measured after 64 gRPC clients of mixed beams and request
-# sizes: the two lanes held 250 and 510 MB idle (heaps of 179 and 439 MB).
-IDLE_RETURN_S = 1.0
+# sizes: the two lanes held 250 and 510 MB idle (heaps of 179 and 439 MB). The next burst
+# faults that memory in again (int8, 2 lanes, greedy batch 64: its first batch 33 -> 36-53
+# ms, its first 1,000 sentences ~3% slower), so only a lull returns it, not every pause.
+IDLE_RETURN_S = 5.0
 
 
 @dataclass(frozen=True)

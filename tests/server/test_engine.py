@@ -162,11 +162,12 @@ def test_a_lane_admits_the_texts_of_all_waiting_messages_in_one_encoder_run(engi
     assert sorted(loop.deadlines) == [0, 1, 3, 5]
 
 
-def test_an_idle_lane_returns_its_freed_memory_once_a_second_has_passed(engines, monkeypatch):
+def test_an_idle_lane_returns_its_freed_memory_after_a_lull(engines, monkeypatch):
     import server.engine.lanes as lanes
 
     returned = []
     monkeypatch.setattr(lanes, "return_freed_memory", lambda: returned.append(time.monotonic()))
+    monkeypatch.setattr(lanes, "IDLE_RETURN_S", 0.5)
     parent_end, lane_end = multiprocessing.Pipe()
     loop = _LaneLoop(engines["int8"], lane_end)
     job = to_wire(("admit", [Job(1, mixed_sources(1)[0], DecodingParams(max_length=10))]))
@@ -174,8 +175,8 @@ def test_an_idle_lane_returns_its_freed_memory_once_a_second_has_passed(engines,
     assert loop._take_messages() and returned == []  # work was waiting
     while len(loop.batch):
         loop._step()
-    threading.Timer(0.1, parent_end.send, [job]).start()
-    assert loop._take_messages() and returned == []  # work came within the second
+    threading.Timer(0.05, parent_end.send, [job]).start()
+    assert loop._take_messages() and returned == []  # work came before the lull
     while len(loop.batch):
         loop._step()
     idle_since = time.monotonic()
