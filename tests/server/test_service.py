@@ -17,6 +17,7 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 import server.app
+import server.requests
 from bench.replicas import free_port, wait_until_serving
 from parley.v1 import translate_pb2 as pb
 from parley.v1 import translate_pb2_grpc as pb_grpc
@@ -123,6 +124,23 @@ def test_a_request_that_does_not_parse_is_invalid_argument(start_server, method,
     assert message in error.value.details() and "strings must be UTF-8" in error.value.details()
     assert f'parley_requests_total{{code="INVALID_ARGUMENT",method="{method}",model="unknown"}} 1.0' in server.metrics_text()
     assert server.stub().Translate(request("A dog.")).translations  # the server goes on
+
+
+def test_large_requests_are_tokenized_off_the_event_loop(running, monkeypatch):
+    import server.servicer
+
+    threads = []
+
+    def validate(*args):
+        threads.append(threading.current_thread() is running.thread)
+        return server.requests.validate(*args)
+
+    monkeypatch.setattr(server.servicer, "validate", validate)
+    small = running.stub().Translate(request("A dog."))
+    padded = "A dog." + " " * (server.servicer.OFF_LOOP_CHARS // 4)  # whitespace adds no tokens
+    large = running.stub().Translate(request(*[padded] * 8))
+    assert threads == [True, False]  # on the event loop's thread, then on another
+    assert [t.hypotheses[0].text for t in large.translations] == [small.translations[0].hypotheses[0].text] * 8
 
 
 def test_debug_logs_one_line_per_call(running, caplog):
