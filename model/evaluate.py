@@ -47,9 +47,13 @@ def main(argv: Sequence[str] | None = None) -> None:
     args = parser.parse_args(argv)
 
     torch.set_num_threads(max(torch.get_num_threads(), 1))
-    model = load_model(args.model_dir)
-    tokenizer = Tokenizer(args.model_dir / TOKENIZER_FILE)
-    src, ref = read_parallel(args.data_dir, args.split, model.config.source_language, model.config.target_language)
+    try:
+        model = load_model(args.model_dir)
+        tokenizer = Tokenizer(args.model_dir / TOKENIZER_FILE)
+        src, ref = read_parallel(args.data_dir, args.split, model.config.source_language,
+                                 model.config.target_language)
+    except FileNotFoundError as error:
+        parser.error(str(error))
     if args.limit:
         src, ref = src[: args.limit], ref[: args.limit]
     for beam in (int(b) for b in args.beams.split(",")):

@@ -128,7 +128,29 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--average", type=int, default=5, help="average the last N epoch checkpoints into final/")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda")
     p.add_argument("--no-progress", action="store_true")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    # Checked before the tokenizer trains (minutes on a full corpus): a typo costs nothing.
+    try:
+        model_config(args)
+        for split in ("train", "val"):
+            for language in (args.source_language, args.target_language):
+                split_path(args.data_dir, split, language)
+    except (ValueError, FileNotFoundError) as error:
+        p.error(str(error))
+    return args
+
+
+def model_config(args: argparse.Namespace, tokenizer: Tokenizer | None = None) -> ModelConfig:
+    """The architecture the flags ask for, with the tokenizer's vocabulary and special ids
+    (before it exists: --vocab-size and the default ids)."""
+    vocabulary = {} if tokenizer is None else dict(
+        pad_id=tokenizer.pad_id, unk_id=tokenizer.unk_id, bos_id=tokenizer.bos_id, eos_id=tokenizer.eos_id)
+    return ModelConfig(
+        vocab_size=tokenizer.vocab_size if tokenizer else args.vocab_size, d_model=args.d_model,
+        num_heads=args.num_heads, d_ff=args.d_ff, encoder_layers=args.encoder_layers,
+        decoder_layers=args.decoder_layers, dropout=args.dropout, activation=args.activation,
+        pre_norm=args.pre_norm, max_positions=args.max_positions, source_language=args.source_language,
+        target_language=args.target_language, **vocabulary)
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -155,13 +177,7 @@ def main(argv: Sequence[str] | None = None) -> None:
             f.unlink()
     tokenizer = Tokenizer(spm_path)
 
-    config = ModelConfig(
-        vocab_size=tokenizer.vocab_size, d_model=args.d_model, num_heads=args.num_heads, d_ff=args.d_ff,
-        encoder_layers=args.encoder_layers, decoder_layers=args.decoder_layers, dropout=args.dropout,
-        activation=args.activation, pre_norm=args.pre_norm, max_positions=args.max_positions,
-        pad_id=tokenizer.pad_id, unk_id=tokenizer.unk_id, bos_id=tokenizer.bos_id, eos_id=tokenizer.eos_id,
-        source_language=args.source_language, target_language=args.target_language,
-    )
+    config = model_config(args, tokenizer)
     train_src, train_tgt = read_parallel(args.data_dir, "train", args.source_language, args.target_language)
     val_src, val_tgt = read_parallel(args.data_dir, "val", args.source_language, args.target_language)
     train = TokenBatches(tokenizer, train_src, train_tgt, args.max_tokens, args.max_length)
