@@ -39,7 +39,7 @@ class DecodingParams:
     beam_size: int = 1
     num_hypotheses: int = 1
     length_penalty: float = 1.0  # score = sum log p / length ** length_penalty
-    max_length: int = 256  # output tokens, EOS not counted
+    max_length: int = 256  # output tokens, EOS not counted (the engine caps it at the model's positions)
     min_length: int = 0  # output tokens before EOS is allowed
 
     def __post_init__(self) -> None:

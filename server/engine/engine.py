@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Hashable, Sequence
 
@@ -109,7 +109,15 @@ class Engine(TextFront):
         batch.backend.extend(*(
             pad_batch([list(sources[i]) + [self.eos_id] for i in by_length[first : first + run]], self.pad_id)
             for first in range(0, len(by_length), run)))
-        batch.add([keys[i] for i in by_length], [params[i] for i in by_length])
+        batch.add([keys[i] for i in by_length], [self._capped(params[i]) for i in by_length])
+
+    def _capped(self, params: DecodingParams) -> DecodingParams:
+        """params with max_length and min_length within the model's output positions (beyond
+        them its graphs fail): a longer output cannot be generated anyway."""
+        cap = self.package.max_output_tokens
+        if params.max_length <= cap:
+            return params
+        return replace(params, max_length=cap, min_length=min(params.min_length, cap))
 
     def decode(self, sources: Sequence[Sequence[int]], params: Sequence[DecodingParams]) -> list[list[Hypothesis]]:
         results: list[list[Hypothesis]] = [[] for _ in sources]

@@ -185,6 +185,13 @@ def test_an_idle_lane_returns_its_freed_memory_after_a_lull(engines, monkeypatch
     assert len(returned) == 1 and returned[0] - idle_since >= lanes.IDLE_RETURN_S
 
 
+def test_output_lengths_beyond_the_models_positions_are_capped_at_them(engines, tiny_package):
+    cap = ModelPackage.load(tiny_package).max_output_tokens
+    forced = DecodingParams(beam_size=2, min_length=cap + 40, max_length=cap + 50)  # EOS never allowed in time
+    [[best, *_]] = engines["int8"].decode([mixed_sources(1)[0]], [forced])
+    assert len(best.tokens) == cap
+
+
 def test_lane_messages_cross_the_pipe_as_plain_tuples_and_arrive_whole():
     import pickle
 
