@@ -19,13 +19,13 @@ from export.io import decoder_input_names
 from export.package import ModelPackage, PackageError
 from export.quantize import weight_key
 from export.verify import max_logprob_difference
-from model.checkpoint import load_model
-from model.generate import translate_tokens
+from model.checkpoint import load_model, save_model
+from model.generate import generate, translate_tokens
 from model.data import read_lines, split_path
 from server.engine.backend import OnnxStepBackend
 from server.engine.engine import Engine
 from server.engine.session import open_sessions
-from tests.conftest import DATA_DIR
+from tests.conftest import DATA_DIR, TINY_VOCAB, tiny_model
 
 
 @pytest.fixture(scope="module")
@@ -371,6 +371,26 @@ def test_malformed_manifest_lists_every_problem(package_copy):
 
 def export_cli(*args):
     return subprocess.run([sys.executable, "-m", "export", *map(str, args)], capture_output=True, text=True)
+
+
+def test_other_architectures_export_and_decode_like_pytorch(tiny_checkpoint, tmp_path):
+    """Pre-LN blocks, GELU, four heads and unequal layer counts: what users may train."""
+    checkpoint = tmp_path / "checkpoint"
+    checkpoint.mkdir()
+    shutil.copy(tiny_checkpoint / "spm.model", checkpoint / "spm.model")
+    save_model(tiny_model(seed=5, vocab_size=TINY_VOCAB, pre_norm=True, activation="gelu", num_heads=4, d_model=32,
+                          d_ff=64, encoder_layers=3, decoder_layers=1), checkpoint)
+    options = ExportOptions(precisions=("fp32", "int8"), min_bleu_vs_pytorch=0.0, sample_size=16)
+    export_package(checkpoint, tmp_path / "pkg", options, log=lambda message: None)
+    package = ModelPackage.load(tmp_path / "pkg")
+    assert package.manifest["variants"]["fp32"]["parity"]["exact_match_rate"] == 1.0
+    assert package.manifest["variants"]["fp32"]["parity"]["max_abs_logprob_diff"] < 1e-4
+    texts = read_lines(split_path(DATA_DIR, "val", "en"))[:8]
+    sources = [ids[:40] for ids in Tokenizer(checkpoint / "spm.model").encode(texts)]  # within 64 positions
+    params = [DecodingParams(beam_size=3, max_length=20)] * len(sources)
+    expected = generate(load_model(checkpoint), sources, params)
+    decoded = Engine(package, precision="fp32", device="cpu").decode(sources, params)
+    assert [h[0].tokens for h in decoded] == [h[0].tokens for h in expected]
 
 
 def test_cli_failure_messages(tiny_checkpoint, tmp_path):
