@@ -3,6 +3,7 @@
 import asyncio
 import concurrent.futures
 import contextlib
+import json
 import os
 import re
 import shutil
@@ -162,6 +163,32 @@ def test_language_pair_selects_the_model(running):
     response = running.stub().Translate(pb.TranslateRequest(texts=["A dog."], source_language="en",
                                                             target_language="de"))
     assert response.model == "tiny"
+
+
+def test_a_repository_of_two_models_serves_each_by_name_language_and_default(tiny_package, tmp_path):
+    repository = tmp_path / "models"
+    for name, source, target in (("en-de", "en", "de"), ("de-en", "de", "en")):
+        shutil.copytree(tiny_package, repository / name)
+        manifest = json.loads((repository / name / "manifest.json").read_text())
+        manifest.update(name=name, source_language=source, target_language=target)
+        (repository / name / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(ValueError, match="default model 'fr-en' is not in .* \\(has de-en, en-de\\)"):
+        RunningServer(server_config(repository, lanes=1, default_model="fr-en"))
+    server = RunningServer(server_config(repository, lanes=1, default_model="en-de"))
+    try:
+        stub = server.stub()
+        models = stub.ListModels(pb.ListModelsRequest()).models
+        assert sorted((m.name, m.source_language, m.is_default) for m in models) == \
+            [("de-en", "de", False), ("en-de", "en", True)]
+        served_by = [stub.Translate(pb.TranslateRequest(texts=["Ein Hund."], **fields)).model for fields in (
+            {}, {"model": "de-en"}, {"source_language": "de"}, {"target_language": "en"}, {"target_language": "de"})]
+        assert served_by == ["en-de", "de-en", "de-en", "de-en", "en-de"]
+        with pytest.raises(grpc.RpcError) as error:
+            stub.Translate(pb.TranslateRequest(texts=["x"], model="de-en", target_language="de"))
+        assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "model 'de-en' translates de->en, not *->de" in error.value.details()
+    finally:
+        server.close()
 
 
 def long_request(n=8, beam_size=4):
