@@ -167,7 +167,7 @@ def test_an_idle_lane_returns_its_freed_memory_after_a_lull(engines, monkeypatch
 
     returned = []
     monkeypatch.setattr(lanes, "return_freed_memory", lambda: returned.append(time.monotonic()))
-    monkeypatch.setattr(lanes, "IDLE_RETURN_S", 0.5)
+    monkeypatch.setattr(lanes, "IDLE_RETURN_S", 1.0)
     parent_end, lane_end = multiprocessing.Pipe()
     loop = _LaneLoop(engines["int8"], lane_end)
     job = to_wire(("admit", [Job(1, mixed_sources(1)[0], DecodingParams(max_length=10))]))
