@@ -12,7 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 FORMAT_VERSION = 1
 MANIFEST_FILE = "manifest.json"
@@ -151,6 +151,7 @@ def validate_manifest(manifest: dict) -> list[str]:
     if manifest["format_version"] != FORMAT_VERSION:
         problems.append(f"format_version {manifest['format_version']} is not supported (this Parley reads "
                         f"{FORMAT_VERSION}); re-export with this version's export tool")
+    problems += _file_problems("tokenizer", manifest["tokenizer"])
     for token in ("pad", "unk", "bos", "eos"):
         if not isinstance(manifest["special_tokens"].get(token), int):
             problems.append(f"special_tokens.{token} must be an integer")
@@ -168,6 +169,16 @@ def validate_manifest(manifest: dict) -> list[str]:
             problems.append(f"variants.{precision}.files must name {' and '.join(GRAPHS)}")
             continue
         for graph, entry in files.items():
-            if not all(isinstance(entry.get(k), t) for k, t in (("path", str), ("sha256", str), ("bytes", int))):
-                problems.append(f"variants.{precision}.files.{graph} needs path, sha256 and bytes")
+            problems += _file_problems(f"variants.{precision}.files.{graph}", entry)
     return problems
+
+
+def _file_problems(where: str, entry) -> list[str]:
+    """A file record's problems: path, sha256 and bytes, the path inside the package."""
+    if not isinstance(entry, dict) or \
+            not all(isinstance(entry.get(k), t) for k, t in (("path", str), ("sha256", str), ("bytes", int))):
+        return [f"{where} needs path, sha256 and bytes"]
+    path = PurePosixPath(entry["path"])
+    if path.is_absolute() or ".." in path.parts:
+        return [f"{where}.path '{entry['path']}' leaves the package (paths are relative to it, without '..')"]
+    return []

@@ -355,12 +355,16 @@ def test_malformed_manifest_lists_every_problem(package_copy):
     manifest["format_version"] = 99
     del manifest["special_tokens"]["eos"]
     manifest["variants"]["int4"] = {}
+    manifest["variants"]["fp32"]["files"]["encoder"]["path"] = "../../elsewhere.onnx"
+    manifest["tokenizer"]["path"] = "/etc/spm.model"
     (package_copy / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(PackageError) as error:
         ModelPackage.load(package_copy)
     message = str(error.value)
     assert "format_version 99 is not supported" in message
     assert "special_tokens.eos" in message and "unknown precision 'int4'" in message
+    assert "variants.fp32.files.encoder.path '../../elsewhere.onnx' leaves the package" in message
+    assert "tokenizer.path '/etc/spm.model' leaves the package" in message
     (package_copy / "manifest.json").write_text("{not json")
     with pytest.raises(PackageError, match="not valid JSON"):
         ModelPackage.load(package_copy)
