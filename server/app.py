@@ -47,6 +47,13 @@ class ParleyServer:
                      else self.grpc_server.add_insecure_port(address))
         self.servicer = TranslatorServicer(None, self.config, self.metrics)
         add_to_server(self.servicer, self.grpc_server)
+        if self.config.metrics_port:  # before the models load: a port that is taken fails at once
+            try:
+                self.metrics_http = self.metrics.serve(self.config.metrics_port)
+            except OSError as error:
+                await self.grpc_server.stop(0)
+                raise RuntimeError(f"cannot serve metrics on port {self.config.metrics_port}: {error.strerror} "
+                                   "(set --metrics-port, or 0 for none)") from None
         # The port opens first: while models load and warm up, health answers NOT_SERVING
         # (startup probes wait) and translate calls get UNAVAILABLE.
         await self.grpc_server.start()
@@ -56,10 +63,10 @@ class ParleyServer:
                 model.scheduler.start()
         except BaseException:
             await self.grpc_server.stop(0)
+            if self.metrics_http:
+                self.metrics_http.shutdown()
             raise
         self.servicer.registry = self.registry
-        if self.config.metrics_port:
-            self.metrics_http = self.metrics.serve(self.config.metrics_port)
         for service in ("", SERVICE_NAME):
             await self.health.set(service, health_pb2.HealthCheckResponse.SERVING)
         log.info("serving", extra={"port": self.port, "models": [m.name for m in self.registry],

@@ -1,4 +1,5 @@
 import filecmp
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -50,6 +51,18 @@ def test_server_refuses_an_empty_repository(tmp_path):
     result = subprocess.run([sys.executable, "-m", "server", "--model-repository", str(tmp_path), "--port", "0",
                              "--metrics-port", "0"], capture_output=True, text=True, timeout=60)
     assert result.returncode != 0 and "no model packages in" in result.stderr and "make export" in result.stderr
+
+
+def test_server_refuses_a_metrics_port_in_use_before_loading_models(tiny_package):
+    with socket.socket() as taken:
+        taken.bind(("0.0.0.0", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = subprocess.run([sys.executable, "-m", "server", "--model-repository", str(tiny_package), "--port", "0",
+                                 "--metrics-port", str(port)], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 1
+    assert result.stderr.strip() == f"parley-server: cannot serve metrics on port {port}: Address already in use " \
+                                    "(set --metrics-port, or 0 for none)"
 
 
 def test_client_translates_and_reports_errors(tiny_package):
