@@ -59,6 +59,10 @@ class ParleyServer:
         await self.grpc_server.start()
         try:
             self.registry = await asyncio.to_thread(load_models, self.config, self.metrics)
+            if self._stopping:  # stopped while the models loaded (a signal during start-up): they never serve
+                for model in self.registry:
+                    model.engine.close()
+                return
             for model in self.registry:  # the lanes warmed up as they loaded
                 model.scheduler.start()
         except BaseException:

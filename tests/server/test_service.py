@@ -405,6 +405,32 @@ def test_not_serving_while_models_load(tiny_package, monkeypatch):
         loop.call_soon_threadsafe(loop.stop)
 
 
+def test_a_stop_while_models_load_leaves_nothing_running(tiny_package, monkeypatch):
+    release = threading.Event()
+    real_load = server.app.load_models
+    monkeypatch.setattr(server.app, "load_models", lambda *args: (release.wait(30), real_load(*args))[1])
+    loop = asyncio.new_event_loop()
+    threading.Thread(target=loop.run_forever, daemon=True).start()
+    parley = ParleyServer(server_config(tiny_package))
+    starting = asyncio.run_coroutine_threadsafe(parley.start(), loop)
+    try:
+        deadline = time.monotonic() + 10
+        while parley.servicer is None:
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        asyncio.run_coroutine_threadsafe(parley.stop(), loop).result(30)  # SIGTERM during the load
+        release.set()
+        starting.result(60)
+        lanes = [lane.process for model in parley.registry or [] for lane in model.engine.lanes]
+        assert all(not process.is_alive() for process in lanes)
+        channel = grpc.insecure_channel(f"127.0.0.1:{parley.port}")
+        with pytest.raises(grpc.RpcError):  # the port is closed: nothing serves
+            health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=2)
+    finally:
+        release.set()
+        loop.call_soon_threadsafe(loop.stop)
+
+
 def test_reflection_lists_the_services(running):
     from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
 
