@@ -66,6 +66,14 @@ class ServerConfig:
             path = getattr(self, name)
             if path and not path.is_file():
                 problems.append(f"{name} {path} is not a file")
+        for name in ("port", "metrics_port"):
+            if not 0 <= getattr(self, name) <= 65535:
+                problems.append(f"{name} must be between 0 and 65535, got {getattr(self, name)}")
+        for name in ("threads", "max_queue_delay_ms", "grace_period_s"):
+            if getattr(self, name) < 0:
+                problems.append(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.log_level.lower() not in ("debug", "info", "warning", "error"):
+            problems.append(f"log_level must be debug, info, warning or error, got {self.log_level!r}")
         if self.log_format not in ("json", "text"):
             problems.append("log_format must be json or text")
         if problems:
