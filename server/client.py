@@ -28,6 +28,14 @@ def channel(address: str, ca: Path | None, cert: Path | None, key: Path | None) 
     return grpc.secure_channel(address, credentials)
 
 
+def count(text: str) -> int:
+    """A whole number >= 0, as the API's unsigned fields take."""
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
+    return value
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="parley-client", description="Translate texts with a Parley server.")
     p.add_argument("texts", nargs="*", help="texts to translate (default: read lines from stdin)")
@@ -35,10 +43,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     p.add_argument("--model", default="", help="model name (default: the server's default)")
     p.add_argument("--source-language", default="")
     p.add_argument("--target-language", default="")
-    p.add_argument("--beam", type=int, default=0, help="beam size; 1 is greedy, 0 the server's default")
-    p.add_argument("--n-best", type=int, default=1, help="hypotheses per text")
+    p.add_argument("--beam", type=count, default=0, help="beam size; 1 is greedy, 0 the server's default")
+    p.add_argument("--n-best", type=count, default=1, help="hypotheses per text")
     p.add_argument("--length-penalty", type=float)
-    p.add_argument("--max-output-tokens", type=int, default=0)
+    p.add_argument("--max-output-tokens", type=count, default=0)
     p.add_argument("--stream", action="store_true", help="print each translation as soon as it is done")
     p.add_argument("--json", action="store_true", help="print JSON lines with scores and token counts")
     p.add_argument("--timeout", type=float, default=30.0, help="deadline in seconds")

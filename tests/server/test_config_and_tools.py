@@ -86,6 +86,8 @@ def test_client_translates_and_reports_errors(tiny_package):
         assert "tiny (default): en->de int8 on cpu" in listed.stdout
         bad = subprocess.run(client + ["--beam", "99", "x"], capture_output=True, text=True, timeout=60)
         assert bad.returncode != 0 and "INVALID_ARGUMENT: beam_size 99 exceeds the maximum of 8" in bad.stderr
+        negative = subprocess.run(client + ["--beam", "-1", "x"], capture_output=True, text=True, timeout=60)
+        assert negative.returncode == 2 and "argument --beam: must be >= 0, got -1" in negative.stderr
         no_ca = subprocess.run(client + ["--tls-ca", "/no/ca.pem", "x"], capture_output=True, text=True, timeout=60)
         assert no_ca.returncode == 2 and "cannot read /no/ca.pem: No such file or directory" in no_ca.stderr
     finally:
