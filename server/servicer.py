@@ -30,6 +30,11 @@ OFF_LOOP_CHARS = 32_768
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Translator"].full_name
 
+# A call that gRPC ends this close to its deadline has expired rather than been cancelled: the
+# server's deadline is the client's timeout counted from the call's arrival, a little later
+# than the client's own (measured under load: 4 of 97 expired calls within it).
+DEADLINE_SLACK_S = 0.05
+
 
 @dataclass
 class _Call:
@@ -38,10 +43,6 @@ class _Call:
     method: str
     model: str = "unknown"
     started: float = field(default_factory=time.perf_counter)
-
-
-async def _indexed(index: int, future: asyncio.Future):
-    return index, await future
 
 
 class TranslatorServicer(pb_grpc.TranslatorServicer):
@@ -66,9 +67,12 @@ class TranslatorServicer(pb_grpc.TranslatorServicer):
         call = _Call("TranslateStream")
         try:
             with self._queued(await self._accept(request, call), context) as futures:
-                for done in asyncio.as_completed([_indexed(i, f) for i, f in enumerate(futures)]):
-                    index, result = await done
-                    yield pb.TranslateResponse(model=call.model, translations=[translation_pb(index, result)])
+                index_of, pending = {f: i for i, f in enumerate(futures)}, set(futures)
+                while pending:
+                    done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+                    for future in sorted(done, key=index_of.get):
+                        yield pb.TranslateResponse(model=call.model,
+                                                   translations=[translation_pb(index_of[future], future.result())])
         except BaseException as error:
             await self._fail(error, context, call)
         self._record(call, grpc.StatusCode.OK)
@@ -115,6 +119,8 @@ class TranslatorServicer(pb_grpc.TranslatorServicer):
             try:
                 yield futures
             finally:
+                for future in futures:  # nobody awaits them now: a late answer or error is dropped
+                    future.cancel()
                 self._cancel_unfinished(validated.model, rows)
 
     def _submit(self, validated: ValidatedRequest, context) -> tuple[list[asyncio.Future], list[Row]]:
@@ -161,8 +167,10 @@ class TranslatorServicer(pb_grpc.TranslatorServicer):
 
     async def _fail(self, error: BaseException, context, call: _Call):
         """Map an error to its status (the only place that does), record it, end the call."""
-        if isinstance(error, asyncio.CancelledError):
-            self._record(call, grpc.StatusCode.CANCELLED)
+        if isinstance(error, (asyncio.CancelledError, GeneratorExit)):  # gRPC ended the call: client or deadline
+            remaining = context.time_remaining()
+            expired = remaining is not None and remaining < DEADLINE_SLACK_S
+            self._record(call, grpc.StatusCode.DEADLINE_EXCEEDED if expired else grpc.StatusCode.CANCELLED)
             raise error
         if isinstance(error, ServingError):
             code, message = error.code, str(error)
@@ -192,8 +200,10 @@ def add_to_server(servicer: TranslatorServicer, server: grpc.aio.Server) -> None
 
     def streaming(method: Callable, request_type: type[Message], response_type: type[Message]):
         async def handle(data: bytes, context):
-            async for response in method(await servicer.parse(data, request_type, method.__name__, context), context):
-                yield response
+            request = await servicer.parse(data, request_type, method.__name__, context)
+            async with contextlib.aclosing(method(request, context)) as responses:  # closed with the call
+                async for response in responses:
+                    yield response
 
         return grpc.unary_stream_rpc_method_handler(handle, response_serializer=response_type.SerializeToString)
 

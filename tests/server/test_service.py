@@ -4,6 +4,7 @@ import asyncio
 import concurrent.futures
 import contextlib
 import json
+import logging
 import os
 import re
 import shutil
@@ -206,12 +207,15 @@ def wait_until_idle(server, seconds=10):
     return False
 
 
-def test_deadline_frees_the_batch(running):
+def test_deadline_frees_the_batch(start_server):
+    server = start_server()
     with pytest.raises(grpc.RpcError) as error:
-        running.stub().Translate(long_request(64, beam_size=8), timeout=0.05)  # 512 rows: several batches
+        server.stub().Translate(long_request(64, beam_size=8), timeout=0.05)  # 512 rows: several batches
     assert error.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
-    assert wait_until_idle(running), "rows of an expired request are still decoding"
-    assert running.stub().Translate(request("Still here.")).translations[0].hypotheses
+    assert wait_until_idle(server), "rows of an expired request are still decoding"
+    assert server.stub().Translate(request("Still here.")).translations[0].hypotheses
+    assert 'parley_requests_total{code="DEADLINE_EXCEEDED",method="Translate",model="tiny"} 1.0' in \
+        server.metrics_text()  # gRPC ends an expired call as it ends a cancelled one: counted as expired
 
 
 def test_queued_texts_whose_deadline_passes_are_dropped(start_server):
@@ -230,6 +234,21 @@ def test_cancellation_frees_the_batch(running):
     assert call.cancel()
     assert wait_until_idle(running), "rows of a cancelled request are still decoding"
     assert 'code="CANCELLED",method="Translate"' in running.metrics_text()
+
+
+def test_a_stream_the_client_cancels_frees_the_batch_and_is_counted_cancelled(start_server, caplog):
+    server = start_server()
+    stream = server.stub().TranslateStream(long_request(64, beam_size=8))  # 512 rows: several batches
+    next(stream)  # the first text's answer; most others still waiting or decoding
+    stream.cancel()
+    assert wait_until_idle(server), "rows of a cancelled stream are still decoding"
+    counted = 'parley_requests_total{code="CANCELLED",method="TranslateStream",model="tiny"} 1.0'
+    deadline = time.monotonic() + 10
+    while counted not in server.metrics_text():  # the handler sees the cancellation at its next step
+        assert time.monotonic() < deadline, server.metrics_text()
+        time.sleep(0.01)
+    assert 'code="INTERNAL"' not in server.metrics_text()
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
 
 
 def test_full_queue_is_resource_exhausted(start_server):
