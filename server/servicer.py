@@ -67,12 +67,13 @@ class TranslatorServicer(pb_grpc.TranslatorServicer):
         call = _Call("TranslateStream")
         try:
             with self._queued(await self._accept(request, call), context) as futures:
-                index_of, pending = {f: i for i, f in enumerate(futures)}, set(futures)
-                while pending:
-                    done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
-                    for future in sorted(done, key=index_of.get):
-                        yield pb.TranslateResponse(model=call.model,
-                                                   translations=[translation_pb(index_of[future], future.result())])
+                finished: asyncio.Queue[int] = asyncio.Queue()  # indices, as their futures finish
+                for index, future in enumerate(futures):
+                    future.add_done_callback(lambda _, index=index: finished.put_nowait(index))
+                for _ in futures:
+                    index = await finished.get()
+                    yield pb.TranslateResponse(model=call.model,
+                                               translations=[translation_pb(index, futures[index].result())])
         except BaseException as error:
             await self._fail(error, context, call)
         self._record(call, grpc.StatusCode.OK)
