@@ -3,6 +3,7 @@
 import asyncio
 import concurrent.futures
 import contextlib
+import dataclasses
 import json
 import logging
 import os
@@ -393,61 +394,65 @@ def test_metrics_pass_promtool(start_server, tmp_path):
     assert result.returncode == 0, result.stdout + result.stderr
 
 
-def test_not_serving_while_models_load(tiny_package, monkeypatch):
+@dataclasses.dataclass
+class StartingServer:
+    """A server whose start is held in its model load until `release` is set."""
+
+    parley: ParleyServer
+    loop: asyncio.AbstractEventLoop
+    release: threading.Event
+    starting: concurrent.futures.Future
+
+    def run(self, coroutine, timeout: float = 60):
+        return asyncio.run_coroutine_threadsafe(coroutine, self.loop).result(timeout)
+
+
+@pytest.fixture
+def starting_server(tiny_package, monkeypatch):
     release = threading.Event()
     real_load = server.app.load_models
     monkeypatch.setattr(server.app, "load_models", lambda *args: (release.wait(30), real_load(*args))[1])
     loop = asyncio.new_event_loop()
     threading.Thread(target=loop.run_forever, daemon=True).start()
     parley = ParleyServer(server_config(tiny_package))
-    starting = asyncio.run_coroutine_threadsafe(parley.start(), loop)
+    started = StartingServer(parley, loop, release, asyncio.run_coroutine_threadsafe(parley.start(), loop))
     try:
         deadline = time.monotonic() + 10
-        while parley.port is None or parley.servicer is None:
+        while parley.port is None or parley.servicer is None:  # the port is open, the models loading
             assert time.monotonic() < deadline
             time.sleep(0.01)
-        channel = grpc.insecure_channel(f"127.0.0.1:{parley.port}")
-        health = health_pb2_grpc.HealthStub(channel)
-        assert health.Check(health_pb2.HealthCheckRequest(), timeout=5).status == \
-            health_pb2.HealthCheckResponse.NOT_SERVING
-        with pytest.raises(grpc.RpcError) as error:
-            pb_grpc.TranslatorStub(channel).Translate(request("Too early."), timeout=5)
-        assert error.value.code() == grpc.StatusCode.UNAVAILABLE and "loading" in error.value.details()
-        release.set()
-        starting.result(60)
-        assert health.Check(health_pb2.HealthCheckRequest(), timeout=5).status == \
-            health_pb2.HealthCheckResponse.SERVING
-        assert pb_grpc.TranslatorStub(channel).Translate(request("Now."), timeout=10).translations
+        yield started
     finally:
         release.set()
-        asyncio.run_coroutine_threadsafe(parley.stop(), loop).result(60)
+        started.run(parley.stop())
         loop.call_soon_threadsafe(loop.stop)
 
 
-def test_a_stop_while_models_load_leaves_nothing_running(tiny_package, monkeypatch):
-    release = threading.Event()
-    real_load = server.app.load_models
-    monkeypatch.setattr(server.app, "load_models", lambda *args: (release.wait(30), real_load(*args))[1])
-    loop = asyncio.new_event_loop()
-    threading.Thread(target=loop.run_forever, daemon=True).start()
-    parley = ParleyServer(server_config(tiny_package))
-    starting = asyncio.run_coroutine_threadsafe(parley.start(), loop)
-    try:
-        deadline = time.monotonic() + 10
-        while parley.servicer is None:
-            assert time.monotonic() < deadline
-            time.sleep(0.01)
-        asyncio.run_coroutine_threadsafe(parley.stop(), loop).result(30)  # SIGTERM during the load
-        release.set()
-        starting.result(60)
-        lanes = [lane.process for model in parley.registry or [] for lane in model.engine.lanes]
-        assert all(not process.is_alive() for process in lanes)
-        channel = grpc.insecure_channel(f"127.0.0.1:{parley.port}")
-        with pytest.raises(grpc.RpcError):  # the port is closed: nothing serves
-            health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=2)
-    finally:
-        release.set()
-        loop.call_soon_threadsafe(loop.stop)
+def test_not_serving_while_models_load(starting_server):
+    channel = grpc.insecure_channel(f"127.0.0.1:{starting_server.parley.port}")
+    health = health_pb2_grpc.HealthStub(channel)
+    assert health.Check(health_pb2.HealthCheckRequest(), timeout=5).status == \
+        health_pb2.HealthCheckResponse.NOT_SERVING
+    with pytest.raises(grpc.RpcError) as error:
+        pb_grpc.TranslatorStub(channel).Translate(request("Too early."), timeout=5)
+    assert error.value.code() == grpc.StatusCode.UNAVAILABLE and "loading" in error.value.details()
+    starting_server.release.set()
+    starting_server.starting.result(60)
+    assert health.Check(health_pb2.HealthCheckRequest(), timeout=5).status == \
+        health_pb2.HealthCheckResponse.SERVING
+    assert pb_grpc.TranslatorStub(channel).Translate(request("Now."), timeout=10).translations
+
+
+def test_a_stop_while_models_load_leaves_nothing_running(starting_server):
+    parley = starting_server.parley
+    starting_server.run(parley.stop(), timeout=30)  # SIGTERM during the load
+    starting_server.release.set()
+    starting_server.starting.result(60)
+    lanes = [lane.process for model in parley.registry or [] for lane in model.engine.lanes]
+    assert lanes and all(not process.is_alive() for process in lanes)
+    channel = grpc.insecure_channel(f"127.0.0.1:{parley.port}")
+    with pytest.raises(grpc.RpcError):  # the port is closed: nothing serves
+        health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=2)
 
 
 def test_reflection_lists_the_services(running):
