@@ -143,11 +143,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 def model_config(args: argparse.Namespace, tokenizer: Tokenizer | None = None) -> ModelConfig:
     """The architecture the flags ask for, with the tokenizer's vocabulary and special ids
     (before it exists: --vocab-size and the default ids)."""
-    vocabulary = {} if tokenizer is None else dict(
-        pad_id=tokenizer.pad_id, unk_id=tokenizer.unk_id, bos_id=tokenizer.bos_id, eos_id=tokenizer.eos_id)
+    vocabulary = dict(vocab_size=args.vocab_size) if tokenizer is None else dict(
+        vocab_size=tokenizer.vocab_size, pad_id=tokenizer.pad_id, unk_id=tokenizer.unk_id, bos_id=tokenizer.bos_id,
+        eos_id=tokenizer.eos_id)
     return ModelConfig(
-        vocab_size=tokenizer.vocab_size if tokenizer else args.vocab_size, d_model=args.d_model,
-        num_heads=args.num_heads, d_ff=args.d_ff, encoder_layers=args.encoder_layers,
+        d_model=args.d_model, num_heads=args.num_heads, d_ff=args.d_ff, encoder_layers=args.encoder_layers,
         decoder_layers=args.decoder_layers, dropout=args.dropout, activation=args.activation,
         pre_norm=args.pre_norm, max_positions=args.max_positions, source_language=args.source_language,
         target_language=args.target_language, **vocabulary)

@@ -35,6 +35,8 @@ SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Translator"].full_name
 # than the client's own (measured under load: 4 of 97 expired calls within it).
 DEADLINE_SLACK_S = 0.05
 
+LOADING = "models are still loading; retry shortly"
+
 
 @dataclass
 class _Call:
@@ -81,7 +83,7 @@ class TranslatorServicer(pb_grpc.TranslatorServicer):
     async def ListModels(self, request: pb.ListModelsRequest, context) -> pb.ListModelsResponse:
         call = _Call("ListModels", model="")
         if self.registry is None:
-            await self._fail(Unavailable("models are still loading; retry shortly"), context, call)
+            await self._fail(Unavailable(LOADING), context, call)
         response = pb.ListModelsResponse(models=[
             pb.ModelInfo(name=m.name, source_language=m.package.source_language,
                          target_language=m.package.target_language, precision=m.engine.precision,
@@ -109,7 +111,7 @@ class TranslatorServicer(pb_grpc.TranslatorServicer):
         if self.draining:
             raise Unavailable("the server is shutting down; retry on another replica")
         if self.registry is None:
-            raise Unavailable("models are still loading; retry shortly")
+            raise Unavailable(LOADING)
 
     @contextlib.contextmanager
     def _queued(self, validated: ValidatedRequest, context) -> Iterator[list[asyncio.Future]]:
