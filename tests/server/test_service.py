@@ -267,8 +267,11 @@ def test_health_and_graceful_shutdown_drain_in_flight_work(start_server):
         assert health.Check(health_pb2.HealthCheckRequest(service=service)).status == health_pb2.HealthCheckResponse.SERVING
     stub = server.stub()
     in_flight = [stub.Translate.future(long_request(16)) for _ in range(32)]  # 2,048 rows: several batches per lane
-    time.sleep(0.05)
-    assert not all(call.done() for call in in_flight)
+    registry, deadline = server.server.metrics.registry, time.monotonic() + 10
+    while registry.get_sample_value("parley_inflight_requests", {"model": "tiny"}) < 32:  # all accepted
+        assert time.monotonic() < deadline
+        time.sleep(0.005)
+    assert not any(call.done() for call in in_flight)
     stopping = server.stop_soon()
     time.sleep(0.05)
     with pytest.raises(grpc.RpcError) as error:
