@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
-from export.convert import ExportError, ExportOptions, cpu_has_vnni, export_package
+from export.convert import ExportError, ExportOptions, default_int8_weight_bits, export_package
 from export.package import PRECISIONS
 from model.data import read_lines
 
@@ -54,7 +54,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     unknown = [p for p in precisions if p not in PRECISIONS]
     if unknown or not precisions:
         sys.exit(f"error: unknown precision {', '.join(unknown) or '(none given)'}; choose from {', '.join(PRECISIONS)}")
-    bits = (8 if cpu_has_vnni() else 7) if args.int8_weight_bits == "auto" else int(args.int8_weight_bits)
+    bits = default_int8_weight_bits() if args.int8_weight_bits == "auto" else int(args.int8_weight_bits)
     try:
         options = ExportOptions(
             precisions=precisions, name=args.name, sample=read_sentences(args.sample, "sample"),

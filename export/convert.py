@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import shutil
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -33,11 +33,16 @@ from model.checkpoint import TOKENIZER_FILE, load_model
 from model.generate import translate_tokens
 from model.transformer import Transformer
 from server.engine.engine import Engine
-from server.engine.session import cuda_available
+from server.engine.session import cpu_has_vnni, cuda_available
 
 
 class ExportError(Exception):
     """The export cannot go on; the message says what to do."""
+
+
+def default_int8_weight_bits() -> int:
+    """8 where this CPU's integer GEMMs cannot saturate (VNNI), else 7 (export.quantize)."""
+    return 8 if cpu_has_vnni() else 7
 
 
 @dataclass
@@ -49,19 +54,11 @@ class ExportOptions:
     sample_size: int = 200
     calibration: Sequence[str] | None = None  # source sentences for static int8 activation scales
     calibration_size: int = 1000
-    int8_weight_bits: int = 8
+    int8_weight_bits: int = field(default_factory=default_int8_weight_bits)
     max_fp32_logprob_diff: float = 1e-4
     min_bleu_vs_pytorch: float = 60.0  # int8 / fp16 greedy output scored against PyTorch's
     verify_fp16_on_cpu: bool = False
     force: bool = False
-
-
-def cpu_has_vnni() -> bool:
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return "avx512_vnni" in flags or "avx_vnni" in flags
 
 
 def export_package(checkpoint_dir: Path, out_dir: Path, options: ExportOptions,

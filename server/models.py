@@ -9,6 +9,7 @@ from pathlib import Path
 from export.package import MANIFEST_FILE, ModelPackage
 from server.config import ServerConfig
 from server.engine.lanes import LaneEngine
+from server.engine.session import int8_saturation_warning
 from server.errors import InvalidRequest, ModelNotFound
 from server.metrics import Metrics
 from server.scheduler import Scheduler
@@ -88,6 +89,9 @@ def load_models(config: ServerConfig, metrics: Metrics) -> ModelRegistry:
                                       engine.device).set(1)
             log.info("loaded model", extra={"model": package.name, "precision": engine.precision,
                                             "device": engine.device, "lanes": config.lanes, "path": str(path)})
+            warning = int8_saturation_warning(package, engine.precision, engine.device)
+            if warning:
+                log.warning(warning, extra={"model": package.name})
         names = [m.name for m in models]
         if len(set(names)) != len(names):
             raise ValueError(f"model names must be unique in {config.model_repository}: {names}")

@@ -10,11 +10,12 @@ import onnxruntime
 import pytest
 import torch
 
+import export.convert
 from decoding import DecodingParams, output_budget
 from decoding.padding import pad_batch
 from decoding.tokenizer import Tokenizer
 from export.calibrate import input_ranges
-from export.convert import ExportOptions, export_package
+from export.convert import ExportOptions, default_int8_weight_bits, export_package
 from export.io import decoder_input_names
 from export.package import ModelPackage, PackageError
 from export.quantize import weight_key
@@ -53,6 +54,12 @@ def test_package_has_every_precision_with_checksums_and_parity(tiny_package):
     assert {n.op_type for n in graph.node} >= {"QuantizeLinear", "MatMulIntegerToFloat"}
     assert "DynamicQuantizeLinear" not in {n.op_type for n in graph.node}  # per-tensor scales would break batching
     assert not [n.name for n in graph.node if n.op_type == "MatMul" and n.input[1] in weights]
+
+
+@pytest.mark.parametrize("vnni,bits", [(True, 8), (False, 7)])
+def test_int8_weights_are_8_bit_only_where_the_cpu_has_vnni(monkeypatch, vnni, bits):
+    monkeypatch.setattr(export.convert, "cpu_has_vnni", lambda: vnni)
+    assert ExportOptions().int8_weight_bits == bits
 
 
 @pytest.mark.parametrize("precision,tolerance", [("fp32", 1e-4), ("int8", 0.5), ("fp16", 0.05)])
@@ -227,8 +234,8 @@ def test_calibrated_int8_quantizes_with_fixed_scales_and_adds_biases_in_the_gemm
     tokens = Tokenizer(calibrated_package / "spm.model").encode(read_lines(split_path(DATA_DIR, "train", "en"))[:64])
     fitting = sum(len(ids) < 64 for ids in tokens)  # room for EOS in the tiny model's 64 positions
     assert 0 < fitting < 64  # the test covers sentences left out
-    assert package.variant("int8").settings == {"int8_weight_bits": 8, "activation_scales": "static",
-                                                "calibration_sentences": fitting}
+    assert package.variant("int8").settings == {"int8_weight_bits": default_int8_weight_bits(),
+                                                "activation_scales": "static", "calibration_sentences": fitting}
     fp32 = onnx.load(str(package.graph_path("fp32", graph))).graph
     int8 = onnx.load(str(package.graph_path("int8", graph))).graph
     scalars = {init.name for init in int8.initializer if not init.dims}

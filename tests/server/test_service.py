@@ -20,6 +20,7 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 import server.app
+import server.engine.session
 import server.requests
 from bench.replicas import free_port, wait_until_serving
 from parley.v1 import translate_pb2 as pb
@@ -466,3 +467,19 @@ def test_reflection_lists_the_services(running):
     assert {"parley.v1.Translator", "grpc.health.v1.Health"} <= services
     methods = [m.name for m in database.FindFileContainingSymbol("parley.v1.Translator").service[0].method]
     assert methods == ["Translate", "TranslateStream", "ListModels"]
+
+
+@pytest.mark.parametrize("weight_bits,warned", [(8, True), (7, False)])
+def test_8_bit_int8_weights_on_a_cpu_without_vnni_are_warned_about(tiny_package, tmp_path, monkeypatch, caplog,
+                                                                    weight_bits, warned):
+    package = tmp_path / "tiny"
+    shutil.copytree(tiny_package, package)
+    manifest = json.loads((package / "manifest.json").read_text())
+    manifest["variants"]["int8"]["settings"]["int8_weight_bits"] = weight_bits
+    (package / "manifest.json").write_text(json.dumps(manifest))
+    monkeypatch.setattr(server.engine.session, "cpu_has_vnni", lambda: False)
+    with caplog.at_level("WARNING", logger="parley"):
+        RunningServer(server_config(package, precision="int8", lanes=1)).close()
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING and "VNNI" in r.getMessage()]
+    assert len(warnings) == warned
+    assert all("--int8-weight-bits 7" in w and "--precision fp32" in w for w in warnings)
