@@ -18,6 +18,9 @@ from server.servicer import SERVICE_NAME, TranslatorServicer, add_to_server
 
 log = logging.getLogger("parley.server")
 
+# After the grace period: time for the calls whose texts were just failed to send their answers.
+ANSWER_GRACE_S = 1.0
+
 
 class ParleyServer:
     """Start: load and warm up every model, then serve. Stop: drain, then exit."""
@@ -32,6 +35,7 @@ class ParleyServer:
         self.metrics_http = None
         self.port: int | None = None
         self._stopping = False
+        self._grace_over = asyncio.Event()
         self._stopped = asyncio.Event()
 
     async def start(self) -> None:
@@ -82,32 +86,43 @@ class ParleyServer:
         return grpc.ssl_server_credentials([(key, cert)], root_certificates=client_ca,
                                            require_client_auth=client_ca is not None)
 
-    async def stop(self) -> None:
+    async def stop(self, now: bool = False) -> None:
         """Graceful: NOT_SERVING, refuse new calls (UNAVAILABLE), let in-flight ones finish within the grace period.
 
         The port stays open while in-flight calls finish, so health checks see NOT_SERVING
-        and load balancers move traffic away; then the gRPC server stops.
+        and load balancers move traffic away. Texts still unfinished when the grace period
+        ends are answered UNAVAILABLE by their schedulers, then the gRPC server stops.
+        now: end the grace period at once (an operator's second SIGTERM or Ctrl-C).
         """
+        if now and not self._grace_over.is_set():
+            self._grace_over.set()
+            if self._stopping and not self._stopped.is_set():
+                log.warning("stopping now: a second signal ended the grace period")
         if self._stopping:
             return await self._stopped.wait()
         self._stopping = True
-        deadline = time.monotonic() + self.config.grace_period_s
         log.info("draining", extra={"grace_period_s": self.config.grace_period_s})
         await self.health.enter_graceful_shutdown()
         if self.servicer:
             self.servicer.draining = True
         for model in self.registry or []:
             model.scheduler.stop_accepting()
-        while self.servicer and self.servicer.active_calls and time.monotonic() < deadline:
+        deadline = time.monotonic() + self.config.grace_period_s
+        while (self.servicer and self.servicer.active_calls and time.monotonic() < deadline
+               and not self._grace_over.is_set()):
             await asyncio.sleep(0.05)
-        if self.grpc_server:
-            await self.grpc_server.stop(max(deadline - time.monotonic(), 0.0))
-        for model in self.registry or []:
+        for model in self.registry or []:  # what is left is answered, with the reason, before gRPC stops
             await model.scheduler.stop()
+        if self.grpc_server:
+            await self.grpc_server.stop(ANSWER_GRACE_S)
         if self.metrics_http:
             self.metrics_http.shutdown()
         self._stopped.set()
         log.info("stopped")
+
+    @property
+    def stopping(self) -> bool:
+        return self._stopping
 
     async def wait(self) -> None:
         await self._stopped.wait()
@@ -117,6 +132,7 @@ async def serve(config: ServerConfig) -> None:
     server = ParleyServer(config)
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, lambda: asyncio.ensure_future(server.stop()))
+        # The first signal drains; a second one ends the grace period at once.
+        loop.add_signal_handler(sig, lambda: asyncio.ensure_future(server.stop(now=server.stopping)))
     await server.start()
     await server.wait()

@@ -157,7 +157,8 @@ class Scheduler:
         for lane in range(len(self._active)):
             self._release_all(lane)
         for row in left:
-            self._resolve(row, error=Unavailable("the server stopped before this text was translated"))
+            self._resolve(row, error=Unavailable("the server stopped before this text was translated; "
+                                                    "retry on another replica"))
 
     def _attach(self, lane: int) -> None:
         self._pipes[lane] = LoopPipe(self._loop, self.engine.lanes[lane].conn,

@@ -14,10 +14,12 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.request
 
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from prometheus_client.parser import text_string_to_metric_families
 
 import server.app
 import server.engine.session
@@ -268,11 +270,8 @@ def test_health_and_graceful_shutdown_drain_in_flight_work(start_server):
         assert health.Check(health_pb2.HealthCheckRequest(service=service)).status == health_pb2.HealthCheckResponse.SERVING
     stub = server.stub()
     in_flight = [stub.Translate.future(long_request(16)) for _ in range(32)]  # 2,048 rows: several batches per lane
-    registry, deadline = server.server.metrics.registry, time.monotonic() + 10
-    while registry.get_sample_value("parley_inflight_requests", {"model": "tiny"}) < 32:  # all accepted
-        assert time.monotonic() < deadline
-        time.sleep(0.005)
-    assert not any(call.done() for call in in_flight)
+    wait_until_accepted(server.metrics_text, 32)
+    assert not all(call.done() for call in in_flight)
     stopping = server.stop_soon()
     time.sleep(0.05)
     with pytest.raises(grpc.RpcError) as error:
@@ -282,6 +281,46 @@ def test_health_and_graceful_shutdown_drain_in_flight_work(start_server):
     for call in in_flight:
         assert len(call.result(timeout=30).translations) == 16
     stopping.result(30)
+
+
+def wait_until_accepted(metrics_text, calls: int, seconds: float = 10):
+    """Until the server has accepted `calls` calls (in flight or answered): a call sent but not
+    yet accepted when the server starts to stop is rightly refused."""
+    deadline = time.monotonic() + seconds
+    while True:
+        samples = [sample for family in text_string_to_metric_families(metrics_text()) for sample in family.samples]
+        accepted = sum(value for name, labels, value, *_ in samples if labels.get("model") == "tiny" and
+                       name in ("parley_inflight_requests", "parley_requests_total"))
+        if accepted >= calls:
+            return
+        assert time.monotonic() < deadline, f"{calls} calls were not all accepted within {seconds} s"
+        time.sleep(0.005)
+
+
+@pytest.mark.parametrize("ending", ["grace period over", "second stop"])
+def test_calls_cut_off_by_the_end_of_the_grace_period_are_answered_unavailable_with_the_reason(start_server,
+                                                                                               ending):
+    server = start_server(grace_period_s=0.0 if ending == "grace period over" else 60.0)
+    stub = server.stub()
+    in_flight = [stub.Translate.future(long_request(16)) for _ in range(32)]
+    wait_until_accepted(server.metrics_text, 32)
+    started = time.monotonic()
+    stopping = server.stop_soon()
+    if ending == "second stop":
+        time.sleep(0.1)
+        server.call(server.server.stop(now=True))
+    stopping.result(30)
+    assert time.monotonic() - started < 20  # far less than the 60 s grace period
+    codes = []
+    for call in in_flight:
+        try:
+            codes.append(("OK", len(call.result(timeout=10).translations)))
+        except grpc.RpcError as error:
+            codes.append((error.code().name, error.details()))
+    unavailable = [c for c in codes if c[0] == "UNAVAILABLE"]
+    assert unavailable and set(codes) - set(unavailable) <= {("OK", 16)}
+    assert {details for _, details in unavailable} == {"the server stopped before this text was translated; "
+                                                       "retry on another replica"}
 
 
 def test_a_lane_that_dies_fails_its_texts_and_is_restarted(start_server):
@@ -350,23 +389,41 @@ def test_a_lane_that_cannot_restart_leaves_the_model_unavailable(tiny_package, t
         server.close()
 
 
-@pytest.mark.parametrize("stop_signal", [signal.SIGINT, signal.SIGTERM])
-def test_a_signal_to_the_process_group_drains_in_flight_work_before_the_lanes_stop(tiny_package, stop_signal):
-    """Ctrl-C (SIGINT), `timeout` and systemd (SIGTERM) signal the server's lane processes too."""
-    grpc_port = free_port()
+@pytest.mark.parametrize("stop_signal,signals", [(signal.SIGINT, 1), (signal.SIGTERM, 1), (signal.SIGINT, 2)],
+                         ids=["SIGINT", "SIGTERM", "SIGINT twice"])
+def test_a_signal_to_the_process_group_drains_in_flight_work_before_the_lanes_stop(tiny_package, stop_signal,
+                                                                                    signals):
+    """Ctrl-C (SIGINT), `timeout` and systemd (SIGTERM) signal the server's lane processes too.
+    A second signal ends the grace period: what is unfinished is answered UNAVAILABLE."""
+    grpc_port, metrics_port = free_port(), free_port()
     process = subprocess.Popen([sys.executable, "-m", "server", "--model-repository", str(tiny_package),
-                                "--host", "127.0.0.1", "--port", str(grpc_port), "--metrics-port", "0",
-                                "--log-level", "warning", "--default-beam-size", "1"], start_new_session=True)
+                                "--host", "127.0.0.1", "--port", str(grpc_port), "--metrics-port", str(metrics_port),
+                                "--log-level", "warning", "--default-beam-size", "1", "--grace-period-s", "60"],
+                               start_new_session=True)
     try:
         wait_until_serving(grpc_port)
         stub = pb_grpc.TranslatorStub(grpc.insecure_channel(f"127.0.0.1:{grpc_port}"))
-        in_flight = [stub.Translate.future(long_request(16), timeout=60) for _ in range(8)]
-        time.sleep(0.05)
-        os.killpg(process.pid, stop_signal)
+        calls = 8 * signals  # enough work to outlast the second signal
+        in_flight = [stub.Translate.future(long_request(16), timeout=60) for _ in range(calls)]
+        metrics_url = f"http://127.0.0.1:{metrics_port}/metrics"
+        wait_until_accepted(lambda: urllib.request.urlopen(metrics_url, timeout=5).read().decode(), calls)
+        started = time.monotonic()
+        for _ in range(signals):
+            os.killpg(process.pid, stop_signal)
+            time.sleep(0.1)
         assert not all(call.done() for call in in_flight)
+        answers = []
         for call in in_flight:
-            assert len(call.result().translations) == 16
+            try:
+                answers.append(len(call.result().translations))
+            except grpc.RpcError as error:
+                answers.append(error.code())
         assert process.wait(60) == 0
+        if signals == 1:
+            assert answers == [16] * calls
+        else:
+            assert grpc.StatusCode.UNAVAILABLE in answers and set(answers) <= {16, grpc.StatusCode.UNAVAILABLE}
+            assert time.monotonic() - started < 30
     finally:
         if process.poll() is None:
             os.killpg(process.pid, signal.SIGKILL)
