@@ -234,7 +234,10 @@ def test_queued_texts_whose_deadline_passes_are_dropped(start_server):
 
 def test_cancellation_frees_the_batch(running):
     call = running.stub().Translate.future(long_request(64, beam_size=8))  # 512 rows: several batches
-    time.sleep(0.02)
+    end = time.monotonic() + 10
+    while not running.scheduler().texts_in_flight:  # cancelled once the server works on it
+        assert time.monotonic() < end, "the request never reached the scheduler"
+        time.sleep(0.005)
     assert call.cancel()
     assert wait_until_idle(running), "rows of a cancelled request are still decoding"
     assert 'code="CANCELLED",method="Translate"' in running.metrics_text()
