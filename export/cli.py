@@ -38,8 +38,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                         "activation scales from them, about a tenth faster (default: per-row scales at run time)")
     p.add_argument("--calibration-size", type=int, default=1000, help="calibration sentences used (default 1000)")
     p.add_argument("--int8-weight-bits", default="auto", choices=["auto", "7", "8"],
-                   help="8 is safe only on CPUs with VNNI; 7 avoids int16 saturation elsewhere "
-                        "(auto: 8 if this CPU has VNNI)")
+                   help="8 can saturate int16 sums on x86 CPUs without VNNI, which 7 avoids "
+                        "(auto: 7 on such a CPU, else 8)")
     p.add_argument("--min-bleu-vs-pytorch", type=float, default=60.0,
                    help="int8/fp16 fail verification below this BLEU against PyTorch's greedy output")
     p.add_argument("--verify-fp16-on-cpu", action="store_true",

@@ -33,7 +33,7 @@ from model.checkpoint import TOKENIZER_FILE, load_model
 from model.generate import translate_tokens
 from model.transformer import Transformer
 from server.engine.engine import Engine
-from server.engine.session import cpu_has_vnni, cuda_available
+from server.engine.session import cuda_available, int8_gemm_can_saturate
 
 
 class ExportError(Exception):
@@ -41,8 +41,8 @@ class ExportError(Exception):
 
 
 def default_int8_weight_bits() -> int:
-    """8 where this CPU's integer GEMMs cannot saturate (VNNI), else 7 (export.quantize)."""
-    return 8 if cpu_has_vnni() else 7
+    """7 where this CPU's integer GEMMs can saturate with 8-bit weights, else 8 (export.quantize)."""
+    return 7 if int8_gemm_can_saturate() else 8
 
 
 @dataclass

@@ -25,9 +25,9 @@ Activations are uint8 with zero point 128 because U8S8 is the integer GEMM that 
 implements on every x86-64 CPU. On CPUs without VNNI that kernel uses VPMADDUBSW, whose
 int16 pair sums saturate when |2 * 255 * w| > 32767; 7-bit weights (|w| <= 63) rule that
 out at a small accuracy cost. With VNNI (AVX512-VNNI or AVX-VNNI) the products accumulate
-in int32 and full 8-bit weights are safe. `weight_bits` chooses; the export tool defaults
-to 8 when the exporting CPU has VNNI and records the choice in the manifest; the server
-warns when 8-bit weights run on a CPU without it.
+in int32 and full 8-bit weights are safe, as on ARM. `weight_bits` chooses; the export tool
+defaults to 7 on x86 CPUs without VNNI, else 8, and records the choice in the manifest; the
+server warns when 8-bit weights run on an x86 CPU without VNNI.
 """
 
 from __future__ import annotations

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import platform
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,25 +31,27 @@ def cuda_available() -> bool:
     return "CUDAExecutionProvider" in ort.get_available_providers()
 
 
-def cpu_has_vnni() -> bool:
-    """Whether this CPU's integer GEMMs accumulate int8 products in int32 (AVX512-VNNI or
-    AVX-VNNI). Without it ONNX Runtime's U8S8 kernel sums pairs of products in int16, which
-    8-bit weights can saturate (export.quantize)."""
+def int8_gemm_can_saturate() -> bool:
+    """Whether ONNX Runtime's U8S8 GEMM sums pairs of int8 products in int16 on this CPU, which
+    8-bit weights can saturate (export.quantize): on x86 without VNNI (AVX512-VNNI or
+    AVX-VNNI). With VNNI, and on ARM, the products accumulate in int32."""
+    if platform.machine().lower() not in ("x86_64", "amd64", "i386", "i686"):
+        return False
     try:
         flags = Path("/proc/cpuinfo").read_text()
     except OSError:
         return False
-    return "avx512_vnni" in flags or "avx_vnni" in flags
+    return "avx512_vnni" not in flags and "avx_vnni" not in flags
 
 
 def int8_saturation_warning(package: ModelPackage, precision: str, device: str) -> str | None:
     """What to tell an operator who runs 8-bit int8 weights where their GEMMs can saturate."""
-    if precision != "int8" or device != "cpu" or cpu_has_vnni():
+    if precision != "int8" or device != "cpu" or not int8_gemm_can_saturate():
         return None
     if package.variant("int8").settings.get("int8_weight_bits") != 8:
         return None
-    return (f"{package.name}: its int8 weights are 8-bit, exported for CPUs with VNNI; this CPU has none, so "
-            f"some integer products can saturate and translations may drift from fp32. Re-export with "
+    return (f"{package.name}: its int8 weights are 8-bit, exported for CPUs with VNNI; this x86 CPU has none, "
+            f"so some integer products can saturate and translations may drift from fp32. Re-export with "
             f"--int8-weight-bits 7 (the export tool's choice on such CPUs) or serve --precision fp32")
 
 

@@ -56,9 +56,9 @@ def test_package_has_every_precision_with_checksums_and_parity(tiny_package):
     assert not [n.name for n in graph.node if n.op_type == "MatMul" and n.input[1] in weights]
 
 
-@pytest.mark.parametrize("vnni,bits", [(True, 8), (False, 7)])
-def test_int8_weights_are_8_bit_only_where_the_cpu_has_vnni(monkeypatch, vnni, bits):
-    monkeypatch.setattr(export.convert, "cpu_has_vnni", lambda: vnni)
+@pytest.mark.parametrize("saturates,bits", [(False, 8), (True, 7)])
+def test_int8_weights_are_8_bit_only_where_the_cpus_gemms_cannot_saturate(monkeypatch, saturates, bits):
+    monkeypatch.setattr(export.convert, "int8_gemm_can_saturate", lambda: saturates)
     assert ExportOptions().int8_weight_bits == bits
 
 

@@ -537,7 +537,7 @@ def test_8_bit_int8_weights_on_a_cpu_without_vnni_are_warned_about(tiny_package,
     manifest = json.loads((package / "manifest.json").read_text())
     manifest["variants"]["int8"]["settings"]["int8_weight_bits"] = weight_bits
     (package / "manifest.json").write_text(json.dumps(manifest))
-    monkeypatch.setattr(server.engine.session, "cpu_has_vnni", lambda: False)
+    monkeypatch.setattr(server.engine.session, "int8_gemm_can_saturate", lambda: True)
     with caplog.at_level("WARNING", logger="parley"):
         RunningServer(server_config(package, precision="int8", lanes=1)).close()
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING and "VNNI" in r.getMessage()]
