@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
+import ssl
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
@@ -62,13 +63,16 @@ class ServerConfig:
             problems.append("tls_cert and tls_key go together")
         if self.tls_client_ca and not self.tls_cert:
             problems.append("tls_client_ca needs tls_cert and tls_key")
-        for name in ("tls_cert", "tls_key", "tls_client_ca"):
-            path = getattr(self, name)
-            if path and not path.is_file():
-                problems.append(f"{name} {path} is not a file")
+        missing = [name for name in ("tls_cert", "tls_key", "tls_client_ca")
+                   if getattr(self, name) and not getattr(self, name).is_file()]
+        problems += [f"{name} {getattr(self, name)} is not a file" for name in missing]
+        if self.tls_cert and self.tls_key and not missing:
+            problems += _tls_problems(self.tls_cert, self.tls_key, self.tls_client_ca)
         for name in ("port", "metrics_port"):
             if not 0 <= getattr(self, name) <= 65535:
                 problems.append(f"{name} must be between 0 and 65535, got {getattr(self, name)}")
+        if self.port and self.port == self.metrics_port:
+            problems.append(f"port and metrics_port must differ, both are {self.port}")
         for name in ("threads", "max_queue_delay_ms", "grace_period_s"):
             if getattr(self, name) < 0:
                 problems.append(f"{name} must be >= 0, got {getattr(self, name)}")
@@ -78,6 +82,31 @@ class ServerConfig:
             problems.append("log_format must be json or text")
         if problems:
             raise ValueError("invalid configuration: " + "; ".join(problems))
+
+
+def _tls_problems(cert: Path, key: Path, client_ca: Path | None) -> list[str]:
+    """What is wrong with the TLS files, found before the start: gRPC reports an unusable
+    certificate or key only as 'Failed to bind to address'."""
+    def pem(path: Path) -> str:
+        return path.read_bytes().decode("latin-1")
+
+    problems = [f"{name} {path} holds no PEM certificate (-----BEGIN CERTIFICATE-----)"
+                for name, path in (("tls_cert", cert), ("tls_client_ca", client_ca))
+                if path and "-----BEGIN CERTIFICATE-----" not in pem(path)]
+    key_text = pem(key)
+    if "PRIVATE KEY-----" not in key_text:
+        problems.append(f"tls_key {key} holds no PEM private key (-----BEGIN PRIVATE KEY-----)")
+    elif "ENCRYPTED" in key_text:
+        problems.append(f"tls_key {key} is encrypted; gRPC needs it unencrypted (openssl pkey -in {key} -out KEY)")
+    if problems:
+        return problems
+    try:
+        ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER).load_cert_chain(cert, key, password=lambda: b"")  # never prompts
+    except ssl.SSLError as error:
+        if error.reason == "KEY_VALUES_MISMATCH":
+            return [f"tls_key {key} is not the private key of tls_cert {cert}"]
+        return [f"tls_cert {cert} and tls_key {key} cannot be loaded: {error}"]
+    return []
 
 
 def env_name(field_name: str) -> str:

@@ -26,6 +26,7 @@ def test_flags_override_environment_which_overrides_defaults():
     ({"PARLEY_TLS_CERT": "/no/cert.pem", "PARLEY_TLS_KEY": "/no/key.pem"}, "tls_cert /no/cert.pem is not a file"),
     ({"PARLEY_PORT": "70000"}, "port must be between 0 and 65535, got 70000"),
     ({"PARLEY_METRICS_PORT": "-1"}, "metrics_port must be between 0 and 65535, got -1"),
+    ({"PARLEY_PORT": "9000", "PARLEY_METRICS_PORT": "9000"}, "port and metrics_port must differ, both are 9000"),
     ({"PARLEY_THREADS": "-2"}, "threads must be >= 0, got -2"),
     ({"PARLEY_GRACE_PERIOD_S": "-1"}, "grace_period_s must be >= 0, got -1.0"),
     ({"PARLEY_MAX_QUEUE_DELAY_MS": "-5"}, "max_queue_delay_ms must be >= 0, got -5.0"),

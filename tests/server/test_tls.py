@@ -5,6 +5,7 @@ import pytest
 
 from parley.v1 import translate_pb2 as pb
 from parley.v1 import translate_pb2_grpc as pb_grpc
+from server.config import parse_config
 from tests.server.conftest import request
 
 
@@ -52,3 +53,25 @@ def test_mutual_tls_requires_a_client_certificate(start_server, certificates):
     with pytest.raises(grpc.RpcError) as error:
         secure_stub(server, certificates, client_cert=False).ListModels(pb.ListModelsRequest(), timeout=5)
     assert error.value.code() == grpc.StatusCode.UNAVAILABLE
+
+
+@pytest.mark.parametrize("cert,key,client_ca,message", [
+    ("server.key", "server.pem", None, "tls_cert {d}/server.key holds no PEM certificate"),
+    ("server.pem", "server.pem", None, "tls_key {d}/server.pem holds no PEM private key"),
+    ("server.pem", "client.key", None, "tls_key {d}/client.key is not the private key of tls_cert {d}/server.pem"),
+    ("server.pem", "encrypted.key", None, "tls_key {d}/encrypted.key is encrypted; gRPC needs it unencrypted"),
+    ("server.pem", "server.key", "ca.key", "tls_client_ca {d}/ca.key holds no PEM certificate"),
+])
+def test_unusable_tls_files_are_explained_before_the_start(certificates, capsys, cert, key, client_ca, message):
+    """gRPC itself would say only 'Failed to bind to address'."""
+    if not (certificates / "encrypted.key").exists():
+        openssl("pkey", "-in", "server.key", "-aes256", "-passout", "pass:secret", "-out", "encrypted.key",
+                cwd=certificates)
+    flags = ["--tls-cert", str(certificates / cert), "--tls-key", str(certificates / key)]
+    if client_ca:
+        flags += ["--tls-client-ca", str(certificates / client_ca)]
+    with pytest.raises(SystemExit):
+        parse_config(flags, {})
+    assert message.format(d=certificates) in capsys.readouterr().err
+    parse_config(["--tls-cert", str(certificates / "server.pem"), "--tls-key", str(certificates / "server.key"),
+                  "--tls-client-ca", str(certificates / "ca.pem")], {})  # the right files pass
