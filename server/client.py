@@ -15,6 +15,7 @@ import grpc
 
 from parley.v1 import translate_pb2 as pb
 from parley.v1 import translate_pb2_grpc as pb_grpc
+from server.tls import pem_problems
 
 
 def channel(address: str, ca: Path | None, cert: Path | None, key: Path | None) -> grpc.Channel:
@@ -56,10 +57,16 @@ def main(argv: Sequence[str] | None = None) -> None:
     p.add_argument("--tls-key", type=Path, help="client private key, for mTLS")
     args = p.parse_args(argv)
 
+    if bool(args.tls_cert) != bool(args.tls_key):
+        p.error("--tls-cert and --tls-key go together")
     try:
+        problems = pem_problems({"--tls-cert": args.tls_cert, "--tls-ca": args.tls_ca},
+                                ("--tls-key", args.tls_key) if args.tls_key else None)
         stub = pb_grpc.TranslatorStub(channel(args.address, args.tls_ca, args.tls_cert, args.tls_key))
     except OSError as error:
         p.error(f"cannot read {error.filename}: {error.strerror}")
+    if problems:
+        p.error("; ".join(problems))
     try:
         if args.list_models:
             for m in stub.ListModels(pb.ListModelsRequest(), timeout=args.timeout).models:

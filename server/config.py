@@ -5,10 +5,11 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
-import ssl
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
+
+from server.tls import pem_problems
 
 
 @dataclass(frozen=True)
@@ -67,7 +68,8 @@ class ServerConfig:
                    if getattr(self, name) and not getattr(self, name).is_file()]
         problems += [f"{name} {getattr(self, name)} is not a file" for name in missing]
         if self.tls_cert and self.tls_key and not missing:
-            problems += _tls_problems(self.tls_cert, self.tls_key, self.tls_client_ca)
+            problems += pem_problems({"tls_cert": self.tls_cert, "tls_client_ca": self.tls_client_ca},
+                                     ("tls_key", self.tls_key))
         for name in ("port", "metrics_port"):
             if not 0 <= getattr(self, name) <= 65535:
                 problems.append(f"{name} must be between 0 and 65535, got {getattr(self, name)}")
@@ -82,31 +84,6 @@ class ServerConfig:
             problems.append("log_format must be json or text")
         if problems:
             raise ValueError("invalid configuration: " + "; ".join(problems))
-
-
-def _tls_problems(cert: Path, key: Path, client_ca: Path | None) -> list[str]:
-    """What is wrong with the TLS files, found before the start: gRPC reports an unusable
-    certificate or key only as 'Failed to bind to address'."""
-    def pem(path: Path) -> str:
-        return path.read_bytes().decode("latin-1")
-
-    problems = [f"{name} {path} holds no PEM certificate (-----BEGIN CERTIFICATE-----)"
-                for name, path in (("tls_cert", cert), ("tls_client_ca", client_ca))
-                if path and "-----BEGIN CERTIFICATE-----" not in pem(path)]
-    key_text = pem(key)
-    if "PRIVATE KEY-----" not in key_text:
-        problems.append(f"tls_key {key} holds no PEM private key (-----BEGIN PRIVATE KEY-----)")
-    elif "ENCRYPTED" in key_text:
-        problems.append(f"tls_key {key} is encrypted; gRPC needs it unencrypted (openssl pkey -in {key} -out KEY)")
-    if problems:
-        return problems
-    try:
-        ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER).load_cert_chain(cert, key, password=lambda: b"")  # never prompts
-    except ssl.SSLError as error:
-        if error.reason == "KEY_VALUES_MISMATCH":
-            return [f"tls_key {key} is not the private key of tls_cert {cert}"]
-        return [f"tls_cert {cert} and tls_key {key} cannot be loaded: {error}"]
-    return []
 
 
 def env_name(field_name: str) -> str:

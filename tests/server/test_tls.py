@@ -5,6 +5,7 @@ import pytest
 
 from parley.v1 import translate_pb2 as pb
 from parley.v1 import translate_pb2_grpc as pb_grpc
+from server.client import main as client_main
 from server.config import parse_config
 from tests.server.conftest import request
 
@@ -75,3 +76,16 @@ def test_unusable_tls_files_are_explained_before_the_start(certificates, capsys,
     assert message.format(d=certificates) in capsys.readouterr().err
     parse_config(["--tls-cert", str(certificates / "server.pem"), "--tls-key", str(certificates / "server.key"),
                   "--tls-client-ca", str(certificates / "ca.pem")], {})  # the right files pass
+
+
+@pytest.mark.parametrize("flags,message", [
+    (["--tls-ca", "server.key"], "--tls-ca {d}/server.key holds no PEM certificate"),
+    (["--tls-cert", "client.pem"], "--tls-cert and --tls-key go together"),
+    (["--tls-ca", "ca.pem", "--tls-cert", "client.pem", "--tls-key", "server.key"],
+     "--tls-key {d}/server.key is not the private key of --tls-cert {d}/client.pem"),
+])
+def test_the_client_explains_unusable_tls_files(certificates, capsys, flags, message):
+    flags = [f if f.startswith("--") else str(certificates / f) for f in flags]
+    with pytest.raises(SystemExit) as exit:
+        client_main(flags + ["--address", "127.0.0.1:1", "Hello."])
+    assert exit.value.code == 2 and message.format(d=certificates) in capsys.readouterr().err
