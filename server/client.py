@@ -60,8 +60,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     if bool(args.tls_cert) != bool(args.tls_key):
         p.error("--tls-cert and --tls-key go together")
     try:
-        problems = pem_problems({"--tls-cert": args.tls_cert, "--tls-ca": args.tls_ca},
-                                ("--tls-key", args.tls_key) if args.tls_key else None)
+        problems = pem_problems({"--tls-cert": args.tls_cert, "--tls-ca": args.tls_ca}, ("--tls-key", args.tls_key))
         stub = pb_grpc.TranslatorStub(channel(args.address, args.tls_ca, args.tls_cert, args.tls_key))
     except OSError as error:
         p.error(f"cannot read {error.filename}: {error.strerror}")
