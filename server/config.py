@@ -22,7 +22,8 @@ class ServerConfig:
                                                               "(default: the only or first model)"})
     device: str = field(default="auto", metadata={"help": "auto, cpu or cuda"})
     precision: str = field(default="auto", metadata={"help": "auto (int8 on CPU, fp16 on CUDA), fp32, int8, fp16"})
-    threads: int = field(default=0, metadata={"help": "ONNX Runtime intra-op threads (0: one per core)"})
+    threads: int = field(default=0, metadata={"help": "ONNX Runtime intra-op threads, shared by the lanes (0: the "
+                                                     "CPUs this process may use, by affinity and cgroup quota)"})
     lanes: int = field(default=2, metadata={"help": "decode lanes per model: worker processes with their own batch "
                                                     "and ONNX Runtime sessions, sharing the threads"})
     max_batch_rows: int = field(default=256, metadata={"help": "decoder rows (texts x beams) per engine step"})

@@ -49,6 +49,7 @@ from typing import Callable, Hashable, Sequence
 from decoding import DecodingParams, Hypothesis
 from decoding.padding import length_order
 from export.package import ModelPackage, PackageError
+from server.engine.cpu_budget import cpu_budget
 from server.engine.engine import Engine, TextFront, resolve
 from server.engine.memory import keep_freed_memory, return_freed_memory
 from server.engine.session import shared_graphs
@@ -313,7 +314,8 @@ class LaneEngine(TextFront):
         if lanes < 1:
             raise ValueError(f"lanes must be >= 1, got {lanes}")
         super().__init__(package)
-        lane_threads = max(1, (threads or os.cpu_count() or 1) // lanes) if lanes > 1 else threads
+        budget = threads or cpu_budget()  # None: nothing limits this process; one lane takes ONNX Runtime's default
+        lane_threads = max(1, (budget or os.cpu_count() or 1) // lanes) if lanes > 1 else budget or 0
         self.shared_dir = None
         graphs = self._share_weights(*resolve(package, precision, device), optimization) if lanes > 1 else None
         spec = LaneSpec(package, precision, device, lane_threads, optimization, graphs)

@@ -13,29 +13,6 @@ from tests.server.conftest import RunningServer, server_config
 DOCKER = Path(__file__).resolve().parents[2] / "deploy" / "docker"
 
 
-def threads_for(tmp_path, files: dict, **env) -> str:
-    for name, text in files.items():
-        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
-        (tmp_path / name).write_text(text)
-    result = subprocess.run([str(DOCKER / "entrypoint.sh")], capture_output=True, text=True, check=True,
-                            env={**os.environ, "CGROUP_ROOT": str(tmp_path), "PARLEY_PRINT_THREADS": "1", **env})
-    return result.stdout.strip()
-
-
-def test_threads_follow_the_cgroup_v2_quota(tmp_path):
-    assert threads_for(tmp_path, {"cpu.max": "150000 100000\n"}) == "2"
-    assert threads_for(tmp_path, {"cpu.max": "400000 100000\n"}) == "4"
-
-
-def test_threads_follow_the_cgroup_v1_quota(tmp_path):
-    assert threads_for(tmp_path, {"cpu/cpu.cfs_quota_us": "300000\n", "cpu/cpu.cfs_period_us": "100000\n"}) == "3"
-
-
-def test_no_quota_means_every_core_and_an_explicit_setting_wins(tmp_path):
-    assert threads_for(tmp_path, {"cpu.max": "max 100000\n"}) == str(os.cpu_count())
-    assert threads_for(tmp_path, {"cpu.max": "150000 100000\n"}, PARLEY_THREADS="7") == "7"
-
-
 def test_build_script_exports_the_default_package(tmp_path):
     env = {**os.environ, "PYTHON": sys.executable, "PRECISIONS": "int8"}
     result = subprocess.run([str(DOCKER / "build-package.sh"), str(tmp_path)], capture_output=True, text=True,
