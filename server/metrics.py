@@ -36,6 +36,11 @@ class Metrics:
         self.inflight = Gauge("parley_inflight_requests", "RPCs being handled.", ["model"], registry=r)
         self.queue_depth = Gauge("parley_queue_depth", "Texts waiting to join a decode batch.", ["model"],
                                  registry=r)
+        self.lane_failures = Counter("parley_lane_failures", "Decode lane processes that stopped unexpectedly "
+                                     "(their texts fail with INTERNAL; the lane is restarted).", ["model"],
+                                     registry=r)
+        self.running_lanes = Gauge("parley_running_lanes", "Decode lanes taking texts; fewer than configured while "
+                                   "one restarts or after one could not.", ["model"], registry=r)
         self.model_info = Gauge("parley_model_info", "Loaded models; the value is always 1.",
                                 ["model", "variant", "precision", "device"], registry=r)
 

@@ -92,6 +92,9 @@ class Scheduler:
         self._batch_size = metrics.batch_size.labels(name)
         self._padding_ratio = metrics.padding_ratio.labels(name)
         self._generated_tokens = metrics.generated_tokens.labels(name)
+        self._lane_failures = metrics.lane_failures.labels(name)
+        self._running_lanes = metrics.running_lanes.labels(name)
+        self._running_lanes.set(len(self._lane_states))
 
     def start(self) -> None:
         self._loop = asyncio.get_running_loop()
@@ -293,7 +296,8 @@ class Scheduler:
         self._pipes[lane] = None
         if self._stopped:
             return
-        self._lane_states[lane] = RESTARTING
+        self._lane_failures.inc()
+        self._set_state(lane, RESTARTING)
         task = self._loop.create_task(self._restart(lane))
         self._restarts.add(task)
         task.add_done_callback(self._restarts.discard)
@@ -313,7 +317,7 @@ class Scheduler:
             await asyncio.to_thread(self._start_lane, lane)
         except Exception:
             log.exception("decode lane could not restart", extra={"model": self.name, "lane": lane})
-            self._lane_states[lane] = FAILED
+            self._set_state(lane, FAILED)
             if all(state == FAILED for state in self._lane_states):  # nobody will take the queue
                 stranded, self._pending = self._pending, []
                 for row in stranded:
@@ -321,9 +325,13 @@ class Scheduler:
             return
         if self._stopped:
             return
-        self._lane_states[lane] = RUNNING
+        self._set_state(lane, RUNNING)
         self._attach(lane)
         self._admit()
+
+    def _set_state(self, lane: int, state: str) -> None:
+        self._lane_states[lane] = state
+        self._running_lanes.set(self._lane_states.count(RUNNING))
 
     def _start_lane(self, lane: int) -> None:
         self.engine.lanes[lane].start()

@@ -347,6 +347,9 @@ def test_a_lane_that_dies_fails_its_texts_and_is_restarted(start_server):
     assert "decode lane stopped unexpectedly" in error.value.details()
     assert stub.Translate(request("Served again."), timeout=30).translations[0].hypotheses  # after the restart
     assert lane.process.pid != dead_pid and lane.process.is_alive()
+    metrics = server.metrics_text()
+    assert 'parley_lane_failures_total{model="tiny"} 1.0' in metrics
+    assert 'parley_running_lanes{model="tiny"} 1.0' in metrics
 
 
 def test_a_lane_that_stops_reading_never_blocks_the_server(start_server):
@@ -391,6 +394,9 @@ def test_a_lane_that_cannot_restart_leaves_the_model_unavailable(tiny_package, t
             server.stub().Translate(request("Nobody to decode this."), timeout=10)
         assert error.value.code() == grpc.StatusCode.UNAVAILABLE
         assert "no running decode lane" in error.value.details()
+        metrics = server.metrics_text()
+        assert 'parley_lane_failures_total{model="tiny"} 1.0' in metrics
+        assert 'parley_running_lanes{model="tiny"} 0.0' in metrics
     finally:
         server.close()
 
