@@ -21,8 +21,8 @@ def cpu_budget(cgroup_root: Path = CGROUP_ROOT, own_cgroups: Path = Path("/proc/
     quota = cgroup_quota(cgroup_root, own_cgroups)
     if quota is not None:
         limits.append(quota)
-    budget = min(limits)
-    return budget if budget < (os.cpu_count() or budget + 1) else None
+    budget, machine = min(limits), os.cpu_count()
+    return budget if machine is None or budget < machine else None
 
 
 def cgroup_quota(root: Path, own_cgroups: Path) -> int | None:
