@@ -37,10 +37,10 @@ class ParleyServer:
         self._stopping = False
         self._grace_over = asyncio.Event()
         self._stopped = asyncio.Event()
+        self._health_update: asyncio.Future | None = None  # held: the loop keeps only weak references to tasks
 
     async def start(self) -> None:
-        for service in ("", SERVICE_NAME):
-            await self.health.set(service, health_pb2.HealthCheckResponse.NOT_SERVING)
+        await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
         self.grpc_server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.grpc_server)
         reflection.enable_server_reflection(
@@ -68,6 +68,7 @@ class ParleyServer:
                     model.engine.close()
                 return
             for model in self.registry:  # the lanes warmed up as they loaded
+                model.scheduler.on_lanes_lost = self._lanes_lost
                 model.scheduler.start()
         except BaseException:
             await self.grpc_server.stop(0)
@@ -75,10 +76,19 @@ class ParleyServer:
                 self.metrics_http.shutdown()
             raise
         self.servicer.registry = self.registry
-        for service in ("", SERVICE_NAME):
-            await self.health.set(service, health_pb2.HealthCheckResponse.SERVING)
+        await self._set_health(health_pb2.HealthCheckResponse.SERVING)
         log.info("serving", extra={"port": self.port, "models": [m.name for m in self.registry],
                                    "default_model": self.registry.default, "tls": bool(self.config.tls_cert)})
+
+    def _lanes_lost(self, model: str) -> None:
+        """A model without lanes answers every call UNAVAILABLE: health says so, for readiness
+        probes to take this replica out of rotation and liveness probes to replace it."""
+        log.error("model has no running decode lane; health is NOT_SERVING", extra={"model": model})
+        self._health_update = asyncio.ensure_future(self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING))
+
+    async def _set_health(self, status: int) -> None:
+        for service in ("", SERVICE_NAME):
+            await self.health.set(service, status)
 
     def _credentials(self) -> grpc.ServerCredentials:
         key, cert = self.config.tls_key.read_bytes(), self.config.tls_cert.read_bytes()

@@ -25,6 +25,7 @@ import itertools
 import logging
 import time
 from dataclasses import dataclass, field
+from typing import Callable
 
 from decoding import DecodingParams
 from server.config import ServerConfig
@@ -87,6 +88,7 @@ class Scheduler:
         self._sweep: asyncio.TimerHandle | None = None  # drops queued texts whose deadline passed
         self._fill: asyncio.TimerHandle | None = None  # admits to an idle lane once max_queue_delay_ms is up
         self._restarts: set[asyncio.Task] = set()
+        self.on_lanes_lost: Callable[[str], None] | None = None  # called with the model's name when no lane is left
         self._queue_depth = metrics.queue_depth.labels(name)
         self._queue_duration = metrics.queue_duration.labels(name)
         self._batch_size = metrics.batch_size.labels(name)
@@ -322,6 +324,8 @@ class Scheduler:
                 stranded, self._pending = self._pending, []
                 for row in stranded:
                     self._resolve(row, error=Unavailable(f"model {self.name} has no running decode lane"))
+                if self.on_lanes_lost:
+                    self.on_lanes_lost(self.name)
             return
         if self._stopped:
             return

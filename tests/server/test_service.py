@@ -397,6 +397,10 @@ def test_a_lane_that_cannot_restart_leaves_the_model_unavailable(tiny_package, t
         metrics = server.metrics_text()
         assert 'parley_lane_failures_total{model="tiny"} 1.0' in metrics
         assert 'parley_running_lanes{model="tiny"} 0.0' in metrics
+        health = health_pb2_grpc.HealthStub(grpc.insecure_channel(server.address))
+        for service in ("", "parley.v1.Translator"):  # readiness takes the replica out, liveness replaces it
+            assert health.Check(health_pb2.HealthCheckRequest(service=service), timeout=5).status == \
+                health_pb2.HealthCheckResponse.NOT_SERVING
     finally:
         server.close()
 
