@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import threading
+import time
+from typing import Callable
 
 import grpc
 import pytest
@@ -46,6 +48,14 @@ class RunningServer:
         self.call(self.server.stop(), timeout=60)
         self.loop.call_soon_threadsafe(self.loop.stop)
         self.thread.join(5)
+
+
+def wait_until(condition: Callable[[], object], failure: str, seconds: float = 10) -> None:
+    """Poll until condition() holds; fail the test with `failure` if it does not within `seconds`."""
+    deadline = time.monotonic() + seconds
+    while not condition():
+        assert time.monotonic() < deadline, failure
+        time.sleep(0.005)
 
 
 def server_config(package, **overrides) -> ServerConfig:

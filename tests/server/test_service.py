@@ -28,7 +28,7 @@ from bench.replicas import free_port, wait_until_serving
 from parley.v1 import translate_pb2 as pb
 from parley.v1 import translate_pb2_grpc as pb_grpc
 from server.app import ParleyServer
-from tests.server.conftest import RunningServer, request, server_config
+from tests.server.conftest import RunningServer, request, server_config, wait_until
 
 TEXTS = ["A man is riding a bike.", "Two dogs play in the snow.", "A woman in a red dress walks down a busy street."]
 
@@ -201,14 +201,9 @@ def long_request(n=8, beam_size=4):
                    max_output_tokens=63)
 
 
-def wait_until_idle(server, seconds=10):
+def wait_until_idle(server, failure: str, seconds: float = 10) -> None:
     scheduler = server.scheduler()
-    end = time.monotonic() + seconds
-    while time.monotonic() < end:
-        if not scheduler.texts_in_flight:
-            return True
-        time.sleep(0.01)
-    return False
+    wait_until(lambda: not scheduler.texts_in_flight, failure, seconds)
 
 
 def test_deadline_frees_the_batch(start_server):
@@ -216,7 +211,7 @@ def test_deadline_frees_the_batch(start_server):
     with pytest.raises(grpc.RpcError) as error:
         server.stub().Translate(long_request(64, beam_size=8), timeout=0.05)  # 512 rows: several batches
     assert error.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
-    assert wait_until_idle(server), "rows of an expired request are still decoding"
+    wait_until_idle(server, "rows of an expired request are still decoding")
     assert server.stub().Translate(request("Still here.")).translations[0].hypotheses
     assert 'parley_requests_total{code="DEADLINE_EXCEEDED",method="Translate",model="tiny"} 1.0' in \
         server.metrics_text()  # gRPC ends an expired call as it ends a cancelled one: counted as expired
@@ -227,19 +222,17 @@ def test_queued_texts_whose_deadline_passes_are_dropped(start_server):
     with pytest.raises(grpc.RpcError) as error:  # 64 texts, one after the other: seconds of work
         server.stub().Translate(long_request(64, beam_size=8), timeout=0.1)
     assert error.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
-    assert wait_until_idle(server), "texts of an expired request are still queued or decoding"
+    wait_until_idle(server, "texts of an expired request are still queued or decoding")
     assert 'code="DEADLINE_EXCEEDED"' in server.metrics_text()
     assert server.stub().Translate(request("Still here.")).translations[0].hypotheses
 
 
 def test_cancellation_frees_the_batch(running):
     call = running.stub().Translate.future(long_request(64, beam_size=8))  # 512 rows: several batches
-    end = time.monotonic() + 10
-    while not running.scheduler().texts_in_flight:  # cancelled once the server works on it
-        assert time.monotonic() < end, "the request never reached the scheduler"
-        time.sleep(0.005)
+    # cancelled once the server works on it
+    wait_until(lambda: running.scheduler().texts_in_flight, "the request never reached the scheduler")
     assert call.cancel()
-    assert wait_until_idle(running), "rows of a cancelled request are still decoding"
+    wait_until_idle(running, "rows of a cancelled request are still decoding")
     assert 'code="CANCELLED",method="Translate"' in running.metrics_text()
 
 
@@ -248,12 +241,10 @@ def test_a_stream_the_client_cancels_frees_the_batch_and_is_counted_cancelled(st
     stream = server.stub().TranslateStream(long_request(64, beam_size=8))  # 512 rows: several batches
     next(stream)  # the first text's answer; most others still waiting or decoding
     stream.cancel()
-    assert wait_until_idle(server), "rows of a cancelled stream are still decoding"
+    wait_until_idle(server, "rows of a cancelled stream are still decoding")
     counted = 'parley_requests_total{code="CANCELLED",method="TranslateStream",model="tiny"} 1.0'
-    deadline = time.monotonic() + 10
-    while counted not in server.metrics_text():  # the handler sees the cancellation at its next step
-        assert time.monotonic() < deadline, server.metrics_text()
-        time.sleep(0.01)
+    # the handler sees the cancellation at its next step
+    wait_until(lambda: counted in server.metrics_text(), "the stream's cancellation was never counted")
     assert 'code="INTERNAL"' not in server.metrics_text()
     assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
 
@@ -276,10 +267,7 @@ def test_health_and_graceful_shutdown_drain_in_flight_work(start_server):
     wait_until_accepted(server.metrics_text, 32)
     assert not all(call.done() for call in in_flight)
     stopping = server.stop_soon()
-    deadline = time.monotonic() + 10
-    while not server.server.servicer.draining:
-        assert time.monotonic() < deadline
-        time.sleep(0.005)
+    wait_until(lambda: server.server.servicer.draining, "the server never began to drain")
     with pytest.raises(grpc.RpcError) as error:
         server.stub().Translate(request("too late"))
     assert error.value.code() == grpc.StatusCode.UNAVAILABLE
@@ -292,15 +280,12 @@ def test_health_and_graceful_shutdown_drain_in_flight_work(start_server):
 def wait_until_accepted(metrics_text, calls: int, seconds: float = 10):
     """Until the server has accepted `calls` calls (in flight or answered): a call sent but not
     yet accepted when the server starts to stop is rightly refused."""
-    deadline = time.monotonic() + seconds
-    while True:
+    def accepted() -> float:
         samples = [sample for family in text_string_to_metric_families(metrics_text()) for sample in family.samples]
-        accepted = sum(value for name, labels, value, *_ in samples if labels.get("model") == "tiny" and
-                       name in ("parley_inflight_requests", "parley_requests_total"))
-        if accepted >= calls:
-            return
-        assert time.monotonic() < deadline, f"{calls} calls were not all accepted within {seconds} s"
-        time.sleep(0.005)
+        return sum(value for name, labels, value, *_ in samples if labels.get("model") == "tiny" and
+                   name in ("parley_inflight_requests", "parley_requests_total"))
+
+    wait_until(lambda: accepted() >= calls, f"{calls} calls were not all accepted within {seconds} s", seconds)
 
 
 @pytest.mark.parametrize("ending", ["grace period over", "second stop"])
@@ -336,10 +321,7 @@ def test_a_lane_that_dies_fails_its_texts_and_is_restarted(start_server):
     dead_pid = lane.process.pid
     os.kill(dead_pid, signal.SIGSTOP)  # frozen: the text is sent to it and stays there
     call = stub.Translate.future(request("Lost in a crash."), timeout=30)
-    end = time.monotonic() + 10
-    while not scheduler._active[0]:
-        assert time.monotonic() < end, "the text never reached the lane"
-        time.sleep(0.01)
+    wait_until(lambda: scheduler._active[0], "the text never reached the lane")
     os.kill(dead_pid, signal.SIGKILL)
     with pytest.raises(grpc.RpcError) as error:
         call.result()
@@ -359,10 +341,7 @@ def test_a_lane_that_stops_reading_never_blocks_the_server(start_server):
     os.kill(lane.process.pid, signal.SIGSTOP)  # hung: its pipe fills with texts it does not read
     try:
         calls = [stub.Translate.future(long_request(64, beam_size=1), timeout=3) for _ in range(40)]
-        end = time.monotonic() + 10
-        while not scheduler._pipes[0].unsent:
-            assert time.monotonic() < end, "the pipe to the lane never filled"
-            time.sleep(0.01)
+        wait_until(lambda: scheduler._pipes[0].unsent, "the pipe to the lane never filled")
         health = health_pb2_grpc.HealthStub(grpc.insecure_channel(server.address))
         started = time.monotonic()
         assert health.Check(health_pb2.HealthCheckRequest(), timeout=2).status == \
@@ -374,7 +353,7 @@ def test_a_lane_that_stops_reading_never_blocks_the_server(start_server):
     for call in calls:  # each ends, one way or the other
         with contextlib.suppress(grpc.RpcError):
             call.result(timeout=30)
-    assert wait_until_idle(server, 30)
+    wait_until_idle(server, "texts are still queued or decoding", 30)
     assert stub.Translate(request("Still here.")).translations[0].hypotheses
 
 
@@ -386,10 +365,8 @@ def test_a_lane_that_cannot_restart_leaves_the_model_unavailable(tiny_package, t
         (tmp_path / "tiny" / "int8" / "decoder_step.onnx").write_bytes(b"replaced")  # the restart fails its checksums
         lane.process.kill()
         lane.process.join(10)
-        end = time.monotonic() + 30
-        while server.scheduler()._lane_states[0] != "failed":
-            assert time.monotonic() < end, "the lane was neither restarted nor given up"
-            time.sleep(0.05)
+        wait_until(lambda: server.scheduler()._lane_states[0] == "failed",
+                   "the lane was neither restarted nor given up", 30)
         with pytest.raises(grpc.RpcError) as error:
             server.stub().Translate(request("Nobody to decode this."), timeout=10)
         assert error.value.code() == grpc.StatusCode.UNAVAILABLE
@@ -495,10 +472,8 @@ def starting_server(tiny_package, monkeypatch):
     parley = ParleyServer(server_config(tiny_package))
     started = StartingServer(parley, loop, release, asyncio.run_coroutine_threadsafe(parley.start(), loop))
     try:
-        deadline = time.monotonic() + 10
-        while parley.port is None or parley.servicer is None:  # the port is open, the models loading
-            assert time.monotonic() < deadline
-            time.sleep(0.01)
+        # the port is open, the models loading
+        wait_until(lambda: parley.port is not None and parley.servicer is not None, "the server never opened its port")
         yield started
     finally:
         release.set()
