@@ -314,8 +314,11 @@ class LaneEngine(TextFront):
         if lanes < 1:
             raise ValueError(f"lanes must be >= 1, got {lanes}")
         super().__init__(package)
-        budget = threads or cpu_budget()  # None: nothing limits this process; one lane takes ONNX Runtime's default
-        lane_threads = max(1, (budget or os.cpu_count() or 1) // lanes) if lanes > 1 else budget or 0
+        budget = threads or cpu_budget()  # None: nothing limits this process below the machine
+        if lanes == 1:
+            lane_threads = budget or 0  # 0: ONNX Runtime's default, one thread per physical core
+        else:
+            lane_threads = max(1, (budget or os.cpu_count() or 1) // lanes)
         self.shared_dir = None
         graphs = self._share_weights(*resolve(package, precision, device), optimization) if lanes > 1 else None
         spec = LaneSpec(package, precision, device, lane_threads, optimization, graphs)
