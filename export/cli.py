@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
-from export.convert import ExportError, ExportOptions, default_int8_weight_bits, export_package
+from export.convert import ExportError, ExportOptions, export_package
 from export.package import PRECISIONS
 from model.data import read_lines
 
@@ -54,15 +54,15 @@ def main(argv: Sequence[str] | None = None) -> None:
     unknown = [p for p in precisions if p not in PRECISIONS]
     if unknown or not precisions:
         sys.exit(f"error: unknown precision {', '.join(unknown) or '(none given)'}; choose from {', '.join(PRECISIONS)}")
-    bits = default_int8_weight_bits() if args.int8_weight_bits == "auto" else int(args.int8_weight_bits)
+    # auto: ExportOptions' default, this CPU's choice
+    weight_bits = {} if args.int8_weight_bits == "auto" else {"int8_weight_bits": int(args.int8_weight_bits)}
     try:
         options = ExportOptions(
             precisions=precisions, name=args.name, sample=read_sentences(args.sample, "sample"),
             references=read_sentences(args.sample_references, "references"), sample_size=args.sample_size,
             calibration=read_sentences(args.calibration, "calibration"), calibration_size=args.calibration_size,
-            int8_weight_bits=bits,
             min_bleu_vs_pytorch=args.min_bleu_vs_pytorch, verify_fp16_on_cpu=args.verify_fp16_on_cpu,
-            force=args.force,
+            force=args.force, **weight_bits,
         )
         export_package(args.checkpoint_dir, args.out_dir, options, log=lambda m: print(m, flush=True))
     except ExportError as error:
