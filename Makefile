@@ -15,7 +15,7 @@ DATA_DIR ?= ../shared/data/multi30k
 VERIFY_ON_VAL = $(if $(wildcard $(DATA_DIR)/val.en.gz),--sample $(DATA_DIR)/val.en.gz --sample-references $(DATA_DIR)/val.de.gz)
 CALIBRATION = $(if $(wildcard $(DATA_DIR)/train.en.gz),--calibration $(DATA_DIR)/train.en.gz)
 
-.PHONY: setup test serve eval train export bench bench-served bench-scale bench-cuda proto clean
+.PHONY: setup test serve eval train export bench bench-served bench-grpc-cost bench-scale bench-cuda proto clean
 
 $(READY): requirements/serve.txt requirements/dev.txt
 	$(PYTHON) -m venv $(VENV)
@@ -68,6 +68,11 @@ bench: setup export $(BENCH_READY)
 # Only the served paths (gRPC, the scheduler) against the offline engine; no CTranslate2 needed.
 bench-served: setup export
 	DATA_DIR=$(DATA_DIR) $(BIN)/python -m bench.run --served
+
+# What gRPC alone (a server that only answers, and the load generator) takes from the offline
+# engine at the call rate of 85% of its throughput: the ceiling of the served share here.
+bench-grpc-cost: setup export
+	DATA_DIR=$(DATA_DIR) $(BIN)/python -m bench.grpc_cost
 
 # gRPC throughput against the number of replicas on this machine (round_robin over loopback).
 bench-scale: setup export

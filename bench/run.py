@@ -65,6 +65,12 @@ def settings() -> dict:
     }
 
 
+def run_meta(s: dict) -> dict:
+    """What a results file records of the machine and the settings it was measured with."""
+    return {"machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
+            "settings": {k: str(v) for k, v in s.items()}}
+
+
 def ctranslate2_model(checkpoint: Path, quantization: str) -> Path:
     out = CACHE / f"ctranslate2-{quantization}"
     if not (out / "model.bin").is_file():
@@ -317,8 +323,7 @@ def main(argv: list[str] | None = None) -> None:
     references = read_lines(s["data_dir"] / "test_2016_flickr.de.gz")[: s["sentences"]]
     common = {"sources": sources, "references": references, "beams": s["beams"], "batch_sizes": s["batch_sizes"],
               "threads": s["threads"], "checkpoint": str(s["checkpoint"]), "package": str(s["package"])}
-    meta = {"machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores", "settings":
-            {k: str(v) for k, v in s.items()}}
+    meta = run_meta(s)
     RESULTS.mkdir(parents=True, exist_ok=True)
     if args.served:
         records = served_records(s, common, sources)
