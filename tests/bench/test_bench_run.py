@@ -6,7 +6,8 @@ import os
 import pytest
 
 from bench.cpus import load_generator_cpus, parse_cpus
-from bench.run import median_round, ratios_by_round, turns
+from bench.run import median_round, ratios_by_round, run_meta, turns
+from server.engine.session import int8_gemm_can_saturate
 
 
 def test_each_round_starts_with_another_engine_and_single_round_engines_run_once():
@@ -51,3 +52,10 @@ def test_server_cpus_are_parsed_and_the_load_generator_gets_the_others():
     with load_generator_cpus([first]):
         assert sorted(os.sched_getaffinity(0)) == rest
     assert sorted(os.sched_getaffinity(0)) == available
+
+
+def test_results_name_the_cpu_and_how_its_int8_gemms_sum():
+    machine = run_meta({"rounds": 3})["machine"]
+    assert f"{os.cpu_count()} cores" in machine
+    assert ("summed in int16" in machine) == int8_gemm_can_saturate()
+    assert not machine.startswith(",")
