@@ -28,10 +28,11 @@ from grpc_health.v1 import health, health_pb2_grpc
 
 from bench.load import run_load
 from bench.replicas import free_port, wait_until_serving
-from bench.run import RESULTS, SETTLE_S, Worker, lower_median, run_meta, settings
+from bench.run import RESULTS, SETTLE_S, Worker, engine_job, lower_median, require_exported_package, run_meta, settings
 from model.data import read_lines
 from parley.v1 import translate_pb2 as pb
 from parley.v1 import translate_pb2_grpc as pb_grpc
+from server.app import GRPC_SERVER_OPTIONS
 
 TARGET_SHARE = 0.85
 CLIENTS = 64
@@ -54,7 +55,7 @@ class AnsweringTranslator(pb_grpc.TranslatorServicer):
 
 
 async def serve_answers(port: int, hold_s: float) -> None:
-    server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])  # the Parley server's options
+    server = grpc.aio.server(options=GRPC_SERVER_OPTIONS)
     pb_grpc.add_TranslatorServicer_to_server(AnsweringTranslator(hold_s), server)
     health_pb2_grpc.add_HealthServicer_to_server(health.aio.HealthServicer(), server)
     server.add_insecure_port(f"127.0.0.1:{port}")
@@ -106,12 +107,10 @@ def main(argv: list[str] | None = None) -> None:
         asyncio.run(serve_answers(int(args.answer[0]), float(args.answer[1])))
         return
     s = settings()
-    if not (s["package"] / "manifest.json").is_file():
-        sys.exit(f"no model package at {s['package']}: run `make export` first")
+    require_exported_package(s)
     sources = read_lines(s["data_dir"] / "test_2016_flickr.en.gz")[: s["sentences"]]
-    common = {"sources": sources, "references": [], "beams": s["beams"], "batch_sizes": s["batch_sizes"],
-              "threads": s["threads"], "checkpoint": str(s["checkpoint"]), "package": str(s["package"])}
-    reference = Worker("engine", {**common, "engine": "parley", "precision": "int8", "lanes": 2}, None)
+    job = {**engine_job(s, sources, references=[]), "engine": "parley", "precision": "int8", "lanes": 2}
+    reference = Worker("engine", job, None)
     records = []
     try:
         reference.wait_ready()

@@ -67,6 +67,18 @@ def settings() -> dict:
     }
 
 
+def require_exported_package(s: dict) -> None:
+    """Leave with what to do when the model package the settings name has not been exported."""
+    if not (s["package"] / "manifest.json").is_file():
+        sys.exit(f"no model package at {s['package']}: run `make export` first")
+
+
+def engine_job(s: dict, sources: list[str], references: list[str]) -> dict:
+    """What every engine worker is given: the sentences, the grid and the model files."""
+    return {"sources": sources, "references": references, "beams": s["beams"], "batch_sizes": s["batch_sizes"],
+            "threads": s["threads"], "checkpoint": str(s["checkpoint"]), "package": str(s["package"])}
+
+
 def run_meta(s: dict) -> dict:
     """What a results file records of the machine and the settings it was measured with: the
     CPU's model and how its int8 GEMMs sum products (in int16 on x86 without VNNI), which
@@ -327,12 +339,10 @@ def main(argv: list[str] | None = None) -> None:
                         "writes bench/results/served.json")
     args = p.parse_args(argv)
     s = settings()
-    if not (s["package"] / "manifest.json").is_file():
-        sys.exit(f"no model package at {s['package']}: run `make export` first")
+    require_exported_package(s)
     sources = read_lines(s["data_dir"] / "test_2016_flickr.en.gz")[: s["sentences"]]
     references = read_lines(s["data_dir"] / "test_2016_flickr.de.gz")[: s["sentences"]]
-    common = {"sources": sources, "references": references, "beams": s["beams"], "batch_sizes": s["batch_sizes"],
-              "threads": s["threads"], "checkpoint": str(s["checkpoint"]), "package": str(s["package"])}
+    common = engine_job(s, sources, references)
     meta = run_meta(s)
     RESULTS.mkdir(parents=True, exist_ok=True)
     if args.served:

@@ -12,13 +12,12 @@ from __future__ import annotations
 
 import asyncio
 import json
-import sys
 from contextlib import ExitStack
 from pathlib import Path
 
 from bench.load import run_load
 from bench.replicas import replicas, round_robin_target
-from bench.run import RESULTS, median_round, settings, turns
+from bench.run import RESULTS, median_round, require_exported_package, settings, turns
 from model.data import read_lines
 from server.config import ServerConfig
 
@@ -32,8 +31,7 @@ def layout(count: int, cores: int) -> tuple[int, int]:
 
 def main() -> None:
     s = settings()
-    if not (s["package"] / "manifest.json").is_file():
-        sys.exit(f"no model package at {s['package']}: run `make export` first")
+    require_exported_package(s)
     sentences = read_lines(Path(s["data_dir"]) / "test_2016_flickr.en.gz")
     layouts = {count: layout(count, s["threads"]) for count in (1, 2)}  # s["threads"]: the cores to use
     runs = {count: [] for count in layouts}

@@ -20,6 +20,9 @@ log = logging.getLogger("parley.server")
 
 # After the grace period: time for the calls whose texts were just failed to send their answers.
 ANSWER_GRACE_S = 1.0
+# gRPC turns SO_REUSEPORT on by default on Linux, so a second server on a busy port would
+# silently share its calls instead of failing to start.
+GRPC_SERVER_OPTIONS = [("grpc.so_reuseport", 0)]
 
 
 class ParleyServer:
@@ -41,7 +44,7 @@ class ParleyServer:
 
     async def start(self) -> None:
         await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
-        self.grpc_server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
+        self.grpc_server = grpc.aio.server(options=GRPC_SERVER_OPTIONS)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.grpc_server)
         reflection.enable_server_reflection(
             [SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME],
