@@ -91,6 +91,15 @@ def env_name(field_name: str) -> str:
     return "PARLEY_" + field_name.upper()
 
 
+def flag_help(f: dataclasses.Field, environ) -> str:
+    """A flag's help: what it sets, its default, and its environment variable (with the value
+    that variable has now, which the flag would override)."""
+    default = "" if f.default in (None, "") else f", default {f.default}"
+    variable = env_name(f.name)
+    setting = f"{variable}={environ[variable]}" if variable in environ else variable
+    return f"{f.metadata['help']}{default} [{setting}]".replace("%", "%%")  # argparse formats help with %
+
+
 def parse_config(argv: Sequence[str] | None = None, environ: dict | None = None) -> ServerConfig:
     """Flags win over PARLEY_<FLAG> environment variables, which win over defaults."""
     environ = os.environ if environ is None else environ
@@ -100,7 +109,7 @@ def parse_config(argv: Sequence[str] | None = None, environ: dict | None = None)
         if "Path" in str(f.type):
             kind = Path
         flag = "--" + f.name.replace("_", "-")
-        parser.add_argument(flag, type=kind, default=None, help=f"{f.metadata['help']} [{env_name(f.name)}]")
+        parser.add_argument(flag, type=kind, default=None, help=flag_help(f, environ))
     args = parser.parse_args(argv)
     values = {}
     for f in dataclasses.fields(ServerConfig):

@@ -19,6 +19,16 @@ def test_flags_override_environment_which_overrides_defaults():
     assert parse_config([], {}).port == 50051 and parse_config([], {}).metrics_port == 8000
 
 
+def test_help_gives_each_flags_default_and_what_its_environment_variable_holds_now(capsys):
+    with pytest.raises(SystemExit):
+        parse_config(["--help"], {"PARLEY_PORT": "50099", "PARLEY_MODEL_REPOSITORY": "/srv/100%"})
+    text = " ".join(capsys.readouterr().out.split())  # argparse wraps lines
+    assert "gRPC port, default 50051 [PARLEY_PORT=50099]" in text
+    assert "directory of model packages, default models [PARLEY_MODEL_REPOSITORY=/srv/100%]" in text
+    assert "Prometheus /metrics port (0: off), default 8000 [PARLEY_METRICS_PORT]" in text
+    assert "PEM private key [PARLEY_TLS_KEY]" in text  # no default to give
+
+
 @pytest.mark.parametrize("environ,message", [
     ({"PARLEY_PORT": "http"}, "PARLEY_PORT='http' is not a valid port"),
     ({"PARLEY_DEVICE": "tpu"}, "device must be auto, cpu or cuda"),
