@@ -40,18 +40,23 @@ def count(text: str) -> int:
 def main(argv: Sequence[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="parley-client", description="Translate texts with a Parley server.")
     p.add_argument("texts", nargs="*", help="texts to translate (default: read lines from stdin)")
-    p.add_argument("--address", default="localhost:50051")
-    p.add_argument("--model", default="", help="model name (default: the server's default)")
-    p.add_argument("--source-language", default="")
-    p.add_argument("--target-language", default="")
-    p.add_argument("--beam", type=count, default=0, help="beam size; 1 is greedy, 0 the server's default")
-    p.add_argument("--n-best", type=count, default=1, help="hypotheses per text")
-    p.add_argument("--length-penalty", type=float)
-    p.add_argument("--max-output-tokens", type=count, default=0)
+    p.add_argument("--address", default="localhost:50051", help="the server, host:port (default: localhost:50051)")
+    p.add_argument("--model", default="", help="model name (default: the server's default, or the one serving "
+                                               "--source-language -> --target-language)")
+    p.add_argument("--source-language", default="", help="language code of the texts, e.g. en")
+    p.add_argument("--target-language", default="", help="language code to translate into, e.g. de")
+    p.add_argument("--beam", type=count, default=0, help="beam size; 1 is greedy (default: 0, the server's default)")
+    p.add_argument("--n-best", type=count, default=1, help="hypotheses per text, best first (default: 1)")
+    p.add_argument("--length-penalty", type=float,
+                   help="score = log-probability / length ^ this (default: the server's, 1.0)")
+    p.add_argument("--max-output-tokens", type=count, default=0,
+                   help="cap on generated tokens per text (default: 0, the server's rule)")
+    p.add_argument("--min-output-tokens", type=count, default=0,
+                   help="tokens to generate before the translation may end (default: 0)")
     p.add_argument("--stream", action="store_true", help="print each translation as soon as it is done")
     p.add_argument("--json", action="store_true", help="print JSON lines with scores and token counts")
-    p.add_argument("--timeout", type=float, default=30.0, help="deadline in seconds")
-    p.add_argument("--list-models", action="store_true")
+    p.add_argument("--timeout", type=float, default=30.0, help="deadline in seconds (default: 30)")
+    p.add_argument("--list-models", action="store_true", help="list the server's models and exit")
     p.add_argument("--tls-ca", type=Path, help="CA bundle to verify the server (enables TLS)")
     p.add_argument("--tls-cert", type=Path, help="client certificate, for mTLS")
     p.add_argument("--tls-key", type=Path, help="client private key, for mTLS")
@@ -74,7 +79,8 @@ def main(argv: Sequence[str] | None = None) -> None:
             return
         texts = args.texts or [line.rstrip("\n") for line in sys.stdin]
         options = pb.DecodingOptions(beam_size=args.beam, num_hypotheses=args.n_best,
-                                     max_output_tokens=args.max_output_tokens)
+                                     max_output_tokens=args.max_output_tokens,
+                                     min_output_tokens=args.min_output_tokens)
         if args.length_penalty is not None:
             options.length_penalty = args.length_penalty
         request = pb.TranslateRequest(texts=texts, model=args.model, options=options,

@@ -1,4 +1,5 @@
 import filecmp
+import json
 import socket
 import subprocess
 import sys
@@ -90,6 +91,10 @@ def test_client_translates_and_reports_errors(tiny_package):
                             text=True, timeout=60)
         assert ok.returncode == 0, ok.stderr
         assert '"index": 0' in ok.stdout and ok.stdout.count('"score"') == 2
+        long = subprocess.run(client + ["--json", "--beam", "1", "--min-output-tokens", "12", "A dog runs."],
+                              capture_output=True, text=True, timeout=60)
+        assert long.returncode == 0, long.stderr
+        assert json.loads(long.stdout)["hypotheses"][0]["tokens"] >= 12
         streamed = subprocess.run(client + ["--stream"], input="One.\nTwo.\n", capture_output=True, text=True,
                                   timeout=60)
         assert streamed.returncode == 0 and len(streamed.stdout.splitlines()) == 2
