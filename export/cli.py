@@ -20,19 +20,21 @@ def read_sentences(path: Path | None, role: str) -> list[str] | None:
     return read_lines(path)
 
 
-def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="parley-export",
         description="Export a trained Parley checkpoint (config.json, model.safetensors, spm.model) to a "
                     "verified model package: ONNX encoder + decoder-step graphs per precision, and a manifest.")
-    p.add_argument("checkpoint_dir", type=Path)
-    p.add_argument("out_dir", type=Path)
+    p.add_argument("checkpoint_dir", type=Path,
+                   help="the trained checkpoint (config.json, model.safetensors, spm.model)")
+    p.add_argument("out_dir", type=Path, help="where to write the package (a directory the server's repository holds)")
     p.add_argument("--precision", default="fp32,int8",
                    help=f"comma-separated variants to write, of {', '.join(PRECISIONS)} (default: fp32,int8)")
     p.add_argument("--name", help="model name in the manifest (default: SRC-TGT)")
-    p.add_argument("--sample", type=Path, help="source sentences (plain or .gz, one a line) for verification")
+    p.add_argument("--sample", type=Path, help="source sentences (plain or .gz, one a line) for verification "
+                                               "(default: pseudo-sentences from random token ids)")
     p.add_argument("--sample-references", type=Path, help="their reference translations, for BLEU")
-    p.add_argument("--sample-size", type=int, default=200)
+    p.add_argument("--sample-size", type=int, default=200, help="sample sentences used (default 200)")
     p.add_argument("--calibration", type=Path,
                    help="source sentences (plain or .gz, one a line) like those to be served: int8 gets static "
                         "activation scales from them, about a tenth faster (default: per-row scales at run time)")
@@ -41,15 +43,15 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                    help="8 can saturate int16 sums on x86 CPUs without VNNI, which 7 avoids "
                         "(auto: 7 on such a CPU, else 8)")
     p.add_argument("--min-bleu-vs-pytorch", type=float, default=60.0,
-                   help="int8/fp16 fail verification below this BLEU against PyTorch's greedy output")
+                   help="int8/fp16 fail verification below this BLEU against PyTorch's greedy output (default 60)")
     p.add_argument("--verify-fp16-on-cpu", action="store_true",
                    help="check fp16 on the CPU execution provider when no CUDA one is present (slow)")
     p.add_argument("--force", action="store_true", help="replace OUT_DIR if it exists")
-    return p.parse_args(argv)
+    return p
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    args = parse_args(argv)
+    args = parser().parse_args(argv)
     precisions = [p.strip() for p in args.precision.split(",") if p.strip()]
     unknown = [p for p in precisions if p not in PRECISIONS]
     if unknown or not precisions:

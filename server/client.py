@@ -37,7 +37,7 @@ def count(text: str) -> int:
     return value
 
 
-def main(argv: Sequence[str] | None = None) -> None:
+def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="parley-client", description="Translate texts with a Parley server.")
     p.add_argument("texts", nargs="*", help="texts to translate (default: read lines from stdin)")
     p.add_argument("--address", default="localhost:50051", help="the server, host:port (default: localhost:50051)")
@@ -60,6 +60,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     p.add_argument("--tls-ca", type=Path, help="CA bundle to verify the server (enables TLS)")
     p.add_argument("--tls-cert", type=Path, help="client certificate, for mTLS")
     p.add_argument("--tls-key", type=Path, help="client private key, for mTLS")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    p = parser()
     args = p.parse_args(argv)
 
     if bool(args.tls_cert) != bool(args.tls_key):

@@ -7,6 +7,8 @@ from pathlib import Path
 
 import pytest
 
+from export.cli import parser as export_parser
+from server.client import parser as client_parser
 from server.config import parse_config
 from server.proto_build import ROOT, generate
 from tests.server.conftest import RunningServer, server_config
@@ -28,6 +30,11 @@ def test_help_gives_each_flags_default_and_what_its_environment_variable_holds_n
     assert "directory of model packages, default models [PARLEY_MODEL_REPOSITORY=/srv/100%]" in text
     assert "Prometheus /metrics port (0: off), default 8000 [PARLEY_METRICS_PORT]" in text
     assert "PEM private key [PARLEY_TLS_KEY]" in text  # no default to give
+
+
+@pytest.mark.parametrize("parser", [client_parser, export_parser], ids=["client", "export"])
+def test_every_argument_of_the_client_and_the_export_tool_says_what_it_does(parser):
+    assert [action.dest for action in parser()._actions if not action.help] == []
 
 
 @pytest.mark.parametrize("environ,message", [
