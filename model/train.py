@@ -3,17 +3,20 @@
     python -m model.train --data-dir ../shared/data/multi30k --out-dir runs/en-de
 
 Writes into OUT_DIR: spm.model (trained on the train split if absent), epochs/NNN/
-(per-epoch weights), state/ (optimizer and progress, for --resume), log.jsonl, and
-final/ (the average of the last --average epoch checkpoints: a model directory).
+(per-epoch weights), state/ (the model's config, weights, optimizer and progress: the same
+command run again resumes from it), log.jsonl, and final/ (the average of the last
+--average epoch checkpoints: a model directory).
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import random
 import shutil
+import sys
 import time
 from pathlib import Path
 from typing import Sequence
@@ -25,7 +28,7 @@ from torch.nn import functional as F
 from tqdm import tqdm
 
 from decoding.tokenizer import Tokenizer, train_tokenizer
-from model.checkpoint import TOKENIZER_FILE, WEIGHTS_FILE, load_weights, save_model
+from model.checkpoint import CONFIG_FILE, TOKENIZER_FILE, WEIGHTS_FILE, load_weights, save_model
 from model.config import ModelConfig
 from model.data import TokenBatches, read_lines, read_parallel, split_path
 from model.evaluate import bleu, translate
@@ -63,12 +66,20 @@ def save_training_state(directory: Path, optimizer: torch.optim.Adam, model: Tra
                 tensors[f"step/{name}"] = torch.as_tensor(state["step"]).reshape(1).float().cpu()
     save_file(tensors, tmp / "optimizer.safetensors")
     save_file({k: v.contiguous().cpu() for k, v in model.state_dict().items()}, tmp / WEIGHTS_FILE)
+    model.config.save(tmp / CONFIG_FILE)
     (tmp / "progress.json").write_text(json.dumps(progress, indent=2))
     shutil.rmtree(directory, ignore_errors=True)
     tmp.rename(directory)  # the previous state survives a crash mid-save
 
 
 def load_training_state(directory: Path, optimizer: torch.optim.Adam, model: Transformer) -> dict:
+    """Resume: the model's and Adam's state and the progress saved in `directory`, refused
+    (ValueError) if the run there trained another model than `model`'s config describes."""
+    if (directory / CONFIG_FILE).is_file():  # states saved before the config was kept have none
+        differences = config_differences(ModelConfig.load(directory / CONFIG_FILE), model.config)
+        if differences:
+            raise ValueError(f"{directory.parent} holds a training run of another model ({differences}): "
+                             "run it again with its flags to resume it, or choose another --out-dir")
     load_weights(model, directory / WEIGHTS_FILE)
     tensors = load_file(str(directory / "optimizer.safetensors"))
     for name, p in model.named_parameters():
@@ -79,6 +90,12 @@ def load_training_state(directory: Path, optimizer: torch.optim.Adam, model: Tra
                 "exp_avg_sq": tensors[f"exp_avg_sq/{name}"].to(p.device),
             }
     return json.loads((directory / "progress.json").read_text())
+
+
+def config_differences(saved: ModelConfig, asked: ModelConfig) -> str:
+    """'d_model 256 there, 512 asked; ...' for every field where the two differ ('' if none)."""
+    return "; ".join(f"{f.name} {getattr(saved, f.name)} there, {getattr(asked, f.name)} asked"
+                     for f in dataclasses.fields(ModelConfig) if getattr(saved, f.name) != getattr(asked, f.name))
 
 
 def average_checkpoints(paths: Sequence[Path]) -> dict[str, torch.Tensor]:
@@ -176,6 +193,9 @@ def main(argv: Sequence[str] | None = None) -> None:
         for f in plain:
             f.unlink()
     tokenizer = Tokenizer(spm_path)
+    if tokenizer.vocab_size != args.vocab_size:  # a tokenizer an earlier run of OUT_DIR trained
+        sys.exit(f"error: {spm_path} has {tokenizer.vocab_size} pieces where --vocab-size asks {args.vocab_size}: "
+                 f"run again with --vocab-size {tokenizer.vocab_size}, or choose another --out-dir")
 
     config = model_config(args, tokenizer)
     train_src, train_tgt = read_parallel(args.data_dir, "train", args.source_language, args.target_language)
@@ -188,7 +208,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     state_dir, epochs_dir = out / "state", out / "epochs"
     progress = {"epoch": 0, "step": 0, "train_seconds": 0.0}
     if (state_dir / "progress.json").is_file():
-        progress = load_training_state(state_dir, optimizer, model)
+        try:
+            progress = load_training_state(state_dir, optimizer, model)
+        except ValueError as error:
+            sys.exit(f"error: {error}")
         print(f"resumed from epoch {progress['epoch']}, step {progress['step']}", flush=True)
     parameters = sum(p.numel() for p in model.parameters())
     print(f"{parameters:,} parameters, {len(train)} batches/epoch, device {device}", flush=True)

@@ -29,6 +29,18 @@ def corpus(tmp_path_factory):
     return directory
 
 
+def test_a_run_is_resumed_only_as_the_model_it_trains(corpus, tmp_path):
+    out = tmp_path / "run"
+    main(["--data-dir", str(corpus), "--out-dir", str(out), "--max-epochs", "1", *TINY])
+    with pytest.raises(SystemExit) as refused:  # same shapes: the weights would load, as another model
+        main(["--data-dir", str(corpus), "--out-dir", str(out), "--max-epochs", "2", *TINY, "--num-heads", "4"])
+    assert f"{out} holds a training run of another model (num_heads 2 there, 4 asked)" in str(refused.value)
+    with pytest.raises(SystemExit) as refused:
+        main(["--data-dir", str(corpus), "--out-dir", str(out), "--max-epochs", "2", *TINY, "--vocab-size", "200"])
+    assert "spm.model has 120 pieces where --vocab-size asks 200" in str(refused.value)
+    assert [line.split(",")[0] for line in (out / "log.jsonl").read_text().splitlines()] == ['{"epoch": 1']
+
+
 @pytest.mark.parametrize("flags,message", [
     (["--d-model", "250"], "d_model (250) must be divisible by num_heads (4)"),
     (["--vocab-size", "3"], "eos_id (3) must be in [0, vocab_size=3)"),
