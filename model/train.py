@@ -29,7 +29,7 @@ from tqdm import tqdm
 
 from decoding.tokenizer import Tokenizer, train_tokenizer
 from model.checkpoint import CONFIG_FILE, TOKENIZER_FILE, WEIGHTS_FILE, load_weights, save_model
-from model.config import ModelConfig
+from model.config import ACTIVATIONS, ModelConfig
 from model.data import TokenBatches, read_lines, read_parallel, split_path
 from model.evaluate import bleu, translate
 from model.transformer import Transformer
@@ -117,34 +117,42 @@ def validation_loss(model: Transformer, batches: TokenBatches, device: torch.dev
     return loss_sum / tokens
 
 
-def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description="Train Parley's encoder-decoder Transformer.")
-    p.add_argument("--data-dir", type=Path, default=Path("../shared/data/multi30k"))
-    p.add_argument("--out-dir", type=Path, required=True)
-    p.add_argument("--source-language", default="en")
-    p.add_argument("--target-language", default="de")
-    p.add_argument("--vocab-size", type=int, default=8000)
-    p.add_argument("--d-model", type=int, default=256)
-    p.add_argument("--num-heads", type=int, default=4)
-    p.add_argument("--d-ff", type=int, default=1024)
-    p.add_argument("--encoder-layers", type=int, default=3)
-    p.add_argument("--decoder-layers", type=int, default=3)
-    p.add_argument("--dropout", type=float, default=0.1)
-    p.add_argument("--activation", default="relu")
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description="Train Parley's encoder-decoder Transformer.",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--data-dir", type=Path, default=Path("../shared/data/multi30k"),
+                   help="the corpus: {train,val}.{LANG}.gz, one sentence a line")
+    p.add_argument("--out-dir", type=Path, required=True, help="the run's directory; the same command again resumes it")
+    p.add_argument("--source-language", default="en", help="language code of the sources")
+    p.add_argument("--target-language", default="de", help="language code of the targets")
+    p.add_argument("--vocab-size", type=int, default=8000, help="pieces of the joint SentencePiece model")
+    p.add_argument("--d-model", type=int, default=256, help="model width")
+    p.add_argument("--num-heads", type=int, default=4, help="attention heads (d_model divisible by them)")
+    p.add_argument("--d-ff", type=int, default=1024, help="feed-forward inner width")
+    p.add_argument("--encoder-layers", type=int, default=3, help="encoder blocks")
+    p.add_argument("--decoder-layers", type=int, default=3, help="decoder blocks")
+    p.add_argument("--dropout", type=float, default=0.1, help="dropout rate")
+    p.add_argument("--activation", default="relu", help=f"feed-forward activation: {', '.join(ACTIVATIONS)}")
     p.add_argument("--pre-norm", action="store_true", help="pre-LN residual blocks instead of the paper's post-LN")
-    p.add_argument("--max-positions", type=int, default=256)
+    p.add_argument("--max-positions", type=int, default=256, help="longest sequence the model takes (tokens)")
     p.add_argument("--max-tokens", type=int, default=4096, help="padded tokens per batch (source or target side)")
     p.add_argument("--max-length", type=int, default=100, help="drop training pairs longer than this (tokens)")
-    p.add_argument("--max-steps", type=int, default=6000)
-    p.add_argument("--max-epochs", type=int, default=1000)
-    p.add_argument("--warmup", type=int, default=2000)
-    p.add_argument("--lr-factor", type=float, default=0.7)
-    p.add_argument("--label-smoothing", type=float, default=0.1)
-    p.add_argument("--seed", type=int, default=1)
+    p.add_argument("--max-steps", type=int, default=6000, help="stop after this many optimizer steps")
+    p.add_argument("--max-epochs", type=int, default=1000, help="or after this many epochs")
+    p.add_argument("--warmup", type=int, default=2000, help="steps of the learning rate's linear warm-up")
+    p.add_argument("--lr-factor", type=float, default=0.7,
+                   help="learning rate = this * d_model^-0.5 * min(step^-0.5, step * warmup^-1.5)")
+    p.add_argument("--label-smoothing", type=float, default=0.1, help="label smoothing of the loss")
+    p.add_argument("--seed", type=int, default=1, help="seeds batching, initialization and dropout")
     p.add_argument("--bleu-every", type=int, default=1, help="greedy val BLEU every N epochs (0: never)")
     p.add_argument("--average", type=int, default=5, help="average the last N epoch checkpoints into final/")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda")
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar (logs only)")
+    return p
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    p = parser()
     args = p.parse_args(argv)
     # Checked before the tokenizer trains (minutes on a full corpus): a typo costs nothing.
     try:
