@@ -89,18 +89,25 @@ async def run_load(address: str, sentences: Sequence[str], concurrency: int, req
     }
 
 
-def main(argv: Sequence[str] | None = None) -> None:
-    from model.data import read_lines
-
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--address", default="127.0.0.1:50051")
-    p.add_argument("--sentences", default="../shared/data/multi30k/test_2016_flickr.en.gz")
-    p.add_argument("--concurrency", type=int, default=16)
-    p.add_argument("--requests", type=int, default=500)
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m bench.load", description=__doc__.splitlines()[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--address", default="127.0.0.1:50051",
+                   help="the server, host:port (several, comma-separated after ipv4:, are balanced per call)")
+    p.add_argument("--sentences", default="../shared/data/multi30k/test_2016_flickr.en.gz",
+                   help="texts to send, one a line (plain or .gz), in turn")
+    p.add_argument("--concurrency", type=int, default=16, help="clients, each sending its requests back to back")
+    p.add_argument("--requests", type=int, default=500, help="requests in all")
     p.add_argument("--duration", type=float, default=120.0, help="stop after this many seconds")
     p.add_argument("--beam", default="1", help="beam sizes to mix, e.g. 1,4")
     p.add_argument("--texts-per-request", default="1", help="texts per request to mix, e.g. 1,8")
-    args = p.parse_args(argv)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    from model.data import read_lines
+
+    args = parser().parse_args(argv)
     result = asyncio.run(run_load(args.address, read_lines(args.sentences), args.concurrency, args.requests,
                                   [int(b) for b in args.beam.split(",")],
                                   [int(t) for t in args.texts_per_request.split(",")], args.duration))

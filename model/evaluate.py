@@ -10,7 +10,6 @@ from pathlib import Path
 from typing import Sequence
 
 import sacrebleu
-import torch
 
 from decoding.tokenizer import Tokenizer
 from model.checkpoint import TOKENIZER_FILE, load_model
@@ -37,26 +36,42 @@ def bleu_line(hypotheses: Sequence[str], references: Sequence[str]) -> str:
     return f"{metric.get_signature()} = {score.format()}"
 
 
-def main(argv: Sequence[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("model_dir", type=Path)
-    parser.add_argument("--data-dir", type=Path, default=Path("../shared/data/multi30k"))
-    parser.add_argument("--split", default="test_2016_flickr")
-    parser.add_argument("--beams", default="1,4", help="comma-separated beam sizes; 1 is greedy")
-    parser.add_argument("--limit", type=int, default=0, help="first N sentences only (0: all)")
-    args = parser.parse_args(argv)
+def beam_sizes(text: str) -> list[int]:
+    """'1,4' -> [1, 4]: beam sizes of at least 1."""
+    try:
+        sizes = [int(b) for b in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated whole numbers, e.g. 1,4; got {text!r}") from None
+    if min(sizes) < 1:
+        raise argparse.ArgumentTypeError(f"beam sizes are at least 1 (1 is greedy); got {text!r}")
+    return sizes
 
-    torch.set_num_threads(max(torch.get_num_threads(), 1))
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m model.evaluate", description=__doc__.splitlines()[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("model_dir", type=Path, help="a model directory (config.json, model.safetensors, spm.model)")
+    p.add_argument("--data-dir", type=Path, default=Path("../shared/data/multi30k"),
+                   help="the corpus: SPLIT.{LANG}.gz, one sentence a line")
+    p.add_argument("--split", default="test_2016_flickr", help="the split to translate and score")
+    p.add_argument("--beams", type=beam_sizes, default="1,4", help="comma-separated beam sizes; 1 is greedy")
+    p.add_argument("--limit", type=int, default=0, help="first N sentences only (0: all)")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    p = parser()
+    args = p.parse_args(argv)
     try:
         model = load_model(args.model_dir)
         tokenizer = Tokenizer(args.model_dir / TOKENIZER_FILE)
         src, ref = read_parallel(args.data_dir, args.split, model.config.source_language,
                                  model.config.target_language)
     except FileNotFoundError as error:
-        parser.error(str(error))
+        p.error(str(error))
     if args.limit:
         src, ref = src[: args.limit], ref[: args.limit]
-    for beam in (int(b) for b in args.beams.split(",")):
+    for beam in args.beams:
         hyps = translate(model, tokenizer, src, beam_size=beam)
         label = "greedy" if beam == 1 else f"beam {beam}"
         print(f"{args.split} {label}: {bleu_line(hyps, ref)}", flush=True)

@@ -7,7 +7,9 @@ from pathlib import Path
 
 import pytest
 
+from bench.load import parser as load_parser
 from export.cli import parser as export_parser
+from model.evaluate import parser as evaluate_parser
 from model.train import parser as train_parser
 from server.client import parser as client_parser
 from server.config import parse_config
@@ -33,8 +35,9 @@ def test_help_gives_each_flags_default_and_what_its_environment_variable_holds_n
     assert "PEM private key [PARLEY_TLS_KEY]" in text  # no default to give
 
 
-@pytest.mark.parametrize("parser", [client_parser, export_parser, train_parser], ids=["client", "export", "train"])
-def test_every_argument_of_the_client_export_and_training_says_what_it_does(parser):
+@pytest.mark.parametrize("parser", [client_parser, export_parser, train_parser, evaluate_parser, load_parser],
+                         ids=["client", "export", "train", "evaluate", "load"])
+def test_every_argument_of_the_command_line_tools_says_what_it_does(parser):
     assert [action.dest for action in parser()._actions if not action.help] == []
 
 
