@@ -100,6 +100,15 @@ def flag_help(f: dataclasses.Field, environ) -> str:
     return f"{f.metadata['help']}{default} [{setting}]".replace("%", "%%")  # argparse formats help with %
 
 
+def service_link_hint(value: str) -> str:
+    """Kubernetes gives every pod PARLEY_PORT=tcp://IP:PORT (and PARLEY_SERVICE_HOST, ...) for a
+    Service named parley in its namespace, unless the pod spec turns service links off."""
+    if not value.startswith(("tcp://", "udp://", "sctp://")):
+        return ""
+    return ("; Kubernetes sets it for a Service named parley (service links): "
+            "set enableServiceLinks: false in the pod spec")
+
+
 def parse_config(argv: Sequence[str] | None = None, environ: dict | None = None) -> ServerConfig:
     """Flags win over PARLEY_<FLAG> environment variables, which win over defaults."""
     environ = os.environ if environ is None else environ
@@ -119,7 +128,7 @@ def parse_config(argv: Sequence[str] | None = None, environ: dict | None = None)
             try:
                 value = parser._option_string_actions["--" + f.name.replace("_", "-")].type(raw)
             except ValueError:
-                parser.error(f"{env_name(f.name)}={raw!r} is not a valid {f.name}")
+                parser.error(f"{env_name(f.name)}={raw!r} is not a valid {f.name}" + service_link_hint(raw))
         if value is not None:
             values[f.name] = value
     try:

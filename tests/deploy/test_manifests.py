@@ -56,6 +56,8 @@ def test_deployment_probes_drain_and_resources_fit_the_server():
     limits, requests = container["resources"]["limits"], container["resources"]["requests"]
     assert limits["cpu"] == requests["cpu"]  # whole, guaranteed CPUs: the thread count follows them
     assert all(key.startswith("PARLEY_") for key in config_map())
+    # The Service named parley would otherwise give the pods PARLEY_PORT=tcp://IP:50051.
+    assert by_kind("Service", "parley") and pod["enableServiceLinks"] is False
 
 
 def test_services_monitor_and_autoscaler_point_at_real_things():

@@ -43,6 +43,9 @@ def test_every_argument_of_the_command_line_tools_says_what_it_does(parser):
 
 @pytest.mark.parametrize("environ,message", [
     ({"PARLEY_PORT": "http"}, "PARLEY_PORT='http' is not a valid port"),
+    ({"PARLEY_PORT": "tcp://10.96.0.12:50051"}, "PARLEY_PORT='tcp://10.96.0.12:50051' is not a valid port; "
+                                                "Kubernetes sets it for a Service named parley (service links): "
+                                                "set enableServiceLinks: false in the pod spec"),
     ({"PARLEY_DEVICE": "tpu"}, "device must be auto, cpu or cuda"),
     ({"PARLEY_TLS_CERT": "cert.pem"}, "tls_cert and tls_key go together"),
     ({"PARLEY_TLS_CERT": "/no/cert.pem", "PARLEY_TLS_KEY": "/no/key.pem"}, "tls_cert /no/cert.pem is not a file"),
