@@ -25,6 +25,16 @@ ANSWER_GRACE_S = 1.0
 GRPC_SERVER_OPTIONS = [("grpc.so_reuseport", 0)]
 
 
+def connection_age_options(config: ServerConfig) -> list[tuple[str, int]]:
+    """gRPC's server-side connection ageing (its A9 proposal): clients reconnect, which makes a
+    round_robin client resolve the Service's DNS name again; without it a client keeps the
+    replicas it first found, and the ones an autoscaler adds get none of its calls. The
+    grace for calls in flight stays gRPC's default, unlimited: ageing never cuts a call."""
+    if not config.max_connection_age_s:
+        return []
+    return [("grpc.max_connection_age_ms", max(1, round(config.max_connection_age_s * 1000)))]
+
+
 class ParleyServer:
     """Start: load and warm up every model, then serve. Stop: drain, then exit."""
 
@@ -44,7 +54,7 @@ class ParleyServer:
 
     async def start(self) -> None:
         await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
-        self.grpc_server = grpc.aio.server(options=GRPC_SERVER_OPTIONS)
+        self.grpc_server = grpc.aio.server(options=GRPC_SERVER_OPTIONS + connection_age_options(self.config))
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.grpc_server)
         reflection.enable_server_reflection(
             [SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME],

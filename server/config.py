@@ -38,6 +38,9 @@ class ServerConfig:
     default_beam_size: int = field(default=4, metadata={"help": "beam size when a request says 0"})
     max_output_tokens: int = field(default=256, metadata={"help": "hard cap on generated tokens per text"})
     grace_period_s: float = field(default=20.0, metadata={"help": "how long in-flight calls may finish on shutdown"})
+    max_connection_age_s: float = field(default=0.0, metadata={
+        "help": "close each client connection after about this long (a GOAWAY; its calls in flight finish), so "
+                "that clients balancing over DNS resolve again and reach new replicas (0: never)"})
     tls_cert: Path | None = field(default=None, metadata={"help": "PEM certificate chain (enables TLS)"})
     tls_key: Path | None = field(default=None, metadata={"help": "PEM private key"})
     tls_client_ca: Path | None = field(default=None, metadata={"help": "PEM CA bundle: require client certs (mTLS)"})
@@ -76,7 +79,7 @@ class ServerConfig:
                 problems.append(f"{name} must be between 0 and 65535, got {getattr(self, name)}")
         if self.port and self.port == self.metrics_port:
             problems.append(f"port and metrics_port must differ, both are {self.port}")
-        for name in ("threads", "max_queue_delay_ms", "grace_period_s"):
+        for name in ("threads", "max_queue_delay_ms", "grace_period_s", "max_connection_age_s"):
             if getattr(self, name) < 0:
                 problems.append(f"{name} must be >= 0, got {getattr(self, name)}")
         if self.log_level.lower() not in ("debug", "info", "warning", "error"):

@@ -1,6 +1,7 @@
 """deploy/: Kubernetes manifests against the schemas, Prometheus rules, Dockerfiles, compose, dashboard."""
 
 import copy
+import dataclasses
 import json
 import re
 import shutil
@@ -11,6 +12,8 @@ from pathlib import Path
 import kubernetes_validate
 import pytest
 import yaml
+
+from server.config import ServerConfig, env_name, parse_config
 
 ROOT = Path(__file__).resolve().parents[2]
 K8S = ROOT / "deploy" / "k8s"
@@ -55,7 +58,9 @@ def test_deployment_probes_drain_and_resources_fit_the_server():
     assert pod["terminationGracePeriodSeconds"] > pre_stop + float(config_map()["PARLEY_GRACE_PERIOD_S"])
     limits, requests = container["resources"]["limits"], container["resources"]["requests"]
     assert limits["cpu"] == requests["cpu"]  # whole, guaranteed CPUs: the thread count follows them
-    assert all(key.startswith("PARLEY_") for key in config_map())
+    settings = {env_name(f.name) for f in dataclasses.fields(ServerConfig)}
+    assert set(config_map()) <= settings, "a ConfigMap key the server does not read"
+    assert parse_config([], config_map()).max_connection_age_s > 0  # the autoscaler's replicas get calls
     # The Service named parley would otherwise give the pods PARLEY_PORT=tcp://IP:50051.
     assert by_kind("Service", "parley") and pod["enableServiceLinks"] is False
 

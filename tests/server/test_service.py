@@ -257,6 +257,29 @@ def test_full_queue_is_resource_exhausted(start_server):
     assert "limit 4" in error.value.details()
 
 
+def connectivity_states(channel: grpc.Channel) -> list:
+    """The channel's connectivity states from now on, as gRPC reports them."""
+    seen = []
+    channel.subscribe(seen.append)
+    return seen
+
+
+def test_connections_are_closed_after_the_max_age_without_failing_a_call(start_server, running):
+    aged = start_server(max_connection_age_s=0.3)
+    for server, recycled in ((aged, True), (running, False)):
+        with grpc.insecure_channel(server.address) as channel:
+            states = connectivity_states(channel)
+            stub = pb_grpc.TranslatorStub(channel)
+            assert stub.Translate(request("A dog runs."), timeout=30).translations[0].hypotheses
+            wait_until(lambda: grpc.ChannelConnectivity.READY in states, "the channel never connected")
+            time.sleep(1.5)
+            # The server's GOAWAY sends the client back to IDLE: its next call connects anew,
+            # and a round_robin client resolves the Service's name again first.
+            assert (grpc.ChannelConnectivity.IDLE in states[states.index(grpc.ChannelConnectivity.READY):]) \
+                == recycled
+            assert stub.Translate(request("A dog runs."), timeout=30).translations[0].hypotheses
+
+
 def test_health_and_graceful_shutdown_drain_in_flight_work(start_server):
     server = start_server()
     health = health_pb2_grpc.HealthStub(grpc.insecure_channel(server.address))
