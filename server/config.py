@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import difflib
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -101,6 +102,17 @@ def flag_help(f: dataclasses.Field, environ) -> str:
     variable = env_name(f.name)
     setting = f"{variable}={environ[variable]}" if variable in environ else variable
     return f"{f.metadata['help']}{default} [{setting}]".replace("%", "%%")  # argparse formats help with %
+
+
+def unknown_variables(environ) -> list[str]:
+    """PARLEY_* variables that name no setting (a typo the server would otherwise ignore),
+    each with the setting it most likely meant."""
+    known = [env_name(f.name) for f in dataclasses.fields(ServerConfig)]
+    named = []
+    for name in sorted(k for k in environ if k.startswith("PARLEY_") and k not in known):
+        close = difflib.get_close_matches(name, known, n=1, cutoff=0.85)
+        named.append(f"{name} (did you mean {close[0]}?)" if close else name)
+    return named
 
 
 def service_link_hint(value: str) -> str:

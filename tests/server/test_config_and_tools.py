@@ -1,5 +1,6 @@
 import filecmp
 import json
+import os
 import socket
 import subprocess
 import sys
@@ -79,10 +80,14 @@ def test_generated_code_matches_the_proto(tmp_path):
         assert filecmp.cmp(generated, ROOT / "parley" / "v1" / generated.name, shallow=False), generated.name
 
 
-def test_server_refuses_an_empty_repository(tmp_path):
+def test_server_refuses_an_empty_repository_and_names_variables_it_ignores(tmp_path):
+    environ = {**os.environ, "PARLEY_MAX_BATCH_ROW": "16", "PARLEY_COLOUR": "blue"}
     result = subprocess.run([sys.executable, "-m", "server", "--model-repository", str(tmp_path), "--port", "0",
-                             "--metrics-port", "0"], capture_output=True, text=True, timeout=60)
+                             "--metrics-port", "0", "--log-format", "text"], capture_output=True, text=True,
+                            timeout=60, env=environ)
     assert result.returncode != 0 and "no model packages in" in result.stderr and "make export" in result.stderr
+    assert "ignoring environment variables that name no setting: PARLEY_COLOUR, " \
+           "PARLEY_MAX_BATCH_ROW (did you mean PARLEY_MAX_BATCH_ROWS?)" in result.stderr
 
 
 def test_server_refuses_a_metrics_port_in_use_before_loading_models(tiny_package):
