@@ -14,7 +14,6 @@ from server.config import parse_config, unknown_variables
 from server.engine.memory import keep_freed_memory
 from server.logs import configure_logging
 
-
 log = logging.getLogger("parley.config")
 
 
