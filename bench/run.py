@@ -9,8 +9,9 @@ measured back to back by little. Each record is the round with the median throug
 holds every round's. The PyTorch reference and CTranslate2 int8 with one lane (an order of
 magnitude away from what they are compared with) run one round. Then the served paths,
 in rounds too: the offline engine (2 lanes, the largest batch), the server's scheduler
-without gRPC and the gRPC server, one after the other; a served figure's share of the
-offline engine is taken in each round and the median reported.
+without gRPC, the gRPC server and the offline engine again, one after the other; a served
+figure's share of the offline engine (the mean of its two measurements) is taken in each
+round and the median reported.
 BENCH_QUICK=1 runs a reduced grid in a few minutes. BENCH_SERVER_CPUS (e.g. 0,1) runs the
 engines and servers on those CPUs and the load generator on the others (bench.cpus).
 
@@ -228,8 +229,9 @@ def served_records(s: dict, common: dict, sources: list[str]) -> list[dict]:
     """One sentence per request through a real server on loopback (parley-grpc: 1, 16 and 64
     clients; at 64 also requests of several texts) and through the server's scheduler without
     gRPC (parley-scheduler: 64 clients), in rounds; in each, every served figure is divided by
-    the offline engine's (2 lanes, the largest batch) measured just before it: its share of
-    the offline engine."""
+    the offline engine's (2 lanes, the largest batch), the mean of its measurements just before
+    and just after the beam's served cells (the machine drifts over them): its share of the
+    offline engine."""
     reference = Worker("engine", {**common, "engine": "parley", "precision": "int8", "lanes": 2}, s["server_cpus"])
     clients = max(s["grpc_clients"])
     scheduler = Worker("scheduler", {**common, "clients": clients}, s["server_cpus"])
@@ -243,7 +245,8 @@ def served_records(s: dict, common: dict, sources: list[str]) -> list[dict]:
             for r in range(s["rounds"]):
                 print(f"round {r + 1} of {s['rounds']} ...", flush=True)
                 for beam in s["beams"]:
-                    offline = reference.ask({"beam_size": beam, "batch_size": max(s["batch_sizes"]), "score": False})
+                    cell = {"beam_size": beam, "batch_size": max(s["batch_sizes"]), "score": False}
+                    before = reference.ask(cell)["sentences_per_s"]
                     measured = [{**scheduler.ask({"beam_size": beam, "requests": s["grpc_requests"]}),
                                  "texts_per_request": 1}]
                     for n, texts in loads:
@@ -253,10 +256,11 @@ def served_records(s: dict, common: dict, sources: list[str]) -> list[dict]:
                         measured.append({"engine": "parley-grpc", "precision": "int8", "beam_size": beam,
                                          "batch_size": 1, "threads": s["threads"], "texts_per_request": texts,
                                          **result})
+                    offline = [before, reference.ask(cell)["sentences_per_s"]]
                     for record in measured:
-                        share = round(record["sentences_per_s"] / offline["sentences_per_s"], 3)
+                        share = round(record["sentences_per_s"] / (sum(offline) / 2), 3)
                         key = record["engine"], beam, record["clients"], record["texts_per_request"]
-                        runs[key].append({**record, "share_of_engine": share})
+                        runs[key].append({**record, "offline_sentences_per_s": offline, "share_of_engine": share})
         reference.finish()
         scheduler.finish()
     except BaseException:
