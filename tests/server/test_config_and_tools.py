@@ -1,3 +1,4 @@
+import dataclasses
 import filecmp
 import json
 import os
@@ -13,7 +14,7 @@ from export.cli import parser as export_parser
 from model.evaluate import parser as evaluate_parser
 from model.train import parser as train_parser
 from server.client import parser as client_parser
-from server.config import parse_config
+from server.config import ServerConfig, env_name, parse_config
 from server.proto_build import ROOT, generate
 from tests.server.conftest import RunningServer, server_config
 
@@ -72,6 +73,14 @@ def test_every_setting_has_an_environment_variable():
                  "PARLEY_MAX_TEXTS_PER_REQUEST", "PARLEY_MAX_TOKENS_PER_TEXT", "PARLEY_TLS_CERT", "PARLEY_TLS_KEY",
                  "PARLEY_TLS_CLIENT_CA"):
         assert name in help_text
+
+
+def test_the_readme_documents_every_setting_with_its_flag_and_variable():
+    readme = (ROOT / "README.md").read_text()
+    table = readme[readme.index("## Configuration"):readme.index("### Batching")]
+    undocumented = [name for f in dataclasses.fields(ServerConfig)
+                    for name in (f"--{f.name.replace('_', '-')}", env_name(f.name)) if f"`{name}`" not in table]
+    assert undocumented == [], "missing from the README's configuration table"
 
 
 def test_generated_code_matches_the_proto(tmp_path):
