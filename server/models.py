@@ -88,7 +88,9 @@ def load_models(config: ServerConfig, metrics: Metrics) -> ModelRegistry:
             metrics.model_info.labels(package.name, f"{package.name}/{engine.precision}", engine.precision,
                                       engine.device).set(1)
             log.info("loaded model", extra={"model": package.name, "precision": engine.precision,
-                                            "device": engine.device, "lanes": config.lanes, "path": str(path)})
+                                            "device": engine.device, "lanes": config.lanes,
+                                            "threads_per_lane": engine.lane_threads or "onnxruntime's default",
+                                            "path": str(path)})
             warning = int8_saturation_warning(package, engine.precision, engine.device)
             if warning:
                 log.warning(warning, extra={"model": package.name})

@@ -316,12 +316,12 @@ class LaneEngine(TextFront):
         super().__init__(package)
         budget = threads or cpu_budget()  # None: nothing limits this process below the machine
         if lanes == 1:
-            lane_threads = budget or 0  # 0: ONNX Runtime's default, one thread per physical core
+            self.lane_threads = budget or 0  # 0: ONNX Runtime's default, one thread per physical core
         else:
-            lane_threads = max(1, (budget or os.cpu_count() or 1) // lanes)
+            self.lane_threads = max(1, (budget or os.cpu_count() or 1) // lanes)
         self.shared_dir = None
         graphs = self._share_weights(*resolve(package, precision, device), optimization) if lanes > 1 else None
-        spec = LaneSpec(package, precision, device, lane_threads, optimization, graphs)
+        spec = LaneSpec(package, precision, device, self.lane_threads, optimization, graphs)
         self.lanes = [Lane(spec, f"parley-lane-{package.name}-{i}") for i in range(lanes)]  # they load in parallel
         # Registered after multiprocessing's own exit handler, so it runs first: that one would
         # terminate the lanes (which ignore SIGTERM) and wait for them.

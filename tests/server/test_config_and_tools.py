@@ -97,6 +97,8 @@ def test_server_refuses_an_empty_repository_and_names_variables_it_ignores(tmp_p
     assert result.returncode != 0 and "no model packages in" in result.stderr and "make export" in result.stderr
     assert "ignoring environment variables that name no setting: PARLEY_COLOUR, " \
            "PARLEY_MAX_BATCH_ROW (did you mean PARLEY_MAX_BATCH_ROWS?)" in result.stderr
+    configuration = next(line for line in result.stderr.splitlines() if "parley.config: configuration" in line)
+    assert f"model_repository={tmp_path} " in configuration and " max_batch_rows=256 " in configuration
 
 
 def test_server_refuses_a_metrics_port_in_use_before_loading_models(tiny_package):
@@ -107,8 +109,9 @@ def test_server_refuses_a_metrics_port_in_use_before_loading_models(tiny_package
         result = subprocess.run([sys.executable, "-m", "server", "--model-repository", str(tiny_package), "--port", "0",
                                  "--metrics-port", str(port)], capture_output=True, text=True, timeout=60)
     assert result.returncode == 1
-    assert result.stderr.strip() == f"parley-server: cannot serve metrics on port {port}: Address already in use " \
-                                    "(set --metrics-port, or 0 for none)"
+    assert result.stderr.strip().splitlines()[-1] == f"parley-server: cannot serve metrics on port {port}: " \
+                                                     "Address already in use (set --metrics-port, or 0 for none)"
+    assert "loaded model" not in result.stderr
 
 
 def test_client_translates_and_reports_errors(tiny_package):

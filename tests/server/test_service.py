@@ -337,6 +337,13 @@ def test_calls_cut_off_by_the_end_of_the_grace_period_are_answered_unavailable_w
                                                        "retry on another replica"}
 
 
+def test_the_log_says_how_many_threads_each_lane_got(start_server, caplog):
+    with caplog.at_level(logging.INFO, logger="parley.models"):
+        start_server(lanes=2, threads=4)
+    loaded = next(r for r in caplog.records if r.getMessage() == "loaded model")
+    assert (loaded.lanes, loaded.threads_per_lane) == (2, 2)
+
+
 def test_a_lane_that_dies_fails_its_texts_and_is_restarted(start_server):
     server = start_server(lanes=1)
     stub, scheduler = server.stub(), server.scheduler()
