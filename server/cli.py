@@ -7,7 +7,6 @@ import dataclasses
 import logging
 import os
 import sys
-from pathlib import Path
 from typing import Sequence
 
 from export.package import PackageError
@@ -22,8 +21,7 @@ log = logging.getLogger("parley.config")
 def main(argv: Sequence[str] | None = None) -> None:
     config = parse_config(argv)
     configure_logging(config.log_level, config.log_format)
-    log.info("configuration", extra={name: str(value) if isinstance(value, Path) else value
-                                     for name, value in dataclasses.asdict(config).items()})
+    log.info("configuration", extra=dataclasses.asdict(config))
     ignored = unknown_variables(os.environ)
     if ignored:
         log.warning("ignoring environment variables that name no setting: %s", ", ".join(ignored))
