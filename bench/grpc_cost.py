@@ -80,13 +80,12 @@ def beside_traffic(reference: Worker, cell: dict, sources: list[str], rate: floa
         duration = WARM_UP_S + 3 * seconds_alone + WARM_UP_S
         load = threading.Thread(target=lambda: traffic.update(asyncio.run(
             run_load(f"127.0.0.1:{port}", sources, CLIENTS, requests=int(2 * rate * duration), duration_s=duration))))
-        cpu_before = cpu_seconds(answering.pid), cpu_seconds(os.getpid())
+        server_before, client_before = cpu_seconds(answering.pid), time.process_time()
         load.start()
         time.sleep(WARM_UP_S)
         engine = reference.ask(cell)
         load.join()
-        server_cpu, client_cpu = (after - before for after, before in
-                                  zip((cpu_seconds(answering.pid), cpu_seconds(os.getpid())), cpu_before))
+        server_cpu, client_cpu = cpu_seconds(answering.pid) - server_before, time.process_time() - client_before
     finally:
         answering.terminate()
         answering.wait(30)
