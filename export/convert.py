@@ -61,9 +61,35 @@ class ExportOptions:
     force: bool = False
 
 
+def check_options(options: ExportOptions) -> None:
+    """Refuse options that contradict each other before the (slow) export starts."""
+    problems = []
+    if options.sample_size < 1:
+        problems.append(f"the sample size must be at least 1, got {options.sample_size}")
+    if options.references is not None and options.sample is None:
+        problems.append("references were given without a sample: they must be the translations of the sample's "
+                        "sentences, line by line")
+    elif options.references is not None and len(options.references) != len(options.sample):
+        # Misaligned files would score every sentence against another's translation, silently.
+        problems.append(f"the sample has {len(options.sample)} lines and its references {len(options.references)}: "
+                        "line i of the references must translate line i of the sample")
+    if options.calibration is not None:
+        if "int8" not in options.precisions:
+            problems.append(f"a calibration sets int8's activation scales, but int8 is not among the precisions "
+                            f"exported ({', '.join(options.precisions)})")
+        if options.calibration_size < 1:
+            problems.append(f"the calibration size must be at least 1, got {options.calibration_size}")
+    if not 0 <= options.min_bleu_vs_pytorch <= 100:
+        problems.append(f"the minimum BLEU against PyTorch must be between 0 and 100, got "
+                        f"{options.min_bleu_vs_pytorch:g}")
+    if problems:
+        raise ExportError("; ".join(problems))
+
+
 def export_package(checkpoint_dir: Path, out_dir: Path, options: ExportOptions,
                    log: Callable[[str], None] = print) -> ModelPackage:
     checkpoint_dir, out_dir = Path(checkpoint_dir), Path(out_dir)
+    check_options(options)
     if out_dir.exists() and not options.force:
         raise ExportError(f"{out_dir} already exists; pass --force to replace it")
     model, tokenizer = load_checkpoint(checkpoint_dir)
@@ -122,8 +148,6 @@ def load_checkpoint(checkpoint_dir: Path) -> tuple[Transformer, Tokenizer]:
 
 def sample_sentences(model: Transformer, tokenizer: Tokenizer, options: ExportOptions):
     """The user's sample, or pseudo-sentences decoded from random token ids when none is given."""
-    if options.sample_size < 1:
-        raise ExportError(f"the sample size must be at least 1, got {options.sample_size}")
     if options.sample is not None:
         sample = list(options.sample[: options.sample_size])
         if not any(line.strip() for line in sample):
@@ -147,8 +171,6 @@ class Calibration:
 def calibrate(model: Transformer, tokenizer: Tokenizer, options: ExportOptions, log) -> Calibration | None:
     if "int8" not in options.precisions or options.calibration is None:
         return None
-    if options.calibration_size < 1:
-        raise ExportError(f"the calibration size must be at least 1, got {options.calibration_size}")
     sentences = [line for line in options.calibration if line.strip()][: options.calibration_size]
     if not sentences:
         raise ExportError("the calibration file has no sentences (one source sentence a line)")

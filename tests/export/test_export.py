@@ -15,7 +15,7 @@ from decoding import DecodingParams, output_budget
 from decoding.padding import pad_batch
 from decoding.tokenizer import Tokenizer
 from export.calibrate import input_ranges
-from export.convert import ExportOptions, default_int8_weight_bits, export_package
+from export.convert import ExportError, ExportOptions, default_int8_weight_bits, export_package
 from export.io import decoder_input_names
 from export.package import ModelPackage, PackageError
 from export.quantize import weight_key
@@ -425,6 +425,30 @@ def test_cli_failure_messages(tiny_checkpoint, tmp_path):
     assert result.returncode != 0 and "the sample size must be at least 1, got 0" in result.stderr
     assert not (tmp_path / "out").exists()
 
+
+def test_cli_refuses_contradictory_options_before_exporting(tiny_checkpoint, tmp_path):
+    (tmp_path / "sample.en").write_text("A dog.\nA cat.\nA bird.\n")
+    (tmp_path / "references.de").write_text("Ein Hund.\nEine Katze.\n")
+    result = export_cli(tiny_checkpoint, tmp_path / "out", "--sample", tmp_path / "sample.en",
+                        "--sample-references", tmp_path / "references.de")
+    assert result.returncode != 0
+    assert "the sample has 3 lines and its references 2: line i of the references must translate" in result.stderr
+
+    result = export_cli(tiny_checkpoint, tmp_path / "out", "--sample-references", tmp_path / "references.de")
+    assert result.returncode != 0 and "references were given without a sample" in result.stderr
+
+    result = export_cli(tiny_checkpoint, tmp_path / "out", "--precision", "fp32",
+                        "--calibration", tmp_path / "sample.en")
+    assert result.returncode != 0 and "int8 is not among the precisions exported (fp32)" in result.stderr
+
+    result = export_cli(tiny_checkpoint, tmp_path / "out", "--calibration", tmp_path / "sample.en",
+                        "--calibration-size", "0", "--min-bleu-vs-pytorch", "150")
+    assert result.returncode != 0
+    assert "the calibration size must be at least 1, got 0; the minimum BLEU against PyTorch must be between 0 " \
+           "and 100, got 150" in result.stderr
+    assert "exporting" not in result.stdout  # refused before any work
+    assert not (tmp_path / "out").exists()
+
     broken = tmp_path / "broken"
     shutil.copytree(tiny_checkpoint, broken)
     (broken / "model.safetensors").write_bytes(b"truncated")
@@ -445,11 +469,13 @@ def test_cli_refuses_a_tokenizer_that_does_not_fit(tiny_checkpoint, tmp_path):
     assert result.returncode != 0 and "the tokenizer has 8000 pieces but the model 120" in result.stderr
 
 
-def test_cli_refuses_a_variant_that_fails_parity(tiny_checkpoint, tmp_path):
-    # No int8 model reaches BLEU 100.1 against PyTorch: verification must fail and write nothing.
-    result = export_cli(tiny_checkpoint, tmp_path / "out", "--precision", "int8", "--min-bleu-vs-pytorch", "100.1")
-    assert result.returncode != 0
-    assert "int8 variant does not match PyTorch" in result.stderr and "Nothing was written" in result.stderr
+def test_a_variant_that_fails_verification_writes_nothing(tiny_checkpoint, tmp_path):
+    # ONNX Runtime's fp32 log-probabilities are never bit-identical to PyTorch's (other summation
+    # orders, fused kernels): a zero tolerance must fail verification.
+    options = ExportOptions(precisions=("fp32",), max_fp32_logprob_diff=0.0, sample_size=8)
+    with pytest.raises(ExportError, match="fp32 variant does not match PyTorch: max .log-prob difference. .* "
+                                          "exceeds 0e.00. Nothing was written"):
+        export_package(tiny_checkpoint, tmp_path / "out", options, log=lambda message: None)
     assert not (tmp_path / "out").exists()
     assert not list(tmp_path.glob(".out.staging-*"))
 
