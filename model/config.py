@@ -30,7 +30,13 @@ class ModelConfig:
     target_language: str = "de"
 
     def __post_init__(self) -> None:
-        problems = []
+        problems = [f"{name} must be at least 1, got {getattr(self, name)}" for name in
+                    ("vocab_size", "d_model", "num_heads", "d_ff", "encoder_layers", "decoder_layers", "max_positions")
+                    if getattr(self, name) < 1]
+        if not 0 <= self.dropout < 1:
+            problems.append(f"dropout must be in [0, 1), got {self.dropout}")
+        if problems:  # the checks below divide by these
+            raise ValueError("invalid model config: " + "; ".join(problems))
         if self.d_model % self.num_heads:
             problems.append(f"d_model ({self.d_model}) must be divisible by num_heads ({self.num_heads})")
         if self.d_model % 2:

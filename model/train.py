@@ -118,7 +118,7 @@ def validation_loss(model: Transformer, batches: TokenBatches, device: torch.dev
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description="Train Parley's encoder-decoder Transformer.",
+    p = argparse.ArgumentParser(prog="parley-train", description="Train Parley's encoder-decoder Transformer.",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--data-dir", type=Path, default=Path("../shared/data/multi30k"),
                    help="the corpus: {train,val}.{LANG}.gz, one sentence a line")
@@ -162,7 +162,32 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                 split_path(args.data_dir, split, language)
     except (ValueError, FileNotFoundError) as error:
         p.error(str(error))
+    problems = training_problems(args)
+    if problems:
+        p.error("; ".join(problems))
     return args
+
+
+def training_problems(args: argparse.Namespace) -> list[str]:
+    """What is wrong with the flags that shape the training rather than the model."""
+    problems = [f"--{name.replace('_', '-')} must be at least {least}, got {getattr(args, name)}"
+                for name, least in (("max_steps", 1), ("max_epochs", 1), ("warmup", 1), ("average", 1),
+                                    ("bleu_every", 0), ("max_length", 2))
+                if getattr(args, name) < least]
+    if args.max_length > args.max_positions:  # a longer pair would fail in the middle of an epoch
+        problems.append(f"--max-length ({args.max_length}) must not exceed --max-positions ({args.max_positions})")
+    if args.max_tokens < args.max_length:
+        problems.append(f"--max-tokens ({args.max_tokens}) must hold the longest pair a batch may take "
+                        f"(--max-length {args.max_length})")
+    if args.lr_factor <= 0:
+        problems.append(f"--lr-factor must be positive, got {args.lr_factor}")
+    if not 0 <= args.label_smoothing < 1:
+        problems.append(f"--label-smoothing must be in [0, 1), got {args.label_smoothing}")
+    if args.device not in ("auto", "cpu") and not args.device.startswith("cuda"):
+        problems.append(f"--device must be auto, cpu or cuda, got {args.device!r}")
+    elif args.device.startswith("cuda") and not torch.cuda.is_available():
+        problems.append(f"--device {args.device}: this PyTorch sees no CUDA device (use --device cpu or auto)")
+    return problems
 
 
 def model_config(args: argparse.Namespace, tokenizer: Tokenizer | None = None) -> ModelConfig:
@@ -197,9 +222,13 @@ def main(argv: Sequence[str] | None = None) -> None:
             target = out / f"spm-input.{f.name[:-3]}"
             target.write_text("\n".join(read_lines(f)) + "\n")
             plain.append(target)
-        train_tokenizer(plain, out / "spm", args.vocab_size)
-        for f in plain:
-            f.unlink()
+        try:
+            train_tokenizer(plain, out / "spm", args.vocab_size)
+        except RuntimeError as error:  # e.g. fewer pieces than the corpus has characters
+            sys.exit(f"error: SentencePiece could not train a tokenizer of {args.vocab_size} pieces: {error}")
+        finally:
+            for f in plain:
+                f.unlink()
     tokenizer = Tokenizer(spm_path)
     if tokenizer.vocab_size != args.vocab_size:  # a tokenizer an earlier run of OUT_DIR trained
         sys.exit(f"error: {spm_path} has {tokenizer.vocab_size} pieces where --vocab-size asks {args.vocab_size}: "

@@ -46,12 +46,28 @@ def test_a_run_is_resumed_only_as_the_model_it_trains(corpus, tmp_path):
     (["--vocab-size", "3"], "eos_id (3) must be in [0, vocab_size=3)"),
     (["--activation", "swish"], "activation must be one of"),
     (["--source-language", "xx"], "missing corpus file"),
+    (["--num-heads", "0"], "num_heads must be at least 1, got 0"),
+    (["--dropout", "1.5"], "dropout must be in [0, 1), got 1.5"),
+    (["--warmup", "0", "--average", "0"], "--warmup must be at least 1, got 0; --average must be at least 1, got 0"),
+    (["--max-length", "300"], "--max-length (300) must not exceed --max-positions (256)"),
+    (["--max-tokens", "64"], "--max-tokens (64) must hold the longest pair a batch may take (--max-length 100)"),
+    (["--lr-factor", "0"], "--lr-factor must be positive, got 0.0"),
+    (["--label-smoothing", "1"], "--label-smoothing must be in [0, 1), got 1.0"),
+    (["--device", "tpu"], "--device must be auto, cpu or cuda, got 'tpu'"),
 ])
 def test_bad_flags_are_refused_before_any_work(corpus, tmp_path, capsys, flags, message):
     with pytest.raises(SystemExit):
         parse_args(["--data-dir", str(corpus), "--out-dir", str(tmp_path / "run"), *flags])
     assert message in capsys.readouterr().err
     assert not (tmp_path / "run").exists()
+
+
+def test_a_vocabulary_the_corpus_cannot_fill_is_refused_with_sentencepieces_reason(corpus, tmp_path):
+    with pytest.raises(SystemExit) as refused:
+        main(["--data-dir", str(corpus), "--out-dir", str(tmp_path / "run"), *TINY, "--vocab-size", "10"])
+    assert "SentencePiece could not train a tokenizer of 10 pieces" in str(refused.value)
+    assert "Vocabulary size is smaller than required_chars" in str(refused.value)
+    assert list((tmp_path / "run").iterdir()) == []  # its plain-text input is removed
 
 
 def test_a_stopped_run_resumes_to_the_weights_of_one_that_never_stopped(corpus, tmp_path, capsys):
