@@ -62,6 +62,8 @@ def parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> None:
     p = parser()
     args = p.parse_args(argv)
+    if args.limit < 0:  # a slice would drop the last sentences instead
+        p.error(f"--limit must be >= 0 (0: all), got {args.limit}")
     try:
         model = load_model(args.model_dir)
         tokenizer = Tokenizer(args.model_dir / TOKENIZER_FILE)
