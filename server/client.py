@@ -1,6 +1,7 @@
 """A command-line client: python -m server.client "A man is riding a bike." [options]
 
-Texts come from the arguments, or one a line from standard input.
+Texts come from the arguments, or one a line from standard input (a whole file: they go in
+requests of --texts-per-request, several in flight, and come back in order).
 """
 
 from __future__ import annotations
@@ -8,8 +9,9 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from collections import deque
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Iterable, Sequence
 
 import grpc
 
@@ -29,12 +31,17 @@ def channel(address: str, ca: Path | None, cert: Path | None, key: Path | None) 
     return grpc.secure_channel(address, credentials)
 
 
-def count(text: str) -> int:
-    """A whole number >= 0, as the API's unsigned fields take."""
-    value = int(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
-    return value
+def at_least(least: int):
+    """An argparse type: a whole number >= least (0 for the API's unsigned fields)."""
+    def whole_number(text: str) -> int:
+        value = int(text)
+        if value < least:
+            raise argparse.ArgumentTypeError(f"must be >= {least}, got {value}")
+        return value
+    return whole_number
+
+
+count = at_least(0)
 
 
 def parser() -> argparse.ArgumentParser:
@@ -55,7 +62,11 @@ def parser() -> argparse.ArgumentParser:
                    help="tokens to generate before the translation may end (default: 0)")
     p.add_argument("--stream", action="store_true", help="print each translation as soon as it is done")
     p.add_argument("--json", action="store_true", help="print JSON lines with scores and token counts")
-    p.add_argument("--timeout", type=float, default=30.0, help="deadline in seconds (default: 30)")
+    p.add_argument("--timeout", type=float, default=30.0, help="deadline of each request in seconds (default: 30)")
+    p.add_argument("--texts-per-request", type=at_least(1), default=64,
+                   help="texts sent in one request, more go in several (default: 64, the server's default limit)")
+    p.add_argument("--parallel", type=at_least(1), default=4,
+                   help="requests in flight at once, so the server batches them together (default: 4)")
     p.add_argument("--list-models", action="store_true", help="list the server's models and exit")
     p.add_argument("--tls-ca", type=Path, help="CA bundle to verify the server (enables TLS)")
     p.add_argument("--tls-cert", type=Path, help="client certificate, for mTLS")
@@ -76,34 +87,60 @@ def main(argv: Sequence[str] | None = None) -> None:
         p.error(f"cannot read {error.filename}: {error.strerror}")
     if problems:
         p.error("; ".join(problems))
+    if args.list_models:
+        try:
+            models = stub.ListModels(pb.ListModelsRequest(), timeout=args.timeout).models
+        except grpc.RpcError as error:
+            sys.exit(f"error: {error.code().name}: {error.details()}")
+        for m in models:
+            default = " (default)" if m.is_default else ""
+            print(f"{m.name}{default}: {m.source_language}->{m.target_language} {m.precision} on {m.device}")
+        return
+    texts = args.texts or [line.rstrip("\n") for line in sys.stdin]
+    if not texts:
+        p.error("no texts: give them as arguments, or one a line on standard input")
+    options = pb.DecodingOptions(beam_size=args.beam, num_hypotheses=args.n_best,
+                                 max_output_tokens=args.max_output_tokens, min_output_tokens=args.min_output_tokens)
+    if args.length_penalty is not None:
+        options.length_penalty = args.length_penalty
+    size = args.texts_per_request
+    chunks = [range(first, min(first + size, len(texts))) for first in range(0, len(texts), size)]
+
+    def request(chunk: range) -> pb.TranslateRequest:
+        return pb.TranslateRequest(texts=texts[chunk.start : chunk.stop], model=args.model, options=options,
+                                   source_language=args.source_language, target_language=args.target_language)
+
+    def show_all(chunk: range, responses: Callable[[], Iterable[pb.TranslateResponse]]) -> None:
+        try:
+            for response in responses():
+                for translation in response.translations:
+                    show(translation, chunk.start, texts, args.json)
+        except grpc.RpcError as error:
+            where = f"texts {chunk.start}-{chunk.stop - 1} (one request): " if len(chunks) > 1 else ""
+            hint = " (lower --texts-per-request)" if "texts in one request" in (error.details() or "") else ""
+            sys.exit(f"error: {where}{error.code().name}: {error.details()}{hint}")
+
+    if args.stream:  # each request's texts as they finish, one request after another
+        for chunk in chunks:
+            show_all(chunk, lambda: stub.TranslateStream(request(chunk), timeout=args.timeout))
+        return
+    in_flight: deque = deque()  # (chunk, future), in input order
     try:
-        if args.list_models:
-            for m in stub.ListModels(pb.ListModelsRequest(), timeout=args.timeout).models:
-                default = " (default)" if m.is_default else ""
-                print(f"{m.name}{default}: {m.source_language}->{m.target_language} {m.precision} on {m.device}")
-            return
-        texts = args.texts or [line.rstrip("\n") for line in sys.stdin]
-        options = pb.DecodingOptions(beam_size=args.beam, num_hypotheses=args.n_best,
-                                     max_output_tokens=args.max_output_tokens,
-                                     min_output_tokens=args.min_output_tokens)
-        if args.length_penalty is not None:
-            options.length_penalty = args.length_penalty
-        request = pb.TranslateRequest(texts=texts, model=args.model, options=options,
-                                      source_language=args.source_language, target_language=args.target_language)
-        if args.stream:
-            responses = stub.TranslateStream(request, timeout=args.timeout)
-        else:
-            responses = [stub.Translate(request, timeout=args.timeout)]
-        for response in responses:
-            for translation in response.translations:
-                show(translation, texts, args.json)
-    except grpc.RpcError as error:
-        sys.exit(f"error: {error.code().name}: {error.details()}")
+        for chunk in chunks:
+            in_flight.append((chunk, stub.Translate.future(request(chunk), timeout=args.timeout)))
+            while in_flight and (len(in_flight) == args.parallel or chunk is chunks[-1]):
+                first, future = in_flight.popleft()
+                show_all(first, lambda: [future.result()])
+    finally:  # after a failure, the requests still in flight are not needed
+        for _, future in in_flight:
+            future.cancel()
 
 
-def show(translation: pb.Translation, texts: Sequence[str], as_json: bool) -> None:
+def show(translation: pb.Translation, first: int, texts: Sequence[str], as_json: bool) -> None:
+    """A translation of the request whose first text is texts[first]."""
+    index = first + translation.index
     if as_json:
-        print(json.dumps({"index": translation.index, "source": texts[translation.index],
+        print(json.dumps({"index": index, "source": texts[index],
                           "hypotheses": [{"text": h.text, "score": round(h.score, 4), "tokens": h.token_count}
                                          for h in translation.hypotheses]}, ensure_ascii=False), flush=True)
         return

@@ -137,5 +137,39 @@ def test_client_translates_and_reports_errors(tiny_package):
         assert negative.returncode == 2 and "argument --beam: must be >= 0, got -1" in negative.stderr
         no_ca = subprocess.run(client + ["--tls-ca", "/no/ca.pem", "x"], capture_output=True, text=True, timeout=60)
         assert no_ca.returncode == 2 and "cannot read /no/ca.pem: No such file or directory" in no_ca.stderr
+        nothing = subprocess.run(client, input="", capture_output=True, text=True, timeout=60)
+        assert nothing.returncode == 2 and "no texts: give them as arguments, or one a line" in nothing.stderr
+    finally:
+        server.close()
+
+
+def test_client_sends_a_file_in_requests_and_prints_it_in_order(tiny_package):
+    """More lines than one request may hold (the server's max_texts_per_request) go in several,
+    some in flight together; the translations come out in the file's order."""
+    server = RunningServer(server_config(tiny_package, max_texts_per_request=3))
+    try:
+        client = [sys.executable, "-m", "server.client", "--address", server.address, "--json", "--beam", "1"]
+        lines = [f"A dog runs {i} times." for i in range(11)]
+        whole = subprocess.run(client, input="\n".join(lines) + "\n", capture_output=True, text=True, timeout=60)
+        assert whole.returncode == 1  # one request of the default 64 texts at most: the server takes 3
+        assert whole.stderr.strip() == "error: INVALID_ARGUMENT: 11 texts in one request; the limit is 3 (split the " \
+                                       "request) (lower --texts-per-request)"
+        for flags in (["--texts-per-request", "3", "--parallel", "2"], ["--texts-per-request", "3", "--stream"]):
+            result = subprocess.run(client + flags, input="\n".join(lines) + "\n", capture_output=True, text=True,
+                                    timeout=60)
+            assert result.returncode == 0, result.stderr
+            printed = [json.loads(line) for line in result.stdout.splitlines()]
+            assert sorted((p["index"], p["source"]) for p in printed) == list(enumerate(lines))
+            if "--stream" not in flags:
+                assert [p["index"] for p in printed] == list(range(11))
+
+        too_long = lines[:4] + [" ".join(["dog"] * 400)] + lines[5:]
+        failed = subprocess.run(client + ["--texts-per-request", "3"], input="\n".join(too_long) + "\n",
+                                capture_output=True, text=True, timeout=60)
+        assert failed.returncode == 1
+        assert "error: texts 3-5 (one request): INVALID_ARGUMENT: text 1 has" in failed.stderr
+        assert [json.loads(line)["index"] for line in failed.stdout.splitlines()] == [0, 1, 2]
+        zero = subprocess.run(client + ["--parallel", "0", "x"], capture_output=True, text=True, timeout=60)
+        assert zero.returncode == 2 and "argument --parallel: must be >= 1, got 0" in zero.stderr
     finally:
         server.close()
