@@ -35,6 +35,17 @@ def connection_age_options(config: ServerConfig) -> list[tuple[str, int]]:
     return [("grpc.max_connection_age_ms", max(1, round(config.max_connection_age_s * 1000)))]
 
 
+def client_ping_options(config: ServerConfig) -> list[tuple[str, int]]:
+    """Clients keep idle connections open through proxies and NAT with keepalive pings (e.g.
+    every 30 s); gRPC's server answers pings more frequent than one in 5 minutes, or any while
+    no call is in flight, with a GOAWAY (too_many_pings) after two of them, which drops the
+    connection those pings were keeping. This setting permits them."""
+    if not config.min_client_ping_interval_s:
+        return []
+    return [("grpc.http2.min_ping_interval_without_data_ms", max(1, round(config.min_client_ping_interval_s * 1000))),
+            ("grpc.keepalive_permit_without_calls", 1)]
+
+
 class ParleyServer:
     """Start: load and warm up every model, then serve. Stop: drain, then exit."""
 
@@ -54,7 +65,8 @@ class ParleyServer:
 
     async def start(self) -> None:
         await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
-        self.grpc_server = grpc.aio.server(options=GRPC_SERVER_OPTIONS + connection_age_options(self.config))
+        self.grpc_server = grpc.aio.server(
+            options=GRPC_SERVER_OPTIONS + connection_age_options(self.config) + client_ping_options(self.config))
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.grpc_server)
         reflection.enable_server_reflection(
             [SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME],

@@ -42,6 +42,10 @@ class ServerConfig:
     max_connection_age_s: float = field(default=0.0, metadata={
         "help": "close each client connection after about this long (a GOAWAY; its calls in flight finish), so "
                 "that clients balancing over DNS resolve again and reach new replicas (0: never)"})
+    min_client_ping_interval_s: float = field(default=0.0, metadata={
+        "help": "let clients send keepalive pings this often, with or without calls in flight (0: gRPC's policy, "
+                "one every 5 minutes and only during calls; a client that pings more often is disconnected with "
+                "GOAWAY too_many_pings)"})
     tls_cert: Path | None = field(default=None, metadata={"help": "PEM certificate chain (enables TLS)"})
     tls_key: Path | None = field(default=None, metadata={"help": "PEM private key"})
     tls_client_ca: Path | None = field(default=None, metadata={"help": "PEM CA bundle: require client certs (mTLS)"})
@@ -80,7 +84,8 @@ class ServerConfig:
                 problems.append(f"{name} must be between 0 and 65535, got {getattr(self, name)}")
         if self.port and self.port == self.metrics_port:
             problems.append(f"port and metrics_port must differ, both are {self.port}")
-        for name in ("threads", "max_queue_delay_ms", "grace_period_s", "max_connection_age_s"):
+        for name in ("threads", "max_queue_delay_ms", "grace_period_s", "max_connection_age_s",
+                     "min_client_ping_interval_s"):
             if getattr(self, name) < 0:
                 problems.append(f"{name} must be >= 0, got {getattr(self, name)}")
         if self.log_level.lower() not in ("debug", "info", "warning", "error"):

@@ -280,6 +280,27 @@ def test_connections_are_closed_after_the_max_age_without_failing_a_call(start_s
             assert stub.Translate(request("A dog runs."), timeout=30).translations[0].hypotheses
 
 
+def test_clients_keepalive_pings_are_permitted_when_configured(start_server, running):
+    permitting = start_server(min_client_ping_interval_s=0.2)
+    # An idle client keeping its connection open with a ping a second (gRPC's shortest interval).
+    pinging = [("grpc.keepalive_time_ms", 1000), ("grpc.keepalive_permit_without_calls", 1),
+               ("grpc.http2.max_pings_without_data", 0)]
+    channels = {permitted: grpc.insecure_channel(server.address, options=pinging)
+                for server, permitted in ((permitting, True), (running, False))}
+    states = {permitted: connectivity_states(channel) for permitted, channel in channels.items()}
+    for channel in channels.values():
+        assert pb_grpc.TranslatorStub(channel).Translate(request("A dog runs."), timeout=30).translations
+    for seen in states.values():
+        wait_until(lambda: grpc.ChannelConnectivity.READY in seen, "the channel never connected")
+    time.sleep(4.5)
+    for permitted, seen in states.items():
+        # gRPC's default policy answers the third early ping (~3 s) with GOAWAY too_many_pings:
+        # the connection the pings kept open drops to IDLE.
+        dropped = grpc.ChannelConnectivity.IDLE in seen[seen.index(grpc.ChannelConnectivity.READY):]
+        assert dropped != permitted, f"permitted {permitted}: {seen}"
+        channels[permitted].close()
+
+
 def test_health_and_graceful_shutdown_drain_in_flight_work(start_server):
     server = start_server()
     health = health_pb2_grpc.HealthStub(grpc.insecure_channel(server.address))
