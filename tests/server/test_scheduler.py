@@ -3,6 +3,7 @@ loop's end of a lane's pipe."""
 
 import asyncio
 import multiprocessing
+import time
 
 import numpy as np
 import pytest
@@ -10,9 +11,9 @@ import pytest
 from decoding import DecodingParams
 from server.config import ServerConfig
 from server.engine.lanes import Ending, Job, LoopPipe, from_wire, to_wire
-from server.errors import ServingError
+from server.errors import DeadlineExceeded, ServingError
 from server.metrics import Metrics
-from server.scheduler import Row, Scheduler
+from server.scheduler import RESTARTING, Row, Scheduler
 
 
 class NoLanes:
@@ -35,6 +36,26 @@ def test_a_text_without_a_finite_hypothesis_gets_an_error_not_an_empty_answer():
             await asyncio.wait_for(row.future, 10)
         assert not scheduler._active[0]
         assert scheduler._load[0] == [0, 0]
+
+    asyncio.run(scenario())
+
+
+def test_queued_texts_past_their_deadline_are_answered_even_if_the_caller_never_cancels():
+    """The servicer cancels a call's texts when gRPC ends the call; the scheduler's own sweep
+    answers those of a caller that does not, and they never reach a lane."""
+    async def scenario():
+        metrics = Metrics()
+        scheduler = Scheduler("m", NoLanes(), ServerConfig(), metrics)
+        scheduler._loop = asyncio.get_running_loop()
+        scheduler._lane_states = [RESTARTING]  # no lane has room: the texts stay queued
+        loop = asyncio.get_running_loop()
+        soon = Row([5, 6], DecodingParams(), loop.create_future(), deadline=time.monotonic() + 0.1)
+        later = Row([7], DecodingParams(), loop.create_future(), deadline=time.monotonic() + 60)
+        scheduler.submit([soon, later])
+        with pytest.raises(DeadlineExceeded, match="the deadline passed while the text was queued"):
+            await asyncio.wait_for(soon.future, 10)
+        assert scheduler._pending == [later] and not later.future.done()
+        assert metrics.queue_depth.labels("m")._value.get() == 1
 
     asyncio.run(scenario())
 
