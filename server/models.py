@@ -77,10 +77,19 @@ def load_models(config: ServerConfig, metrics: Metrics) -> ModelRegistry:
     if not paths:
         raise FileNotFoundError(f"no model packages in {config.model_repository} (a package is a directory with "
                                 f"{MANIFEST_FILE}; build the default one with `make export`)")
+    # Names and the default come from the manifests: checked before any engine starts its lanes.
+    packages = [ModelPackage.load(path) for path in paths]
+    names = [package.name for package in packages]
+    shared = {name: [p.root.name for p in packages if p.name == name] for name in names if names.count(name) > 1}
+    if shared:
+        raise ValueError(f"model names must be unique in {config.model_repository}: " + "; ".join(
+            f"'{name}' names {' and '.join(directories)}" for name, directories in shared.items()))
+    default = config.default_model or names[0]
+    if default not in names:
+        raise ValueError(f"default model '{default}' is not in {config.model_repository} (has {', '.join(names)})")
     models: list[LoadedModel] = []
     try:
-        for path in paths:
-            package = ModelPackage.load(path)
+        for package in packages:
             engine = LaneEngine(package, precision=None if config.precision == "auto" else config.precision,
                                 device=None if config.device == "auto" else config.device, threads=config.threads,
                                 lanes=config.lanes)
@@ -90,16 +99,10 @@ def load_models(config: ServerConfig, metrics: Metrics) -> ModelRegistry:
             log.info("loaded model", extra={"model": package.name, "precision": engine.precision,
                                             "device": engine.device, "lanes": config.lanes,
                                             "threads_per_lane": engine.lane_threads or "onnxruntime's default",
-                                            "path": str(path)})
+                                            "path": str(package.root)})
             warning = int8_saturation_warning(package, engine.precision, engine.device)
             if warning:
                 log.warning(warning, extra={"model": package.name})
-        names = [m.name for m in models]
-        if len(set(names)) != len(names):
-            raise ValueError(f"model names must be unique in {config.model_repository}: {names}")
-        default = config.default_model or names[0]
-        if default not in names:
-            raise ValueError(f"default model '{default}' is not in {config.model_repository} (has {', '.join(names)})")
     except BaseException:
         for model in models:  # their lane processes
             model.engine.close()

@@ -23,11 +23,14 @@ from prometheus_client.parser import text_string_to_metric_families
 
 import server.app
 import server.engine.session
+import server.models
 import server.requests
 from bench.replicas import free_port, wait_until_serving
 from parley.v1 import translate_pb2 as pb
 from parley.v1 import translate_pb2_grpc as pb_grpc
 from server.app import ParleyServer
+from server.metrics import Metrics
+from server.models import load_models
 from tests.server.conftest import RunningServer, request, server_config, wait_until
 
 TEXTS = ["A man is riding a bike.", "Two dogs play in the snow.", "A woman in a red dress walks down a busy street."]
@@ -168,6 +171,20 @@ def test_language_pair_selects_the_model(running):
     response = running.stub().Translate(pb.TranslateRequest(texts=["A dog."], source_language="en",
                                                             target_language="de"))
     assert response.model == "tiny"
+
+
+def test_a_repository_whose_names_clash_or_lack_the_default_is_refused_before_any_lane_starts(
+        tiny_package, tmp_path, monkeypatch):
+    def no_engine(*args, **kwargs):
+        raise AssertionError("an engine started before the repository was checked")
+
+    monkeypatch.setattr(server.models, "LaneEngine", no_engine)
+    for directory in ("a", "b"):
+        shutil.copytree(tiny_package, tmp_path / "twins" / directory)
+    with pytest.raises(ValueError, match="model names must be unique in .*twins: 'tiny' names a and b"):
+        load_models(server_config(tmp_path / "twins"), Metrics())
+    with pytest.raises(ValueError, match="default model 'fr-en' is not in .* \\(has tiny\\)"):
+        load_models(server_config(tiny_package, default_model="fr-en"), Metrics())
 
 
 def test_a_repository_of_two_models_serves_each_by_name_language_and_default(tiny_package, tmp_path):
@@ -539,6 +556,9 @@ def test_not_serving_while_models_load(starting_server):
         health_pb2.HealthCheckResponse.NOT_SERVING
     with pytest.raises(grpc.RpcError) as error:
         pb_grpc.TranslatorStub(channel).Translate(request("Too early."), timeout=5)
+    assert error.value.code() == grpc.StatusCode.UNAVAILABLE and "loading" in error.value.details()
+    with pytest.raises(grpc.RpcError) as error:
+        pb_grpc.TranslatorStub(channel).ListModels(pb.ListModelsRequest(), timeout=5)
     assert error.value.code() == grpc.StatusCode.UNAVAILABLE and "loading" in error.value.details()
     starting_server.release.set()
     starting_server.starting.result(60)
