@@ -1,8 +1,9 @@
-"""The PyTorch reference search against brute force."""
+"""The PyTorch reference search against brute force, and the decoding parameters no search takes."""
 
 import itertools
 
 import numpy as np
+import pytest
 import torch
 
 from decoding import DecodingParams
@@ -69,3 +70,16 @@ def test_beam_search_finds_the_best_sequence_by_enumeration():
                                                  length_penalty=0.0))[0]
     assert [h.tokens for h in hyps] == [s for _, s in scored[:5]]
     assert np.allclose([h.score for h in hyps], [score for score, _ in scored[:5]], atol=1e-4)
+
+
+@pytest.mark.parametrize("fields,message", [
+    (dict(beam_size=0), "beam_size must be >= 1, got 0"),
+    (dict(beam_size=2, num_hypotheses=3), "num_hypotheses must be between 1 and beam_size (2), got 3"),
+    (dict(num_hypotheses=0), "num_hypotheses must be between 1 and beam_size (1), got 0"),
+    (dict(max_length=-1, min_length=0), "max_length and min_length must be >= 0"),
+    (dict(max_length=3, min_length=4), "min_length (4) must not exceed max_length (3)"),
+])
+def test_decoding_params_refuse_what_no_search_can_do(fields, message):
+    with pytest.raises(ValueError) as error:
+        DecodingParams(**fields)
+    assert message in str(error.value)
