@@ -37,9 +37,9 @@ def connection_age_options(config: ServerConfig) -> list[tuple[str, int]]:
 
 def client_ping_options(config: ServerConfig) -> list[tuple[str, int]]:
     """Clients keep idle connections open through proxies and NAT with keepalive pings (e.g.
-    every 30 s); gRPC's server answers pings more frequent than one in 5 minutes, or any while
-    no call is in flight, with a GOAWAY (too_many_pings) after two of them, which drops the
-    connection those pings were keeping. This setting permits them."""
+    every 30 s). gRPC's server counts a ping sooner than 5 minutes after the last, or any while
+    no call is in flight, as a strike and answers the third with a GOAWAY (too_many_pings),
+    which drops the connection those pings were keeping. This setting permits them."""
     if not config.min_client_ping_interval_s:
         return []
     return [("grpc.http2.min_ping_interval_without_data_ms", max(1, round(config.min_client_ping_interval_s * 1000))),
