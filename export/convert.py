@@ -26,7 +26,7 @@ from export.io import OPSET
 from export.optimize import (constants_as_initializers, fold_output_scales, fold_reshape_shapes,
                              merge_parallel_matmuls, merge_reshape_chains, reshape_unit_axis_transposes,
                              two_stage_top_k)
-from export.package import FORMAT_VERSION, GRAPHS, MANIFEST_FILE, ModelPackage, file_record
+from export.package import FORMAT_VERSION, GRAPHS, MANIFEST_FILE, ModelPackage, file_record, name_problem
 from export.quantize import convert_fp16, quantize_int8, weight_key
 from export.verify import Parity, check_variant
 from model.checkpoint import TOKENIZER_FILE, load_model
@@ -64,6 +64,8 @@ class ExportOptions:
 def check_options(options: ExportOptions) -> None:
     """Refuse options that contradict each other before the (slow) export starts."""
     problems = []
+    if options.name is not None and name_problem(options.name):
+        problems.append(name_problem(options.name))
     if options.sample_size < 1:
         problems.append(f"the sample size must be at least 1, got {options.sample_size}")
     if options.references is not None and options.sample is None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
@@ -18,6 +19,15 @@ FORMAT_VERSION = 1
 MANIFEST_FILE = "manifest.json"
 PRECISIONS = ("fp32", "int8", "fp16")
 GRAPHS = ("encoder", "decoder_step")
+# A model's name selects it in requests and labels its metrics, processes and temporary files.
+MODEL_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+
+
+def name_problem(name: str) -> str | None:
+    if MODEL_NAME.fullmatch(name):
+        return None
+    return (f"model name {name!r} must be 1 to 64 letters, digits, '.', '_' or '-', starting with a letter or "
+            "digit")
 
 
 class PackageError(ValueError):
@@ -148,6 +158,8 @@ def validate_manifest(manifest: dict) -> list[str]:
             problems.append(f"'{key}' must be {kind.__name__}")
     if problems:
         return problems
+    if name_problem(manifest["name"]):
+        problems.append(name_problem(manifest["name"]) + "; re-export with --name")
     if manifest["format_version"] != FORMAT_VERSION:
         problems.append(f"format_version {manifest['format_version']} is not supported (this Parley reads "
                         f"{FORMAT_VERSION}); re-export with this version's export tool")

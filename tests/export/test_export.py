@@ -364,6 +364,7 @@ def test_malformed_manifest_lists_every_problem(package_copy):
     manifest["variants"]["int4"] = {}
     manifest["variants"]["fp32"]["files"]["encoder"]["path"] = "../../elsewhere.onnx"
     manifest["tokenizer"]["path"] = "/etc/spm.model"
+    manifest["name"] = "wmt/en-de"
     (package_copy / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(PackageError) as error:
         ModelPackage.load(package_copy)
@@ -372,6 +373,7 @@ def test_malformed_manifest_lists_every_problem(package_copy):
     assert "special_tokens.eos" in message and "unknown precision 'int4'" in message
     assert "variants.fp32.files.encoder.path '../../elsewhere.onnx' leaves the package" in message
     assert "tokenizer.path '/etc/spm.model' leaves the package" in message
+    assert "model name 'wmt/en-de' must be 1 to 64 letters, digits, '.', '_' or '-'" in message
     (package_copy / "manifest.json").write_text("{not json")
     with pytest.raises(PackageError, match="not valid JSON"):
         ModelPackage.load(package_copy)
@@ -436,6 +438,9 @@ def test_cli_refuses_contradictory_options_before_exporting(tiny_checkpoint, tmp
 
     result = export_cli(tiny_checkpoint, tmp_path / "out", "--sample-references", tmp_path / "references.de")
     assert result.returncode != 0 and "references were given without a sample" in result.stderr
+
+    result = export_cli(tiny_checkpoint, tmp_path / "out", "--name", "en de")
+    assert result.returncode != 0 and "model name 'en de' must be 1 to 64 letters, digits" in result.stderr
 
     result = export_cli(tiny_checkpoint, tmp_path / "out", "--precision", "fp32",
                         "--calibration", tmp_path / "sample.en")
