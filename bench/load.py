@@ -24,6 +24,7 @@ import numpy as np
 
 from parley.v1 import translate_pb2 as pb
 from parley.v1 import translate_pb2_grpc as pb_grpc
+from server.client import at_least
 
 
 async def closed_loop(call: Callable[[int], Awaitable[bool]], concurrency: int, requests: int,
@@ -96,8 +97,9 @@ def parser() -> argparse.ArgumentParser:
                    help="the server, host:port (several, comma-separated after ipv4:, are balanced per call)")
     p.add_argument("--sentences", default="../shared/data/multi30k/test_2016_flickr.en.gz",
                    help="texts to send, one a line (plain or .gz), in turn")
-    p.add_argument("--concurrency", type=int, default=16, help="clients, each sending its requests back to back")
-    p.add_argument("--requests", type=int, default=500, help="requests in all")
+    p.add_argument("--concurrency", type=at_least(1), default=16,
+                   help="clients, each sending its requests back to back")
+    p.add_argument("--requests", type=at_least(1), default=500, help="requests in all")
     p.add_argument("--duration", type=float, default=120.0, help="stop after this many seconds")
     p.add_argument("--beam", default="1", help="beam sizes to mix, e.g. 1,4")
     p.add_argument("--texts-per-request", default="1", help="texts per request to mix, e.g. 1,8")
@@ -107,10 +109,20 @@ def parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> None:
     from model.data import read_lines
 
-    args = parser().parse_args(argv)
+    p = parser()
+    args = p.parse_args(argv)
+    mixes = {}
+    for flag, text in (("--beam", args.beam), ("--texts-per-request", args.texts_per_request)):
+        try:
+            mixes[flag] = [int(value) for value in text.split(",")]
+        except ValueError:
+            p.error(f"{flag}: expected comma-separated whole numbers, e.g. 1,4; got {text!r}")
+        if min(mixes[flag]) < 1:
+            p.error(f"{flag}: every value must be >= 1, got {text!r}")
+    if args.duration <= 0:
+        p.error(f"--duration must be positive, got {args.duration}")
     result = asyncio.run(run_load(args.address, read_lines(args.sentences), args.concurrency, args.requests,
-                                  [int(b) for b in args.beam.split(",")],
-                                  [int(t) for t in args.texts_per_request.split(",")], args.duration))
+                                  mixes["--beam"], mixes["--texts-per-request"], args.duration))
     print(json.dumps(result))
 
 

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from bench.load import main as load_main
 from bench.load import parser as load_parser
 from export.cli import parser as export_parser
 from model.evaluate import parser as evaluate_parser
@@ -173,3 +174,16 @@ def test_client_sends_a_file_in_requests_and_prints_it_in_order(tiny_package):
         assert zero.returncode == 2 and "argument --parallel: must be >= 1, got 0" in zero.stderr
     finally:
         server.close()
+
+
+@pytest.mark.parametrize("flags,message", [
+    (["--concurrency", "0"], "argument --concurrency: must be >= 1, got 0"),
+    (["--requests", "-1"], "argument --requests: must be >= 1, got -1"),
+    (["--texts-per-request", "1,0"], "--texts-per-request: every value must be >= 1, got '1,0'"),
+    (["--beam", "1,x"], "--beam: expected comma-separated whole numbers, e.g. 1,4; got '1,x'"),
+    (["--duration", "0"], "--duration must be positive, got 0.0"),
+])
+def test_load_generator_refuses_what_it_cannot_send(flags, message, capsys):
+    with pytest.raises(SystemExit):
+        load_main(flags)
+    assert message in capsys.readouterr().err
