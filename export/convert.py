@@ -64,8 +64,8 @@ class ExportOptions:
 def check_options(options: ExportOptions) -> None:
     """Refuse options that contradict each other before the (slow) export starts."""
     problems = []
-    if options.name is not None and name_problem(options.name):
-        problems.append(name_problem(options.name))
+    if options.name is not None and (problem := name_problem(options.name)):
+        problems.append(problem)
     if options.sample_size < 1:
         problems.append(f"the sample size must be at least 1, got {options.sample_size}")
     if options.references is not None and options.sample is None:

@@ -158,8 +158,8 @@ def validate_manifest(manifest: dict) -> list[str]:
             problems.append(f"'{key}' must be {kind.__name__}")
     if problems:
         return problems
-    if name_problem(manifest["name"]):
-        problems.append(name_problem(manifest["name"]) + "; re-export with --name")
+    if problem := name_problem(manifest["name"]):
+        problems.append(problem + "; re-export with --name")
     if manifest["format_version"] != FORMAT_VERSION:
         problems.append(f"format_version {manifest['format_version']} is not supported (this Parley reads "
                         f"{FORMAT_VERSION}); re-export with this version's export tool")

@@ -41,8 +41,6 @@ def at_least(least: int):
     return whole_number
 
 
-count = at_least(0)
-
 
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="parley-client", description="Translate texts with a Parley server.")
@@ -52,13 +50,13 @@ def parser() -> argparse.ArgumentParser:
                                                "--source-language -> --target-language)")
     p.add_argument("--source-language", default="", help="language code of the texts, e.g. en")
     p.add_argument("--target-language", default="", help="language code to translate into, e.g. de")
-    p.add_argument("--beam", type=count, default=0, help="beam size; 1 is greedy (default: 0, the server's default)")
-    p.add_argument("--n-best", type=count, default=1, help="hypotheses per text, best first (default: 1)")
+    p.add_argument("--beam", type=at_least(0), default=0, help="beam size; 1 is greedy (default: 0, the server's default)")
+    p.add_argument("--n-best", type=at_least(0), default=1, help="hypotheses per text, best first (default: 1)")
     p.add_argument("--length-penalty", type=float,
                    help="score = log-probability / length ^ this (default: the server's, 1.0)")
-    p.add_argument("--max-output-tokens", type=count, default=0,
+    p.add_argument("--max-output-tokens", type=at_least(0), default=0,
                    help="cap on generated tokens per text (default: 0, the server's rule)")
-    p.add_argument("--min-output-tokens", type=count, default=0,
+    p.add_argument("--min-output-tokens", type=at_least(0), default=0,
                    help="tokens to generate before the translation may end (default: 0)")
     p.add_argument("--stream", action="store_true", help="print each translation as soon as it is done")
     p.add_argument("--json", action="store_true", help="print JSON lines with scores and token counts")
