@@ -50,7 +50,8 @@ def parser() -> argparse.ArgumentParser:
                                                "--source-language -> --target-language)")
     p.add_argument("--source-language", default="", help="language code of the texts, e.g. en")
     p.add_argument("--target-language", default="", help="language code to translate into, e.g. de")
-    p.add_argument("--beam", type=at_least(0), default=0, help="beam size; 1 is greedy (default: 0, the server's default)")
+    p.add_argument("--beam", type=at_least(0), default=0,
+                   help="beam size; 1 is greedy (default: 0, the server's default)")
     p.add_argument("--n-best", type=at_least(0), default=1, help="hypotheses per text, best first (default: 1)")
     p.add_argument("--length-penalty", type=float,
                    help="score = log-probability / length ^ this (default: the server's, 1.0)")
