@@ -95,7 +95,7 @@ def export_package(checkpoint_dir: Path, out_dir: Path, options: ExportOptions,
     if out_dir.exists() and not options.force:
         raise ExportError(f"{out_dir} already exists; pass --force to replace it")
     model, tokenizer = load_checkpoint(checkpoint_dir)
-    sample, references = sample_sentences(model, tokenizer, options)
+    sample, references = sample_sentences(model, tokenizer, options, log)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.staging-", dir=out_dir.parent))
     try:
@@ -148,14 +148,30 @@ def load_checkpoint(checkpoint_dir: Path) -> tuple[Transformer, Tokenizer]:
     return model, tokenizer
 
 
-def sample_sentences(model: Transformer, tokenizer: Tokenizer, options: ExportOptions):
+def within_positions(model: Transformer, tokenizer: Tokenizer, sentences: Sequence[str], role: str):
+    """The indices and token ids of the sentences the model can take (fewer tokens than its
+    positions: EOS is added); ExportError when none can."""
+    encoded = [(i, ids) for i, ids in enumerate(tokenizer.encode(sentences)) if len(ids) < model.config.max_positions]
+    if not encoded:
+        raise ExportError(f"every {role} sentence is longer than the model's {model.config.max_positions} positions")
+    return [i for i, _ in encoded], [ids for _, ids in encoded]
+
+
+def left_out_note(left_out: int) -> str:
+    return f" ({left_out} too long for the model left out)" if left_out else ""
+
+
+def sample_sentences(model: Transformer, tokenizer: Tokenizer, options: ExportOptions, log):
     """The user's sample, or pseudo-sentences decoded from random token ids when none is given."""
     if options.sample is not None:
         sample = list(options.sample[: options.sample_size])
         if not any(line.strip() for line in sample):
             raise ExportError("the sample file has no sentences (one source sentence a line)")
         references = list(options.references[: len(sample)]) if options.references else None
-        return sample, references
+        kept, _ = within_positions(model, tokenizer, sample, "sample")
+        if len(kept) < len(sample):
+            log("verifying on the sample" + left_out_note(len(sample) - len(kept)))
+        return [sample[i] for i in kept], [references[i] for i in kept] if references else None
     rng = np.random.default_rng(0)
     c = model.config
     ordinary = [t for t in range(c.vocab_size) if t not in (c.pad_id, c.unk_id, c.bos_id, c.eos_id)]
@@ -176,13 +192,9 @@ def calibrate(model: Transformer, tokenizer: Tokenizer, options: ExportOptions, 
     sentences = [line for line in options.calibration if line.strip()][: options.calibration_size]
     if not sentences:
         raise ExportError("the calibration file has no sentences (one source sentence a line)")
-    sources = [ids for ids in tokenizer.encode(sentences) if len(ids) < model.config.max_positions]  # + EOS
-    if not sources:
-        raise ExportError(f"every calibration sentence is longer than the model's {model.config.max_positions} "
-                          "positions")
-    left_out = len(sentences) - len(sources)
+    _, sources = within_positions(model, tokenizer, sentences, "calibration")
     log(f"int8: calibrating activation ranges on {len(sources)} sentences"
-        + (f" ({left_out} too long for the model left out)" if left_out else ""))
+        + left_out_note(len(sentences) - len(sources)))
     return Calibration(input_ranges(model, sources), len(sources))
 
 

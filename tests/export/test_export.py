@@ -474,6 +474,19 @@ def test_cli_refuses_a_tokenizer_that_does_not_fit(tiny_checkpoint, tmp_path):
     assert result.returncode != 0 and "the tokenizer has 8000 pieces but the model 120" in result.stderr
 
 
+def test_sample_sentences_longer_than_the_model_are_left_out_of_verification(tiny_checkpoint, tmp_path):
+    too_long = " ".join(["dog"] * 300)  # the tiny model has 64 positions
+    logged = []
+    options = ExportOptions(precisions=("fp32",), sample=["A dog runs.", too_long, "A cat sleeps."],
+                            references=["Ein Hund rennt.", "Hunde.", "Eine Katze schläft."])
+    package = export_package(tiny_checkpoint, tmp_path / "pkg", options, log=logged.append)
+    assert "verifying on the sample (1 too long for the model left out)" in logged
+    assert package.manifest["variants"]["fp32"]["parity"]["sentences"] == 2
+    with pytest.raises(ExportError, match="every sample sentence is longer than the model's 64 positions"):
+        export_package(tiny_checkpoint, tmp_path / "none", ExportOptions(precisions=("fp32",), sample=[too_long]),
+                       log=lambda message: None)
+
+
 def test_a_variant_that_fails_verification_writes_nothing(tiny_checkpoint, tmp_path):
     # ONNX Runtime's fp32 log-probabilities are never bit-identical to PyTorch's (other summation
     # orders, fused kernels): a zero tolerance must fail verification.
