@@ -474,7 +474,7 @@ def test_cli_refuses_a_tokenizer_that_does_not_fit(tiny_checkpoint, tmp_path):
     assert result.returncode != 0 and "the tokenizer has 8000 pieces but the model 120" in result.stderr
 
 
-def test_sample_sentences_longer_than_the_model_are_left_out_of_verification(tiny_checkpoint, tmp_path):
+def test_sentences_longer_than_the_model_are_left_out_of_verification_and_calibration(tiny_checkpoint, tmp_path):
     too_long = " ".join(["dog"] * 300)  # the tiny model has 64 positions
     logged = []
     options = ExportOptions(precisions=("fp32",), sample=["A dog runs.", too_long, "A cat sleeps."],
@@ -485,6 +485,10 @@ def test_sample_sentences_longer_than_the_model_are_left_out_of_verification(tin
     with pytest.raises(ExportError, match="every sample sentence is longer than the model's 64 positions"):
         export_package(tiny_checkpoint, tmp_path / "none", ExportOptions(precisions=("fp32",), sample=[too_long]),
                        log=lambda message: None)
+    with pytest.raises(ExportError, match="every calibration sentence is longer than the model's 64 positions"):
+        export_package(tiny_checkpoint, tmp_path / "none", ExportOptions(calibration=[too_long]),
+                       log=lambda message: None)
+    assert not (tmp_path / "none").exists()
 
 
 def test_a_variant_that_fails_verification_writes_nothing(tiny_checkpoint, tmp_path):
