@@ -94,6 +94,10 @@ def export_package(checkpoint_dir: Path, out_dir: Path, options: ExportOptions,
     check_options(options)
     if out_dir.exists() and not options.force:
         raise ExportError(f"{out_dir} already exists; pass --force to replace it")
+    if out_dir.exists() and not replaceable(out_dir):
+        # --force removes OUT_DIR: never a model repository, a checkpoint or any other directory.
+        raise ExportError(f"{out_dir} exists and is not a model package (no {MANIFEST_FILE}); --force replaces only "
+                          "a package or an empty directory: choose another OUT_DIR")
     model, tokenizer = load_checkpoint(checkpoint_dir)
     sample, references = sample_sentences(model, tokenizer, options, log)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
@@ -125,6 +129,11 @@ def export_package(checkpoint_dir: Path, out_dir: Path, options: ExportOptions,
         shutil.rmtree(staging, ignore_errors=True)
     log(f"wrote {out_dir}")
     return ModelPackage.load(out_dir)
+
+
+def replaceable(out_dir: Path) -> bool:
+    """Whether --force may remove out_dir: a package an earlier export wrote, or an empty directory."""
+    return out_dir.is_dir() and ((out_dir / MANIFEST_FILE).is_file() or not any(out_dir.iterdir()))
 
 
 def load_checkpoint(checkpoint_dir: Path) -> tuple[Transformer, Tokenizer]:

@@ -491,6 +491,24 @@ def test_sentences_longer_than_the_model_are_left_out_of_verification_and_calibr
     assert not (tmp_path / "none").exists()
 
 
+def test_force_replaces_a_package_or_an_empty_directory_and_nothing_else(tiny_checkpoint, tmp_path):
+    options = ExportOptions(precisions=("fp32",), sample_size=4, force=True)
+    repository = tmp_path / "models"
+    (repository / "other-model").mkdir(parents=True)
+    (repository / "other-model" / "manifest.json").write_text("{}")
+    (tmp_path / "notes.txt").write_text("mine")
+    for out_dir in (repository, tmp_path / "notes.txt", tiny_checkpoint):  # a slip of the path, not a package
+        with pytest.raises(ExportError, match="is not a model package .no manifest.json.; --force replaces only a "
+                                              "package or an empty directory"):
+            export_package(tiny_checkpoint, out_dir, options, log=lambda message: None)
+    assert (repository / "other-model" / "manifest.json").is_file() and (tmp_path / "notes.txt").is_file()
+    (repository / "empty").mkdir()
+    export_package(tiny_checkpoint, repository / "empty", options, log=lambda message: None)
+    (repository / "empty" / "stale.onnx").write_text("left by hand")
+    export_package(tiny_checkpoint, repository / "empty", options, log=lambda message: None)  # now a package
+    assert sorted(p.name for p in (repository / "empty").iterdir()) == ["fp32", "manifest.json", "spm.model"]
+
+
 def test_a_variant_that_fails_verification_writes_nothing(tiny_checkpoint, tmp_path):
     # ONNX Runtime's fp32 log-probabilities are never bit-identical to PyTorch's (other summation
     # orders, fused kernels): a zero tolerance must fail verification.
