@@ -11,7 +11,7 @@ from decoding import DecodingParams, Hypothesis
 from decoding.padding import length_order, pad_batch
 from decoding.search import Search
 from decoding.tokenizer import Tokenizer
-from export.package import ModelPackage
+from export.package import ModelPackage, PackageError
 from server.engine.backend import OnnxStepBackend
 from server.engine.session import cuda_available, open_sessions
 
@@ -38,7 +38,13 @@ class TextHypothesis:
 def default_precision(package: ModelPackage, device: str) -> str:
     """int8 on CPU, fp16 on CUDA, fp32 where the preferred variant is absent."""
     preferred = "fp16" if device == "cuda" else "int8"
-    return preferred if preferred in package.precisions else "fp32"
+    for precision in (preferred, "fp32"):
+        if precision in package.precisions:
+            return precision
+    has = ", ".join(package.precisions)
+    raise PackageError(f"{package.name} has no variant for {device} ({preferred} or fp32; it has {has}): pass "
+                       f"--precision {package.precisions[0]} to run it there anyway, or re-export it with "
+                       f"--precision fp32,{preferred}")
 
 
 def resolve(package: ModelPackage, precision: str | None, device: str | None) -> tuple[str, str]:

@@ -17,7 +17,7 @@ from decoding import DecodingParams
 from export.package import ModelPackage, PackageError
 from model.checkpoint import load_model
 from model.generate import generate
-from server.engine.engine import Engine
+from server.engine.engine import Engine, default_precision
 from server.engine.lanes import STEP_ROWS, Job, LaneEngine, _LaneLoop, from_wire, length_shares, to_wire
 
 
@@ -347,3 +347,18 @@ def test_length_limits(engines):
     assert all(12 <= len(h.tokens) <= 20 for hyps in long for h in hyps)
     with pytest.raises(ValueError, match="exceeds the model's limit of 63"):
         engines["fp32"].decode([[5] * 64], [DecodingParams()])
+
+
+def test_a_package_without_a_variant_for_the_device_says_what_to_do(tiny_package):
+    package = ModelPackage.load(tiny_package)
+    assert default_precision(package, "cpu") == "int8" and default_precision(package, "cuda") == "fp16"
+    variants = package.manifest["variants"]
+    fp16_only = ModelPackage(package.root, {**package.manifest, "variants": {"fp16": variants["fp16"]}})
+    with pytest.raises(PackageError, match=r"tiny has no variant for cpu \(int8 or fp32; it has fp16\): pass "
+                                           r"--precision fp16 to run it there anyway, or re-export it with "
+                                           r"--precision fp32,int8"):
+        default_precision(fp16_only, "cpu")
+    int8_only = ModelPackage(package.root, {**package.manifest, "variants": {"int8": variants["int8"]}})
+    assert default_precision(int8_only, "cpu") == "int8"
+    with pytest.raises(PackageError, match="re-export it with --precision fp32,fp16"):
+        default_precision(int8_only, "cuda")
