@@ -91,5 +91,6 @@ bench-cuda: setup $(GPU_READY)
 	$(BIN)/python -m export $(MODEL_DIR) $(GPU_PACKAGE) --name multi30k-en-de --precision fp32,fp16 --force $(VERIFY_ON_VAL)
 	$(BIN)/python -m bench.cuda $(GPU_PACKAGE) --data-dir $(DATA_DIR)
 
+# What the build made. Training runs (runs/) and packages exported by hand into models/ stay.
 clean:
-	rm -rf $(VENV) $(REPOSITORY) runs
+	rm -rf $(VENV) $(PACKAGE) $(GPU_PACKAGE) parley build bench/.cache *.egg-info decoding/_native*.so
