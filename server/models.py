@@ -8,6 +8,7 @@ from pathlib import Path
 
 from export.package import MANIFEST_FILE, ModelPackage
 from server.config import ServerConfig
+from server.engine.cpu_budget import oversubscription_warning
 from server.engine.lanes import LaneEngine
 from server.engine.session import int8_saturation_warning
 from server.errors import InvalidRequest, ModelNotFound
@@ -100,9 +101,10 @@ def load_models(config: ServerConfig, metrics: Metrics) -> ModelRegistry:
                                             "device": engine.device, "lanes": config.lanes,
                                             "threads_per_lane": engine.lane_threads or "onnxruntime's default",
                                             "path": str(package.root)})
-            warning = int8_saturation_warning(package, engine.precision, engine.device)
-            if warning:
-                log.warning(warning, extra={"model": package.name})
+            for warning in (int8_saturation_warning(package, engine.precision, engine.device),
+                            oversubscription_warning(config.lanes, engine.lane_threads, engine.device)):
+                if warning:
+                    log.warning(warning, extra={"model": package.name})
     except BaseException:
         for model in models:  # their lane processes
             model.engine.close()

@@ -5,7 +5,7 @@ import pytest
 import server.engine.cpu_budget as cpu_budget_module
 import server.engine.lanes
 from export.package import ModelPackage
-from server.engine.cpu_budget import cgroup_quota, cpu_budget
+from server.engine.cpu_budget import cgroup_quota, cpu_budget, oversubscription_warning
 from server.engine.lanes import LaneEngine
 
 
@@ -56,3 +56,16 @@ def test_lanes_share_the_budget_when_no_thread_count_is_set(tiny_package, monkey
             assert engine.lanes[0].spec.threads == expected
         finally:
             engine.close()
+
+
+def test_lanes_and_threads_beyond_the_cpus_are_named(monkeypatch):
+    monkeypatch.setattr(cpu_budget_module, "cpu_budget", lambda: 2)
+    assert oversubscription_warning(2, 1, "cpu") is None
+    assert oversubscription_warning(1, 0, "cpu") is None  # ONNX Runtime's default: a thread per core
+    assert oversubscription_warning(4, 1, "cuda") is None  # the lanes' threads wait on the device
+    assert oversubscription_warning(3, 1, "cpu") == (
+        "3 lanes x 1 = 3 decode threads on 2 CPUs: they take turns and decode slower than 2 would; set --lanes and "
+        "--threads so that lanes x threads <= 2")
+    monkeypatch.setattr(cpu_budget_module, "cpu_budget", lambda: None)  # nothing limits the process: the machine
+    monkeypatch.setattr(cpu_budget_module.os, "cpu_count", lambda: 16)
+    assert oversubscription_warning(2, 8, "cpu") is None and "on 16 CPUs" in oversubscription_warning(2, 9, "cpu")
