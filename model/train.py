@@ -179,6 +179,8 @@ def training_problems(args: argparse.Namespace) -> list[str]:
     if args.max_tokens < args.max_length:
         problems.append(f"--max-tokens ({args.max_tokens}) must hold the longest pair a batch may take "
                         f"(--max-length {args.max_length})")
+    if args.out_dir.exists() and not args.out_dir.is_dir():
+        problems.append(f"--out-dir {args.out_dir} is a file, not a run's directory")
     if args.lr_factor <= 0:
         problems.append(f"--lr-factor must be positive, got {args.lr_factor}")
     if not 0 <= args.label_smoothing < 1:

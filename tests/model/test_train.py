@@ -54,6 +54,7 @@ def test_a_run_is_resumed_only_as_the_model_it_trains(corpus, tmp_path):
     (["--lr-factor", "0"], "--lr-factor must be positive, got 0.0"),
     (["--label-smoothing", "1"], "--label-smoothing must be in [0, 1), got 1.0"),
     (["--device", "tpu"], "--device must be auto, cpu or cuda, got 'tpu'"),
+    (["--out-dir", __file__], f"--out-dir {__file__} is a file, not a run's directory"),
 ])
 def test_bad_flags_are_refused_before_any_work(corpus, tmp_path, capsys, flags, message):
     with pytest.raises(SystemExit):
