@@ -72,8 +72,12 @@ class ParleyServer:
             [SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME],
             self.grpc_server)
         address = f"{self.config.host}:{self.config.port}"
-        self.port = (self.grpc_server.add_secure_port(address, self._credentials()) if self.config.tls_cert
-                     else self.grpc_server.add_insecure_port(address))
+        try:
+            self.port = (self.grpc_server.add_secure_port(address, self._credentials()) if self.config.tls_cert
+                         else self.grpc_server.add_insecure_port(address))
+        except RuntimeError:  # gRPC's own message points at GRPC_VERBOSITY; its log line above has the cause
+            raise RuntimeError(f"cannot serve gRPC on {address}: the port is in use or the host is not an address "
+                               "of this machine (set --port, --host)") from None
         self.servicer = TranslatorServicer(None, self.config, self.metrics)
         add_to_server(self.servicer, self.grpc_server)
         if self.config.metrics_port:  # before the models load: a port that is taken fails at once

@@ -115,6 +115,20 @@ def test_server_refuses_a_metrics_port_in_use_before_loading_models(tiny_package
     assert "loaded model" not in result.stderr
 
 
+def test_server_refuses_a_grpc_port_in_use_before_loading_models(tiny_package):
+    with socket.socket() as taken:
+        taken.bind(("0.0.0.0", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = subprocess.run([sys.executable, "-m", "server", "--model-repository", str(tiny_package), "--port",
+                                 str(port), "--metrics-port", "0"], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines()[-1] == f"parley-server: cannot serve gRPC on [::]:{port}: the port is " \
+                                                     "in use or the host is not an address of this machine (set " \
+                                                     "--port, --host)"
+    assert "loaded model" not in result.stderr
+
+
 def test_client_translates_and_reports_errors(tiny_package):
     server = RunningServer(server_config(tiny_package))
     try:
