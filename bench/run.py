@@ -47,21 +47,35 @@ RESULTS = ROOT / "bench" / "results"
 CACHE = ROOT / "bench" / ".cache"
 
 
+def env_count(name: str, default: int) -> int:
+    """A whole number >= 1 from the environment variable `name`, else the default."""
+    text = os.environ.get(name, str(default))
+    if not text.isdigit() or int(text) < 1:
+        raise ValueError(f"{name}={text!r}: expected a whole number >= 1")
+    return int(text)
+
+
 def settings() -> dict:
+    """The run's settings from the BENCH_* variables; leaves with the reason on a bad one."""
     quick = os.environ.get("BENCH_QUICK") == "1"
-    server_cpus = parse_cpus(os.environ.get("BENCH_SERVER_CPUS"))
+    try:
+        server_cpus = parse_cpus(os.environ.get("BENCH_SERVER_CPUS"))
+        threads = env_count("BENCH_THREADS", len(server_cpus or os.sched_getaffinity(0)))
+        rounds = env_count("BENCH_ROUNDS", 3)
+    except ValueError as error:
+        sys.exit(f"bench: {error}")
     return {
         "quick": quick,
         "sentences": 256 if quick else 1000,
         "batch_sizes": [8, 32] if quick else [1, 8, 32, 64],
         "beams": [1, 4],
-        "threads": int(os.environ.get("BENCH_THREADS", len(server_cpus or os.sched_getaffinity(0)))),
+        "threads": threads,
         "server_cpus": server_cpus,
         "grpc_clients": [1, 16, 64],
         "grpc_requests": 256 if quick else 1000,
         # Also at the most clients: requests of this many texts, gRPC's cost per call shared by them.
         "grpc_texts_per_request": 8,
-        "rounds": int(os.environ.get("BENCH_ROUNDS", 3)),
+        "rounds": rounds,
         "data_dir": Path(os.environ.get("DATA_DIR", ROOT.parent / "shared" / "data" / "multi30k")),
         "checkpoint": ROOT / "model" / "default",
         "package": Path(os.environ.get("BENCH_PACKAGE", ROOT / "models" / "multi30k-en-de")),

@@ -1,12 +1,12 @@
 """make bench's bookkeeping: engines take turns, a record is its median round, the load
-generator can be kept off the server's CPUs."""
+generator can be kept off the server's CPUs, a bad BENCH_* setting ends the run with its name."""
 
 import os
 
 import pytest
 
 from bench.cpus import load_generator_cpus, parse_cpus
-from bench.run import median_round, ratios_by_round, run_meta, turns
+from bench.run import median_round, ratios_by_round, run_meta, settings, turns
 from server.engine.session import int8_gemm_can_saturate
 
 
@@ -59,3 +59,15 @@ def test_results_name_the_cpu_and_how_its_int8_gemms_sum():
     assert f"{os.cpu_count()} cores" in machine
     assert ("summed in int16" in machine) == int8_gemm_can_saturate()
     assert not machine.startswith(",")
+
+
+@pytest.mark.parametrize("variable,value,message", [
+    ("BENCH_THREADS", "two", "bench: BENCH_THREADS='two': expected a whole number >= 1"),
+    ("BENCH_ROUNDS", "0", "bench: BENCH_ROUNDS='0': expected a whole number >= 1"),
+    ("BENCH_SERVER_CPUS", "zero", "bench: BENCH_SERVER_CPUS='zero': expected CPU numbers and ranges"),
+])
+def test_a_bad_setting_ends_the_run_with_its_name(monkeypatch, variable, value, message):
+    monkeypatch.setenv(variable, value)
+    with pytest.raises(SystemExit) as ended:
+        settings()
+    assert str(ended.value).startswith(message)
