@@ -100,8 +100,11 @@ def export_package(checkpoint_dir: Path, out_dir: Path, options: ExportOptions,
                           "a package or an empty directory: choose another OUT_DIR")
     model, tokenizer = load_checkpoint(checkpoint_dir)
     sample, references = sample_sentences(model, tokenizer, options, log)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.staging-", dir=out_dir.parent))
+    try:  # the package is assembled beside OUT_DIR, then moved into place
+        out_dir.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.staging-", dir=out_dir.parent))
+    except OSError as error:
+        raise ExportError(f"cannot write a package into {out_dir.parent}: {error.strerror}") from None
     try:
         variants = build_variants(model, staging, options, calibrate(model, tokenizer, options, log), log)
         shutil.copyfile(checkpoint_dir / TOKENIZER_FILE, staging / TOKENIZER_FILE)

@@ -491,7 +491,7 @@ def test_sentences_longer_than_the_model_are_left_out_of_verification_and_calibr
     assert not (tmp_path / "none").exists()
 
 
-def test_force_replaces_a_package_or_an_empty_directory_and_nothing_else(tiny_checkpoint, tmp_path):
+def test_force_replaces_only_a_package_or_an_empty_directory_and_an_unwritable_place_is_named(tiny_checkpoint, tmp_path):
     options = ExportOptions(precisions=("fp32",), sample_size=4, force=True)
     repository = tmp_path / "models"
     (repository / "other-model").mkdir(parents=True)
@@ -502,6 +502,8 @@ def test_force_replaces_a_package_or_an_empty_directory_and_nothing_else(tiny_ch
                                               "package or an empty directory"):
             export_package(tiny_checkpoint, out_dir, options, log=lambda message: None)
     assert (repository / "other-model" / "manifest.json").is_file() and (tmp_path / "notes.txt").is_file()
+    with pytest.raises(ExportError, match="cannot write a package into .*notes.txt: "):
+        export_package(tiny_checkpoint, tmp_path / "notes.txt" / "pkg", options, log=lambda message: None)
     (repository / "empty").mkdir()
     export_package(tiny_checkpoint, repository / "empty", options, log=lambda message: None)
     (repository / "empty" / "stale.onnx").write_text("left by hand")
