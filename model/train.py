@@ -30,7 +30,7 @@ from tqdm import tqdm
 from decoding.tokenizer import Tokenizer, train_tokenizer
 from model.checkpoint import CONFIG_FILE, TOKENIZER_FILE, WEIGHTS_FILE, load_weights, save_model
 from model.config import ACTIVATIONS, ModelConfig
-from model.data import TokenBatches, read_lines, read_parallel, split_path
+from model.data import TokenBatches, read_parallel, split_path
 from model.evaluate import bleu, translate
 from model.transformer import Transformer
 
@@ -207,6 +207,12 @@ def model_config(args: argparse.Namespace, tokenizer: Tokenizer | None = None) -
 
 def main(argv: Sequence[str] | None = None) -> None:
     args = parse_args(argv)
+    try:  # before the tokenizer trains: misaligned files fail at once, not after it
+        train_src, train_tgt = read_parallel(args.data_dir, "train", args.source_language, args.target_language)
+        val_src, val_tgt = read_parallel(args.data_dir, "val", args.source_language, args.target_language)
+    except ValueError as error:
+        sys.exit(f"error: the corpus in {args.data_dir} is not line-aligned: {error}")
+
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
                           ("cpu" if args.device == "auto" else args.device))
     torch.backends.cuda.matmul.allow_tf32 = True
@@ -218,11 +224,10 @@ def main(argv: Sequence[str] | None = None) -> None:
 
     spm_path = out / TOKENIZER_FILE
     if not spm_path.is_file():
-        files = [split_path(args.data_dir, "train", lang) for lang in (args.source_language, args.target_language)]
         plain = []
-        for f in files:  # SentencePiece reads plain text
-            target = out / f"spm-input.{f.name[:-3]}"
-            target.write_text("\n".join(read_lines(f)) + "\n")
+        for language, lines in ((args.source_language, train_src), (args.target_language, train_tgt)):
+            target = out / f"spm-input.train.{language}"  # SentencePiece reads plain text
+            target.write_text("\n".join(lines) + "\n")
             plain.append(target)
         try:
             train_tokenizer(plain, out / "spm", args.vocab_size)
@@ -237,8 +242,6 @@ def main(argv: Sequence[str] | None = None) -> None:
                  f"run again with --vocab-size {tokenizer.vocab_size}, or choose another --out-dir")
 
     config = model_config(args, tokenizer)
-    train_src, train_tgt = read_parallel(args.data_dir, "train", args.source_language, args.target_language)
-    val_src, val_tgt = read_parallel(args.data_dir, "val", args.source_language, args.target_language)
     train = TokenBatches(tokenizer, train_src, train_tgt, args.max_tokens, args.max_length)
     val = TokenBatches(tokenizer, val_src, val_tgt, args.max_tokens, config.max_positions - 1)
 

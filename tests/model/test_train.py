@@ -2,6 +2,7 @@
 run stopped after an epoch that resumes to the same weights as one that never stopped."""
 
 import gzip
+import shutil
 
 import pytest
 import torch
@@ -60,6 +61,18 @@ def test_bad_flags_are_refused_before_any_work(corpus, tmp_path, capsys, flags, 
     with pytest.raises(SystemExit):
         parse_args(["--data-dir", str(corpus), "--out-dir", str(tmp_path / "run"), *flags])
     assert message in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_corpus_whose_sides_are_not_line_aligned_is_refused_before_any_work(corpus, tmp_path):
+    misaligned = tmp_path / "corpus"
+    shutil.copytree(corpus, misaligned)
+    lines = read_lines(misaligned / "train.de.gz")
+    with gzip.open(misaligned / "train.de.gz", "wt") as f:
+        f.write("\n".join(lines[:-1]) + "\n")
+    with pytest.raises(SystemExit) as refused:
+        main(["--data-dir", str(misaligned), "--out-dir", str(tmp_path / "run"), *TINY])
+    assert f"the corpus in {misaligned} is not line-aligned: train: 160 en lines but 159 de lines" in str(refused.value)
     assert not (tmp_path / "run").exists()
 
 
