@@ -69,7 +69,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         tokenizer = Tokenizer(args.model_dir / TOKENIZER_FILE)
         src, ref = read_parallel(args.data_dir, args.split, model.config.source_language,
                                  model.config.target_language)
-    except FileNotFoundError as error:
+    except (FileNotFoundError, ValueError) as error:  # no model or corpus there, or sides not line-aligned
         p.error(str(error))
     if args.limit:
         src, ref = src[: args.limit], ref[: args.limit]
