@@ -491,23 +491,27 @@ def test_sentences_longer_than_the_model_are_left_out_of_verification_and_calibr
     assert not (tmp_path / "none").exists()
 
 
-def test_force_replaces_only_a_package_or_an_empty_directory_and_an_unwritable_place_is_named(tiny_checkpoint, tmp_path):
+def test_force_replaces_only_a_package_or_an_empty_directory_and_an_unwritable_place_is_named(
+        tiny_checkpoint, tmp_path):
     options = ExportOptions(precisions=("fp32",), sample_size=4, force=True)
+    checkpoint = tmp_path / "checkpoint"  # a copy: the shared one must survive a regression
+    shutil.copytree(tiny_checkpoint, checkpoint)
     repository = tmp_path / "models"
     (repository / "other-model").mkdir(parents=True)
     (repository / "other-model" / "manifest.json").write_text("{}")
     (tmp_path / "notes.txt").write_text("mine")
-    for out_dir in (repository, tmp_path / "notes.txt", tiny_checkpoint):  # a slip of the path, not a package
+    for out_dir in (repository, tmp_path / "notes.txt", checkpoint):  # a slip of the path, not a package
         with pytest.raises(ExportError, match="is not a model package .no manifest.json.; --force replaces only a "
                                               "package or an empty directory"):
-            export_package(tiny_checkpoint, out_dir, options, log=lambda message: None)
+            export_package(checkpoint, out_dir, options, log=lambda message: None)
     assert (repository / "other-model" / "manifest.json").is_file() and (tmp_path / "notes.txt").is_file()
+    assert (checkpoint / "model.safetensors").is_file()
     with pytest.raises(ExportError, match="cannot write a package into .*notes.txt: "):
-        export_package(tiny_checkpoint, tmp_path / "notes.txt" / "pkg", options, log=lambda message: None)
+        export_package(checkpoint, tmp_path / "notes.txt" / "pkg", options, log=lambda message: None)
     (repository / "empty").mkdir()
-    export_package(tiny_checkpoint, repository / "empty", options, log=lambda message: None)
+    export_package(checkpoint, repository / "empty", options, log=lambda message: None)
     (repository / "empty" / "stale.onnx").write_text("left by hand")
-    export_package(tiny_checkpoint, repository / "empty", options, log=lambda message: None)  # now a package
+    export_package(checkpoint, repository / "empty", options, log=lambda message: None)  # now a package
     assert sorted(p.name for p in (repository / "empty").iterdir()) == ["fp32", "manifest.json", "spm.model"]
 
 
