@@ -64,8 +64,6 @@ class ExportOptions:
 def check_options(options: ExportOptions) -> None:
     """Refuse options that contradict each other before the (slow) export starts."""
     problems = []
-    if options.name is not None and (problem := name_problem(options.name)):
-        problems.append(problem)
     if options.sample_size < 1:
         problems.append(f"the sample size must be at least 1, got {options.sample_size}")
     if options.references is not None and options.sample is None:
@@ -99,6 +97,8 @@ def export_package(checkpoint_dir: Path, out_dir: Path, options: ExportOptions,
         raise ExportError(f"{out_dir} exists and is not a model package (no {MANIFEST_FILE}); --force replaces only "
                           "a package or an empty directory: choose another OUT_DIR")
     model, tokenizer = load_checkpoint(checkpoint_dir)
+    if problem := name_problem(package_name(model, options)):  # the default is made of the language codes
+        raise ExportError(problem + " (set --name)")
     sample, references = sample_sentences(model, tokenizer, options, log)
     try:  # the package is assembled beside OUT_DIR, then moved into place
         out_dir.parent.mkdir(parents=True, exist_ok=True)
@@ -275,11 +275,16 @@ def verify_variant(model, package, precision, sample, references, expected, opti
     return parity.as_record()
 
 
+def package_name(model: Transformer, options: ExportOptions) -> str:
+    c = model.config
+    return options.name or f"{c.source_language}-{c.target_language}"
+
+
 def manifest(model: Transformer, staging: Path, options: ExportOptions, variants: dict) -> dict:
     c = model.config
     return {
         "format_version": FORMAT_VERSION,
-        "name": options.name or f"{c.source_language}-{c.target_language}",
+        "name": package_name(model, options),
         "source_language": c.source_language,
         "target_language": c.target_language,
         "tokenizer": file_record(staging, staging / TOKENIZER_FILE),

@@ -515,6 +515,16 @@ def test_force_replaces_only_a_package_or_an_empty_directory_and_an_unwritable_p
     assert sorted(p.name for p in (repository / "empty").iterdir()) == ["fp32", "manifest.json", "spm.model"]
 
 
+def test_a_default_name_made_of_unusable_language_codes_asks_for_a_name(tiny_checkpoint, tmp_path):
+    checkpoint = tmp_path / "checkpoint"
+    shutil.copytree(tiny_checkpoint, checkpoint)
+    config = json.loads((checkpoint / "config.json").read_text())
+    (checkpoint / "config.json").write_text(json.dumps({**config, "source_language": "en/us"}))
+    with pytest.raises(ExportError, match="model name 'en/us-de' must be 1 to 64 letters.* \\(set --name\\)"):
+        export_package(checkpoint, tmp_path / "pkg", ExportOptions(precisions=("fp32",)), log=lambda message: None)
+    assert not (tmp_path / "pkg").exists()
+
+
 def test_a_variant_that_fails_verification_writes_nothing(tiny_checkpoint, tmp_path):
     # ONNX Runtime's fp32 log-probabilities are never bit-identical to PyTorch's (other summation
     # orders, fused kernels): a zero tolerance must fail verification.
