@@ -23,9 +23,9 @@ $(READY): requirements/serve.txt requirements/dev.txt
 	$(BIN)/pip install --quiet -r requirements/dev.txt
 	touch $@
 
-# Parley itself, editable; this compiles its C part (decoding/_native.c) in place.
+# Parley itself, editable; this compiles its C parts (setup.py) in place.
 INSTALLED := $(VENV)/.installed
-$(INSTALLED): $(READY) pyproject.toml setup.py decoding/_native.c
+$(INSTALLED): $(READY) pyproject.toml setup.py decoding/_native.c server/engine/attention_ops.c
 	$(BIN)/pip install --quiet --no-deps --no-build-isolation -e .
 	touch $@
 
@@ -93,4 +93,5 @@ bench-cuda: setup $(GPU_READY)
 
 # What the build made. Training runs (runs/) and packages exported by hand into models/ stay.
 clean:
-	rm -rf $(VENV) $(PACKAGE) $(GPU_PACKAGE) parley build bench/.cache *.egg-info decoding/_native*.so
+	rm -rf $(VENV) $(PACKAGE) $(GPU_PACKAGE) parley build bench/.cache *.egg-info decoding/_native*.so \
+		server/engine/_attention_ops*.so

@@ -132,6 +132,25 @@ def readers_of(graph: onnx.GraphProto) -> dict[str, list[onnx.NodeProto]]:
     return readers
 
 
+def topological(nodes: list[onnx.NodeProto], graph: onnx.GraphProto) -> list[onnx.NodeProto]:
+    """The nodes in an order ONNX accepts (each after the producers of its inputs), otherwise in
+    their given order: a fused node may read a tensor produced after the node it replaced."""
+    available = {i.name for i in graph.input} | {init.name for init in graph.initializer} | {""}
+    ordered, waiting = [], list(nodes)
+    while waiting:
+        left = []
+        for node in waiting:
+            if all(name in available for name in node.input):
+                ordered.append(node)
+                available.update(node.output)
+            else:
+                left.append(node)
+        if len(left) == len(waiting):
+            raise ValueError(f"nodes whose inputs nothing produces: {[node.name or node.op_type for node in left][:5]}")
+        waiting = left
+    return ordered
+
+
 def bias_add(output: str, readers: dict, weights: dict, width: int) -> tuple[onnx.NodeProto | None, np.ndarray | None]:
     """The Add of a constant vector of `width` entries that is the only reader of a MatMul's
     output, and the vector."""
@@ -330,3 +349,78 @@ def two_stage_top_k(model: onnx.ModelProto, vocab_size: int) -> onnx.ModelProto:
     graph.ClearField("node")
     graph.node.extend(nodes)
     return model
+
+
+ATTENTION_DOMAIN = "ai.parley"  # the fused ops' domain: server/engine/attention_ops.c
+
+
+def fuse_attention(model: onnx.ModelProto) -> onnx.ModelProto:
+    """Each layer's self- and cross-attention of the decoder step as one node each, Parley's
+    DecoderSelfAttention and DecoderCrossAttention (server/engine/attention_ops.c, CPU only:
+    applied to the int8 decoder step). Each replaced some twelve nodes whose dispatch cost as
+    much as their small kernels at a few rows a step.
+
+    Self-attention: from the query and the cache_k_i / cache_v_i products (the scores over
+    the cache and over the row's own new key, mask, softmax, the weighted values) to the Add
+    that joins the two halves. Cross-attention: from the query, before the grid gathers it
+    (decoding.grid), to the gather of each row's result back from the grid; the squeeze and
+    unsqueeze of the query's unit axis around them go too when both are there.
+    """
+    graph = model.graph
+    producer = {name: node for node in graph.node for name in node.output}
+    readers = readers_of(graph)
+    constants = {init.name: numpy_helper.to_array(init) for init in graph.initializer}
+    matmul_of = {node.input[1]: node for node in graph.node if node.op_type == "MatMul"}
+
+    def only_reader(name: str, op_type: str) -> onnx.NodeProto:
+        found = readers.get(name, [])
+        if len(found) != 1 or found[0].op_type != op_type:
+            raise ValueError(f"fuse_attention: {name} is read by {[n.op_type for n in found]}, expected one {op_type}")
+        return found[0]
+
+    def produced_by(name: str, op_type: str) -> onnx.NodeProto:
+        node = producer.get(name)
+        if node is None or node.op_type != op_type:
+            raise ValueError(f"fuse_attention: {name} comes from {node.op_type if node else 'outside'}, "
+                             f"expected {op_type}")
+        return node
+
+    def unit_axis(node: onnx.NodeProto | None, op_type: str, index: int) -> bool:
+        """node squeezes (a Gather of index 0) or unsqueezes axis 1, its constant input `index`."""
+        if node is None or node.op_type != op_type or node.input[index] not in constants:
+            return False
+        axis = next((a.i for a in node.attribute if a.name == "axis"), 0)
+        value = constants[node.input[index]]
+        return (value.ndim == 0 and int(value) == 0 and axis == 1) if op_type == "Gather" else value.tolist() == [1]
+
+    fused: dict[str, onnx.NodeProto] = {}  # by the output the fused node takes over
+    layers = sorted(int(i.name.rsplit("_", 1)[1]) for i in graph.input if i.name.startswith("cache_k_"))
+    for layer in layers:
+        names = {kind: f"{kind}_{layer}" for kind in ("cache_k", "cache_v", "cross_k", "cross_v", "new_k", "new_v")}
+        if any(names[kind] not in matmul_of for kind in ("cache_k", "cache_v", "cross_k", "cross_v")):
+            raise ValueError(f"fuse_attention: layer {layer}'s attention products are not in the graph")
+        joined = only_reader(matmul_of[names["cache_v"]].output[0], "Add")
+        fused[joined.output[0]] = helper.make_node(
+            "DecoderSelfAttention", [matmul_of[names["cache_k"]].input[0], names["new_k"], names["new_v"],
+                                     names["cache_k"], names["cache_v"], "cache_mask"],
+            [joined.output[0]], name=f"self_attention_{layer}", domain=ATTENTION_DOMAIN)
+
+        grid_query = produced_by(produced_by(matmul_of[names["cross_k"]].input[0], "Transpose").input[0], "Reshape")
+        to_grid = produced_by(grid_query.input[0], "Gather")
+        from_grid = only_reader(only_reader(only_reader(
+            matmul_of[names["cross_v"]].output[0], "Transpose").output[0], "Reshape").output[0], "Gather")
+        if to_grid.input[1] != "slot_row" or from_grid.input[1] != "row_slot":
+            raise ValueError(f"fuse_attention: layer {layer}'s cross-attention does not use the query grid")
+        query, result = to_grid.input[0], from_grid.output[0]
+        squeeze, unsqueeze = producer.get(query), readers.get(result, [None])[0]
+        if unit_axis(squeeze, "Gather", 1) and len(readers[result]) == 1 and unit_axis(unsqueeze, "Unsqueeze", 1):
+            query, result = squeeze.input[0], unsqueeze.output[0]
+        fused[result] = helper.make_node(
+            "DecoderCrossAttention", [query, names["cross_k"], names["cross_v"], "src_mask", "slot_row", "row_slot"],
+            [result], name=f"cross_attention_{layer}", domain=ATTENTION_DOMAIN)
+    nodes = topological([fused.get(node.output[0], node) for node in graph.node], graph)
+    graph.ClearField("node")
+    graph.node.extend(nodes)
+    if fused:
+        model.opset_import.append(helper.make_opsetid(ATTENTION_DOMAIN, 1))
+    return remove_unused_nodes(model)

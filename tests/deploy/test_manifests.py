@@ -136,6 +136,19 @@ def test_dockerfiles_pass_hadolint(dockerfile):
     assert result.returncode == 0, result.stdout + result.stderr
 
 
+@pytest.mark.parametrize("dockerfile", ["Dockerfile", "Dockerfile.gpu"])
+def test_serving_images_take_every_compiled_c_part_from_the_build_stage(dockerfile):
+    """The serving stage has no compiler: each module setup.py compiles must come from the
+    build stage, not from the build context (which has only its C source)."""
+    serve_stage = (ROOT / "deploy" / "docker" / dockerfile).read_text().split("AS serve")[1]
+    from_build = re.findall(r"^COPY --from=build /src/(\S+?)/? ", serve_stage, flags=re.M)
+    compiled = re.findall(r'Extension\("([\w.]+)"', (ROOT / "setup.py").read_text())
+    assert len(compiled) >= 2
+    for module in compiled:
+        directory = module.rsplit(".", 1)[0].replace(".", "/")
+        assert any(directory == taken or directory.startswith(taken + "/") for taken in from_build), module
+
+
 def test_serving_image_has_no_pytorch():
     serve_stage = (ROOT / "deploy/docker/Dockerfile").read_text().split("AS serve")[1]
     assert "torch" not in serve_stage and "requirements/serve.txt" in serve_stage

@@ -12,11 +12,13 @@ import torch
 
 import export.convert
 from decoding import DecodingParams, output_budget
+from decoding.grid import query_grid
 from decoding.padding import pad_batch
 from decoding.tokenizer import Tokenizer
 from export.calibrate import input_ranges
 from export.convert import ExportError, ExportOptions, default_int8_weight_bits, export_package
 from export.io import decoder_input_names
+from export.optimize import ATTENTION_DOMAIN, fuse_attention
 from export.package import ModelPackage, PackageError
 from export.quantize import weight_key
 from export.verify import max_logprob_difference
@@ -25,7 +27,7 @@ from model.generate import generate, translate_tokens
 from model.data import read_lines, split_path
 from server.engine.backend import OnnxStepBackend
 from server.engine.engine import Engine
-from server.engine.session import open_sessions
+from server.engine.session import attention_ops_library, open_sessions
 from tests.conftest import DATA_DIR, TINY_VOCAB, tiny_model
 
 
@@ -288,6 +290,61 @@ def test_int8_two_stage_top_k_picks_what_a_full_sort_picks(tiny_package, top_k):
     np.testing.assert_array_equal(values, np.take_along_axis(log_probs, expected, axis=1))
 
 
+def test_int8_attention_runs_as_one_fused_op_per_attention(tiny_package):
+    graph = onnx.load(str(ModelPackage.load(tiny_package).graph_path("int8", "decoder_step"))).graph
+    layers = ModelPackage.load(tiny_package).architecture["decoder_layers"]
+    fused = [n.op_type for n in graph.node if n.domain == ATTENTION_DOMAIN]
+    assert sorted(fused) == ["DecoderCrossAttention"] * layers + ["DecoderSelfAttention"] * layers
+    assert not [n.name for n in graph.node if n.op_type == "MatMul" or "slot_row" in n.input[1:2]]
+
+
+def fused_attention_feed(session: onnxruntime.InferenceSession, seed: int) -> dict[str, np.ndarray]:
+    """A decoder-step feed as a running batch makes one: 7 rows of 3 sources with 1, 2 and 4 rows
+    (mixed beam sizes), in no particular order, on the query grid; rows that have filled none,
+    some or all of the cache's 4 slots; sources of 5, 2 and 4 tokens, padded to 5."""
+    rng = np.random.default_rng(seed)
+    row_source = np.array([2, 0, 1, 2, 2, 1, 2])
+    lengths = np.array([0, 1, 4, 3, 2, 0, 4])
+    slot_row, row_slot = query_grid(row_source, 3)
+    feeds = {"tokens": rng.integers(4, 100, 7), "positions": lengths, "top_k": np.array(3),
+             "cache_mask": np.arange(4) < lengths[:, None], "src_mask": np.arange(5) < np.array([[5], [2], [4]]),
+             "slot_row": slot_row, "row_slot": row_slot}
+    for value in session.get_inputs():
+        if value.name.startswith(("cache_k", "cache_v", "cross_")):
+            count, length = (7, 4) if value.name.startswith("cache") else (3, 5)
+            shape = [count] + [d if isinstance(d, int) else length for d in value.shape[1:]]
+            feeds[value.name] = rng.standard_normal(shape).astype(np.float32)
+    return feeds
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_fused_attention_computes_what_the_graph_did(tiny_package, tmp_path, threads):
+    """optimize.fuse_attention on the fp32 decoder step (the same attention as int8's, without
+    its quantization): every output as before, on a batch of mixed beams and lengths; with two
+    threads the rows are shared among them."""
+    path = ModelPackage.load(tiny_package).graph_path("fp32", "decoder_step")
+    onnx.save(fuse_attention(onnx.load(str(path))), str(tmp_path / "fused.onnx"))
+    options = onnxruntime.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.register_custom_ops_library(attention_ops_library())
+    graph, fused = (onnxruntime.InferenceSession(str(p), options, providers=["CPUExecutionProvider"])
+                    for p in (path, tmp_path / "fused.onnx"))
+    assert any(n.domain == ATTENTION_DOMAIN for n in onnx.load(str(tmp_path / "fused.onnx")).graph.node)
+    names = [o.name for o in graph.get_outputs()]
+    for seed in range(3):
+        feeds = fused_attention_feed(graph, seed)
+        for name, expected, got in zip(names, graph.run(names, feeds), fused.run(names, feeds)):
+            np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5, err_msg=name)
+
+
+def test_fused_attention_refuses_a_feed_whose_shapes_disagree(tiny_package):
+    session = open_sessions(ModelPackage.load(tiny_package), "int8").decoder
+    feeds = fused_attention_feed(session, 0)
+    feeds["cache_mask"] = feeds["cache_mask"][:, :3]
+    with pytest.raises(Exception, match=r"DecoderSelfAttention: shapes disagree .*cache_mask \(R,C\)"):
+        session.run(None, feeds)
+
+
 def test_merged_projections_add_their_biases_once_and_unit_axis_transposes_are_reshapes(tiny_package):
     package = ModelPackage.load(tiny_package)
     for graph in ("encoder", "decoder_step"):
@@ -303,15 +360,14 @@ def test_merged_projections_add_their_biases_once_and_unit_axis_transposes_are_r
     assert sum(n.op_type == "Transpose" for n in decoder.node) == 2 * package.architecture["decoder_layers"]
 
 
-@pytest.mark.parametrize("precision", ["fp32", "int8"])
-def test_attention_products_run_as_plain_matmuls_with_the_scale_in_the_query_weights(tiny_package, precision,
-                                                                                    tmp_path):
+def test_attention_products_run_as_plain_matmuls_with_the_scale_in_the_query_weights(tiny_package, tmp_path):
     """A factor on a score product becomes FusedMatMul's alpha in ONNX Runtime, which takes a
-    one-query row off MLAS's matrix-vector path; the queries' 1/sqrt(d_k) is in their weights."""
+    one-query row off MLAS's matrix-vector path; the queries' 1/sqrt(d_k) is in their weights.
+    (int8's attention is one fused op: test_int8_attention_runs_as_one_fused_op_per_attention.)"""
     package = ModelPackage.load(tiny_package)
     options = onnxruntime.SessionOptions()
     options.optimized_model_filepath = str(tmp_path / "optimized.onnx")
-    onnxruntime.InferenceSession(str(package.graph_path(precision, "decoder_step")), options,
+    onnxruntime.InferenceSession(str(package.graph_path("fp32", "decoder_step")), options,
                                  providers=["CPUExecutionProvider"])
     nodes = onnx.load(options.optimized_model_filepath).graph.node
     products = [n for n in nodes if n.op_type in ("MatMul", "FusedMatMul")]
@@ -323,7 +379,7 @@ def test_attention_products_run_as_plain_matmuls_with_the_scale_in_the_query_wei
 def test_reshapes_take_constant_shapes(tiny_package, precision):
     """The tracer's Shape -> Gather -> Concat chains for views are folded at export: only the
     decoder's query-grid views, whose (sources, cells) split is not a function of their
-    input's shape, still compute theirs."""
+    input's shape, still compute theirs (int8's are inside its fused cross-attention)."""
     package = ModelPackage.load(tiny_package)
 
     def computed_reshapes(graph: str) -> int:
@@ -332,7 +388,7 @@ def test_reshapes_take_constant_shapes(tiny_package, precision):
         return sum(n.op_type == "Reshape" and n.input[1] not in constants for n in model.graph.node)
 
     assert computed_reshapes("encoder") == 0
-    assert computed_reshapes("decoder_step") == package.architecture["decoder_layers"]
+    assert computed_reshapes("decoder_step") == (0 if precision == "int8" else package.architecture["decoder_layers"])
 
 
 def test_corrupted_variant_file_is_refused(package_copy):

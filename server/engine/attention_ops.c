@@ -1,0 +1,303 @@
+/* The decoder step's attention as two fused ONNX Runtime ops (domain ai.parley, CPU, float).
+ *
+ * In the int8 decoder step (export.optimize.fuse_attention), each layer's self-attention
+ * over its cache and its cross-attention over its source were some twelve ONNX nodes each:
+ * products, mask, softmax, slices, reshapes, the query grid's gathers. At a few rows a step
+ * the kernels are small and ONNX Runtime's dispatch of each node (0.2-0.3 us on a fast CPU)
+ * weighs as much; one op per attention computes the same thing in one pass over each row.
+ *
+ * DecoderSelfAttention(q, new_k, new_v, cache_k, cache_v, cache_mask) -> q's shape
+ *   q, new_v (R, H, 1, dk); new_k (R, H, dk, 1); cache_k (R, H, dk, C), keys transposed;
+ *   cache_v (R, H, C, dk); cache_mask (R, C) bool, true at the slots a row has filled.
+ *   Each row attends to its filled slots and to its own new key/value (not yet in the cache).
+ * DecoderCrossAttention(q, cross_k, cross_v, src_mask, slot_row, row_slot) -> q's shape
+ *   q (R, ..., H * dk); cross_k (N, H, dk, S); cross_v (N, H, S, dk); src_mask (N, S) bool,
+ *   true at real tokens; slot_row (N * W) and row_slot (R) int64, decoding.grid's layout:
+ *   row r reads source row_slot[r] / W.
+ * The queries carry the 1/sqrt(dk) scale already (export.optimize.fold_output_scales).
+ *
+ * This is a custom-op library: ONNX Runtime loads it (SessionOptions.register_custom_ops_library,
+ * server.engine.session) and calls RegisterCustomOps; Python never imports it.
+ */
+#include <math.h>
+#include <stdio.h>
+#include <string.h>
+
+#include "onnxruntime_c_api.h"
+
+#define MAX_POSITIONS 4096 /* scores of one row and head live on the stack */
+
+static const OrtApi *ort;
+
+typedef struct {
+    const void *data;
+    int64_t dims[4];
+    size_t rank;
+} Tensor;
+
+static OrtStatus *error(const char *op, const char *message) {
+    char text[256];
+    snprintf(text, sizeof text, "%s: %s", op, message);
+    return ort->CreateStatus(ORT_INVALID_ARGUMENT, text);
+}
+
+static OrtStatus *get_input(OrtKernelContext *context, size_t index, size_t rank, const char *op, Tensor *tensor) {
+    const OrtValue *value;
+    OrtTensorTypeAndShapeInfo *info;
+    OrtStatus *status = ort->KernelContext_GetInput(context, index, &value);
+    if (status || (status = ort->GetTensorTypeAndShape(value, &info)))
+        return status;
+    status = ort->GetDimensionsCount(info, &tensor->rank);
+    if (!status && tensor->rank == rank)
+        status = ort->GetDimensions(info, tensor->dims, rank);
+    ort->ReleaseTensorTypeAndShapeInfo(info);
+    if (status)
+        return status;
+    if (tensor->rank != rank) {
+        char message[64];
+        snprintf(message, sizeof message, "input %zu has rank %zu, expected %zu", index, tensor->rank, rank);
+        return error(op, message);
+    }
+    return ort->GetTensorData(value, &tensor->data);
+}
+
+static OrtStatus *get_output(OrtKernelContext *context, const Tensor *like, float **data) {
+    OrtValue *value;
+    OrtStatus *status = ort->KernelContext_GetOutput(context, 0, like->dims, like->rank, &value);
+    return status ? status : ort->GetTensorMutableData(value, (void **)data);
+}
+
+/* One query against n positions: keys (dk, n) transposed, values (n, dk), valid (n); own_key and
+ * own_value, when given, are one more position (the row's newest, always valid). The softmax
+ * skips invalid positions, which the graph gave -inf scores, so their weight is 0 either way. */
+static void attend(const float *restrict query, const float *restrict keys, const float *restrict values,
+                   const unsigned char *restrict valid, int64_t n, int64_t dk, const float *restrict own_key,
+                   const float *restrict own_value, float *restrict out) {
+    float scores[MAX_POSITIONS];
+    for (int64_t c = 0; c < n; c++)
+        scores[c] = 0.0f;
+    float own = 0.0f;
+    for (int64_t d = 0; d < dk; d++) { /* keys transposed: each dimension's n scores are contiguous */
+        const float x = query[d], *restrict row = keys + d * n;
+        for (int64_t c = 0; c < n; c++)
+            scores[c] += x * row[c];
+        if (own_key)
+            own += x * own_key[d];
+    }
+    float top = own_key ? own : -INFINITY;
+    for (int64_t c = 0; c < n; c++)
+        if (valid[c] && scores[c] > top)
+            top = scores[c];
+    float sum = 0.0f;
+    if (own_key)
+        sum = own = expf(own - top);
+    for (int64_t c = 0; c < n; c++) {
+        scores[c] = valid[c] ? expf(scores[c] - top) : 0.0f;
+        sum += scores[c];
+    }
+    const float scale = sum > 0.0f ? 1.0f / sum : 0.0f; /* a source of no tokens: zeros */
+    for (int64_t d = 0; d < dk; d++)
+        out[d] = own_value ? own * scale * own_value[d] : 0.0f;
+    for (int64_t c = 0; c < n; c++) {
+        if (!valid[c])
+            continue;
+        const float p = scores[c] * scale, *restrict row = values + c * dk;
+        for (int64_t d = 0; d < dk; d++)
+            out[d] += p * row[d];
+    }
+}
+
+typedef struct {
+    const float *q, *new_k, *new_v, *keys, *values;
+    const unsigned char *valid;
+    const int64_t *row_slot;
+    int64_t heads, dk, positions, width; /* width: the grid's cells per source (cross only) */
+    float *out;
+} Job;
+
+static void self_row(void *data, size_t r) {
+    const Job *job = data;
+    const int64_t H = job->heads, dk = job->dk, C = job->positions;
+    for (int64_t h = 0; h < H; h++) {
+        const int64_t rh = (int64_t)r * H + h;
+        attend(job->q + rh * dk, job->keys + rh * dk * C, job->values + rh * C * dk, job->valid + r * C, C, dk,
+               job->new_k + rh * dk, job->new_v + rh * dk, job->out + rh * dk);
+    }
+}
+
+static void cross_row(void *data, size_t r) {
+    const Job *job = data;
+    const int64_t H = job->heads, dk = job->dk, S = job->positions, n = job->row_slot[r] / job->width;
+    for (int64_t h = 0; h < H; h++) {
+        const int64_t nh = n * H + h, rh = (int64_t)r * H + h;
+        attend(job->q + rh * dk, job->keys + nh * dk * S, job->values + nh * S * dk, job->valid + n * S, S, dk,
+               NULL, NULL, job->out + rh * dk);
+    }
+}
+
+static OrtStatus *run_rows(OrtKernelContext *context, void (*row)(void *, size_t), Job *job, int64_t rows) {
+    if (rows == 0)
+        return NULL;
+    /* ONNX Runtime's intra-op threads share the rows (inline when the session has one thread). */
+    return ort->KernelContext_ParallelFor(context, row, (size_t)rows, 0, job);
+}
+
+static OrtStatus *self_compute(void *kernel, OrtKernelContext *context) {
+    (void)kernel;
+    const char *op = "DecoderSelfAttention";
+    Tensor q, new_k, new_v, keys, values, mask;
+    OrtStatus *status;
+    if ((status = get_input(context, 0, 4, op, &q)) || (status = get_input(context, 1, 4, op, &new_k)) ||
+        (status = get_input(context, 2, 4, op, &new_v)) || (status = get_input(context, 3, 4, op, &keys)) ||
+        (status = get_input(context, 4, 4, op, &values)) || (status = get_input(context, 5, 2, op, &mask)))
+        return status;
+    const int64_t R = q.dims[0], H = q.dims[1], dk = q.dims[3], C = keys.dims[3];
+    const int64_t kv[4] = {R, H, dk, C}, vv[4] = {R, H, C, dk}, one_k[4] = {R, H, dk, 1}, one_v[4] = {R, H, 1, dk};
+    if (q.dims[2] != 1 || memcmp(new_k.dims, one_k, sizeof one_k) || memcmp(new_v.dims, one_v, sizeof one_v) ||
+        memcmp(keys.dims, kv, sizeof kv) || memcmp(values.dims, vv, sizeof vv) || mask.dims[0] != R ||
+        mask.dims[1] != C)
+        return error(op, "shapes disagree (q, new_v (R,H,1,dk); new_k (R,H,dk,1); cache_k (R,H,dk,C); "
+                         "cache_v (R,H,C,dk); cache_mask (R,C))");
+    if (C > MAX_POSITIONS)
+        return error(op, "more than 4096 cache slots");
+    Job job = {q.data, new_k.data, new_v.data, keys.data, values.data, mask.data, NULL, H, dk, C, 1, NULL};
+    if ((status = get_output(context, &q, &job.out)))
+        return status;
+    return run_rows(context, self_row, &job, R);
+}
+
+static OrtStatus *cross_compute(void *kernel, OrtKernelContext *context) {
+    (void)kernel;
+    const char *op = "DecoderCrossAttention";
+    Tensor q, keys, values, mask, slot_row, row_slot;
+    OrtStatus *status;
+    const OrtValue *query;
+    OrtTensorTypeAndShapeInfo *info;
+    if ((status = ort->KernelContext_GetInput(context, 0, &query)) ||
+        (status = ort->GetTensorTypeAndShape(query, &info)))
+        return status;
+    status = ort->GetDimensionsCount(info, &q.rank);
+    if (!status && (q.rank < 2 || q.rank > 4))
+        status = error(op, "the query must have rank 2 to 4");
+    if (!status)
+        status = ort->GetDimensions(info, q.dims, q.rank);
+    ort->ReleaseTensorTypeAndShapeInfo(info);
+    if (status || (status = ort->GetTensorData(query, &q.data)) || (status = get_input(context, 1, 4, op, &keys)) ||
+        (status = get_input(context, 2, 4, op, &values)) || (status = get_input(context, 3, 2, op, &mask)) ||
+        (status = get_input(context, 4, 1, op, &slot_row)) || (status = get_input(context, 5, 1, op, &row_slot)))
+        return status;
+    const int64_t R = q.dims[0], N = keys.dims[0], H = keys.dims[1], dk = keys.dims[2], S = keys.dims[3];
+    int64_t row_values = 1;
+    for (size_t i = 1; i < q.rank; i++)
+        row_values *= q.dims[i];
+    const int64_t vv[4] = {N, H, S, dk};
+    if (row_values != H * dk || memcmp(values.dims, vv, sizeof vv) || mask.dims[0] != N || mask.dims[1] != S ||
+        row_slot.dims[0] != R || (N > 0 && slot_row.dims[0] % N))
+        return error(op, "shapes disagree (q (R,...,H*dk); cross_k (N,H,dk,S); cross_v (N,H,S,dk); "
+                         "src_mask (N,S); slot_row (N*W); row_slot (R))");
+    if (S > MAX_POSITIONS)
+        return error(op, "more than 4096 source positions");
+    const int64_t W = N > 0 ? slot_row.dims[0] / N : 1;
+    const int64_t *cells = row_slot.data;
+    for (int64_t r = 0; r < R; r++)
+        if (W == 0 || cells[r] < 0 || cells[r] >= N * W)
+            return error(op, "row_slot points outside the grid");
+    Job job = {q.data, NULL, NULL, keys.data, values.data, mask.data, cells, H, dk, S, W, NULL};
+    if ((status = get_output(context, &q, &job.out)))
+        return status;
+    return run_rows(context, cross_row, &job, R);
+}
+
+static const char *self_name(const OrtCustomOp *op) {
+    (void)op;
+    return "DecoderSelfAttention";
+}
+static const char *cross_name(const OrtCustomOp *op) {
+    (void)op;
+    return "DecoderCrossAttention";
+}
+static const char *cpu(const OrtCustomOp *op) {
+    (void)op;
+    return "CPUExecutionProvider";
+}
+static ONNXTensorElementDataType self_input_type(const OrtCustomOp *op, size_t index) {
+    (void)op;
+    return index == 5 ? ONNX_TENSOR_ELEMENT_DATA_TYPE_BOOL : ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT;
+}
+static ONNXTensorElementDataType cross_input_type(const OrtCustomOp *op, size_t index) {
+    (void)op;
+    if (index == 3)
+        return ONNX_TENSOR_ELEMENT_DATA_TYPE_BOOL;
+    return index > 3 ? ONNX_TENSOR_ELEMENT_DATA_TYPE_INT64 : ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT;
+}
+static ONNXTensorElementDataType float_output(const OrtCustomOp *op, size_t index) {
+    (void)op, (void)index;
+    return ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT;
+}
+static size_t six_inputs(const OrtCustomOp *op) {
+    (void)op;
+    return 6;
+}
+static size_t one_output(const OrtCustomOp *op) {
+    (void)op;
+    return 1;
+}
+static OrtCustomOpInputOutputCharacteristic required(const OrtCustomOp *op, size_t index) {
+    (void)op, (void)index;
+    return INPUT_OUTPUT_REQUIRED;
+}
+static OrtMemType default_memory(const OrtCustomOp *op, size_t index) {
+    (void)op, (void)index;
+    return OrtMemTypeDefault;
+}
+static OrtStatus *create_kernel(const OrtCustomOp *op, const OrtApi *api, const OrtKernelInfo *info, void **kernel) {
+    (void)op, (void)api, (void)info;
+    *kernel = NULL; /* the ops keep no state */
+    return NULL;
+}
+static void destroy_kernel(void *kernel) { (void)kernel; }
+
+static OrtCustomOp self_op, cross_op;
+/* One domain for every session: it must outlive them all. Sessions are opened (and libraries
+ * registered) on one thread at a time in Parley: an engine's start, a lane's start. */
+static OrtCustomOpDomain *domain;
+
+static void describe(OrtCustomOp *op, const char *(*name)(const OrtCustomOp *),
+                     ONNXTensorElementDataType (*input_type)(const OrtCustomOp *, size_t),
+                     OrtStatus *(*compute)(void *, OrtKernelContext *)) {
+    memset(op, 0, sizeof *op);
+    op->version = 16; /* the struct's members up to KernelComputeV2; ONNX Runtime reads no further */
+    op->GetName = name;
+    op->GetExecutionProviderType = cpu;
+    op->GetInputType = input_type;
+    op->GetInputTypeCount = six_inputs;
+    op->GetOutputType = float_output;
+    op->GetOutputTypeCount = one_output;
+    op->KernelDestroy = destroy_kernel;
+    op->GetInputCharacteristic = required;
+    op->GetOutputCharacteristic = required;
+    op->GetInputMemoryType = default_memory;
+    op->CreateKernelV2 = create_kernel;
+    op->KernelComputeV2 = compute;
+}
+
+OrtStatus *ORT_API_CALL RegisterCustomOps(OrtSessionOptions *options, const OrtApiBase *api_base) {
+    if (!domain) {
+        const OrtApi *api = api_base->GetApi(ORT_API_VERSION);
+        if (!api) {
+            fprintf(stderr, "Parley's attention ops need ONNX Runtime API version %d (onnxruntime 1.%d or newer); "
+                            "this one is %s\n", ORT_API_VERSION, ORT_API_VERSION, api_base->GetVersionString());
+            return NULL; /* no status without an API: sessions of graphs that use the ops fail to load */
+        }
+        ort = api;
+        describe(&self_op, self_name, self_input_type, self_compute);
+        describe(&cross_op, cross_name, cross_input_type, cross_compute);
+        OrtCustomOpDomain *created;
+        OrtStatus *status = ort->CreateCustomOpDomain("ai.parley", &created);
+        if (status || (status = ort->CustomOpDomain_Add(created, &self_op)) ||
+            (status = ort->CustomOpDomain_Add(created, &cross_op)))
+            return status;
+        domain = created;
+    }
+    return ort->AddCustomOpDomain(options, domain);
+}
