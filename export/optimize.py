@@ -360,9 +360,10 @@ def fuse_attention(model: onnx.ModelProto) -> onnx.ModelProto:
     applied to the int8 decoder step). Each replaced some twelve nodes whose dispatch cost as
     much as their small kernels at a few rows a step.
 
-    Self-attention: from the query and the cache_k_i / cache_v_i products (the scores over
-    the cache and over the row's own new key, mask, softmax, the weighted values) to the Add
-    that joins the two halves. Cross-attention: from the query, before the grid gathers it
+    Self-attention: from the split of the merged query, key and value projection (the op
+    splits it and returns the new key and value, graph outputs) through the cache_k_i /
+    cache_v_i products (the scores over the cache and over the row's own new key, mask,
+    softmax, the weighted values) to the reshape of the result to (rows, 1, d). Cross-attention: from the query, before the grid gathers it
     (decoding.grid), to the gather of each row's result back from the grid; the squeeze and
     unsqueeze of the query's unit axis around them go too when both are there.
     """
@@ -399,11 +400,18 @@ def fuse_attention(model: onnx.ModelProto) -> onnx.ModelProto:
         names = {kind: f"{kind}_{layer}" for kind in ("cache_k", "cache_v", "cross_k", "cross_v", "new_k", "new_v")}
         if any(names[kind] not in matmul_of for kind in ("cache_k", "cache_v", "cross_k", "cross_v")):
             raise ValueError(f"fuse_attention: layer {layer}'s attention products are not in the graph")
+        split = produced_by(produced_by(matmul_of[names["cache_k"]].input[0], "Reshape").input[0], "Split")
+        parts = [produced_by(names[kind], "Reshape").input[0] for kind in ("new_k", "new_v")]
+        if list(split.output) != [split.output[0], *parts]:
+            raise ValueError(f"fuse_attention: layer {layer}'s query, key and value are not one projection's split")
         joined = only_reader(matmul_of[names["cache_v"]].output[0], "Add")
-        fused[joined.output[0]] = helper.make_node(
-            "DecoderSelfAttention", [matmul_of[names["cache_k"]].input[0], names["new_k"], names["new_v"],
-                                     names["cache_k"], names["cache_v"], "cache_mask"],
-            [joined.output[0]], name=f"self_attention_{layer}", domain=ATTENTION_DOMAIN)
+        rows = only_reader(joined.output[0], "Reshape")  # (R, H, 1, dk) -> (R, 1, H * dk)
+        if rows.input[1] not in constants or constants[rows.input[1]].tolist()[1:2] != [1]:
+            raise ValueError(f"fuse_attention: layer {layer}'s self-attention output is not reshaped to (rows, 1, d)")
+        fused[rows.output[0]] = helper.make_node(
+            "DecoderSelfAttention", [split.input[0], names["cache_k"], names["cache_v"], "cache_mask"],
+            [rows.output[0], names["new_k"], names["new_v"]], name=f"self_attention_{layer}",
+            domain=ATTENTION_DOMAIN)
 
         grid_query = produced_by(produced_by(matmul_of[names["cross_k"]].input[0], "Transpose").input[0], "Reshape")
         to_grid = produced_by(grid_query.input[0], "Gather")
@@ -418,7 +426,10 @@ def fuse_attention(model: onnx.ModelProto) -> onnx.ModelProto:
         fused[result] = helper.make_node(
             "DecoderCrossAttention", [query, names["cross_k"], names["cross_v"], "src_mask", "slot_row", "row_slot"],
             [result], name=f"cross_attention_{layer}", domain=ATTENTION_DOMAIN)
-    nodes = topological([fused.get(node.output[0], node) for node in graph.node], graph)
+    taken = {name for node in fused.values() for name in node.output}  # their producers go
+    nodes = [fused.get(node.output[0], node) for node in graph.node
+             if node.output[0] in fused or not taken.intersection(node.output)]
+    nodes = topological(nodes, graph)
     graph.ClearField("node")
     graph.node.extend(nodes)
     if fused:

@@ -1,6 +1,6 @@
 """The model package: what the export tool writes and the only thing the server loads.
 
-    OUT_DIR/manifest.json        self-description (below), format_version 1
+    OUT_DIR/manifest.json        self-description (below), format_version 2
     OUT_DIR/spm.model            the SentencePiece model
     OUT_DIR/<precision>/encoder.onnx, decoder_step.onnx
 
@@ -15,7 +15,10 @@ import re
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
-FORMAT_VERSION = 1
+# 2: the int8 decoder step runs Parley's fused attention ops (domain ai.parley,
+# server/engine/attention_ops.c), which a server of format 1 cannot load; 1: standard ONNX ops only.
+FORMAT_VERSION = 2
+READABLE_FORMATS = (1, 2)
 MANIFEST_FILE = "manifest.json"
 PRECISIONS = ("fp32", "int8", "fp16")
 GRAPHS = ("encoder", "decoder_step")
@@ -160,9 +163,11 @@ def validate_manifest(manifest: dict) -> list[str]:
         return problems
     if problem := name_problem(manifest["name"]):
         problems.append(problem + "; re-export with --name")
-    if manifest["format_version"] != FORMAT_VERSION:
+    if manifest["format_version"] not in READABLE_FORMATS:
+        newer = manifest["format_version"] > max(READABLE_FORMATS)
         problems.append(f"format_version {manifest['format_version']} is not supported (this Parley reads "
-                        f"{FORMAT_VERSION}); re-export with this version's export tool")
+                        f"{', '.join(map(str, READABLE_FORMATS))}); "
+                        + ("upgrade Parley, or re-export" if newer else "re-export") + " with this version's export tool")
     problems += _file_problems("tokenizer", manifest["tokenizer"])
     for token in ("pad", "unk", "bos", "eos"):
         if not isinstance(manifest["special_tokens"].get(token), int):

@@ -1,15 +1,21 @@
 /* The decoder step's attention as two fused ONNX Runtime ops (domain ai.parley, CPU, float).
  *
  * In the int8 decoder step (export.optimize.fuse_attention), each layer's self-attention
- * over its cache and its cross-attention over its source were some twelve ONNX nodes each:
- * products, mask, softmax, slices, reshapes, the query grid's gathers. At a few rows a step
- * the kernels are small and ONNX Runtime's dispatch of each node (0.2-0.3 us on a fast CPU)
- * weighs as much; one op per attention computes the same thing in one pass over each row.
+ * over its cache and its cross-attention over its source were some fifteen ONNX nodes each:
+ * the split of the projections, products, mask, softmax, slices, reshapes, the query grid's
+ * gathers. At a few rows a step the kernels are small and ONNX Runtime's dispatch of each
+ * node (0.2-0.3 us on a fast CPU) weighs as much; one op per attention computes the same
+ * thing in one pass over each row.
  *
- * DecoderSelfAttention(q, new_k, new_v, cache_k, cache_v, cache_mask) -> q's shape
- *   q, new_v (R, H, 1, dk); new_k (R, H, dk, 1); cache_k (R, H, dk, C), keys transposed;
- *   cache_v (R, H, C, dk); cache_mask (R, C) bool, true at the slots a row has filled.
- *   Each row attends to its filled slots and to its own new key/value (not yet in the cache).
+ * The ops' names, inputs and outputs are part of the package format (export.package's
+ * FORMAT_VERSION): exported packages hold them, so a change to one is a new op (or version).
+ *
+ * DecoderSelfAttention(qkv, cache_k, cache_v, cache_mask) -> (attention, new_k, new_v)
+ *   qkv (R, 1, 3 * H * dk): each row's query, new key and new value, projected together;
+ *   cache_k (R, H, dk, C), keys transposed; cache_v (R, H, C, dk); cache_mask (R, C) bool,
+ *   true at the slots a row has filled. Each row attends to its filled slots and to its own
+ *   new key/value (not yet in the cache). attention (R, 1, H * dk); new_k (R, H, dk, 1) and
+ *   new_v (R, H, 1, dk), the new key and value split into heads for the engine's cache.
  * DecoderCrossAttention(q, cross_k, cross_v, src_mask, slot_row, row_slot) -> q's shape
  *   q (R, ..., H * dk); cross_k (N, H, dk, S); cross_v (N, H, S, dk); src_mask (N, S) bool,
  *   true at real tokens; slot_row (N * W) and row_slot (R) int64, decoding.grid's layout:
@@ -61,9 +67,10 @@ static OrtStatus *get_input(OrtKernelContext *context, size_t index, size_t rank
     return ort->GetTensorData(value, &tensor->data);
 }
 
-static OrtStatus *get_output(OrtKernelContext *context, const Tensor *like, float **data) {
+static OrtStatus *get_output(OrtKernelContext *context, size_t index, const int64_t *dims, size_t rank,
+                             float **data) {
     OrtValue *value;
-    OrtStatus *status = ort->KernelContext_GetOutput(context, 0, like->dims, like->rank, &value);
+    OrtStatus *status = ort->KernelContext_GetOutput(context, index, dims, rank, &value);
     return status ? status : ort->GetTensorMutableData(value, (void **)data);
 }
 
@@ -108,20 +115,23 @@ static void attend(const float *restrict query, const float *restrict keys, cons
 }
 
 typedef struct {
-    const float *q, *new_k, *new_v, *keys, *values;
+    const float *q, *keys, *values; /* self: q is qkv */
     const unsigned char *valid;
     const int64_t *row_slot;
     int64_t heads, dk, positions, width; /* width: the grid's cells per source (cross only) */
-    float *out;
+    float *out, *new_k, *new_v;
 } Job;
 
 static void self_row(void *data, size_t r) {
     const Job *job = data;
-    const int64_t H = job->heads, dk = job->dk, C = job->positions;
+    const int64_t H = job->heads, dk = job->dk, C = job->positions, d = H * dk;
+    const float *q = job->q + (int64_t)r * 3 * d, *k = q + d, *v = k + d;
+    memcpy(job->new_k + r * d, k, d * sizeof *k); /* (H, dk, 1) and (H, 1, dk): the rows as they lie */
+    memcpy(job->new_v + r * d, v, d * sizeof *v);
     for (int64_t h = 0; h < H; h++) {
         const int64_t rh = (int64_t)r * H + h;
-        attend(job->q + rh * dk, job->keys + rh * dk * C, job->values + rh * C * dk, job->valid + r * C, C, dk,
-               job->new_k + rh * dk, job->new_v + rh * dk, job->out + rh * dk);
+        attend(q + h * dk, job->keys + rh * dk * C, job->values + rh * C * dk, job->valid + r * C, C, dk,
+               k + h * dk, v + h * dk, job->out + rh * dk);
     }
 }
 
@@ -145,23 +155,23 @@ static OrtStatus *run_rows(OrtKernelContext *context, void (*row)(void *, size_t
 static OrtStatus *self_compute(void *kernel, OrtKernelContext *context) {
     (void)kernel;
     const char *op = "DecoderSelfAttention";
-    Tensor q, new_k, new_v, keys, values, mask;
+    Tensor qkv, keys, values, mask;
     OrtStatus *status;
-    if ((status = get_input(context, 0, 4, op, &q)) || (status = get_input(context, 1, 4, op, &new_k)) ||
-        (status = get_input(context, 2, 4, op, &new_v)) || (status = get_input(context, 3, 4, op, &keys)) ||
-        (status = get_input(context, 4, 4, op, &values)) || (status = get_input(context, 5, 2, op, &mask)))
+    if ((status = get_input(context, 0, 3, op, &qkv)) || (status = get_input(context, 1, 4, op, &keys)) ||
+        (status = get_input(context, 2, 4, op, &values)) || (status = get_input(context, 3, 2, op, &mask)))
         return status;
-    const int64_t R = q.dims[0], H = q.dims[1], dk = q.dims[3], C = keys.dims[3];
-    const int64_t kv[4] = {R, H, dk, C}, vv[4] = {R, H, C, dk}, one_k[4] = {R, H, dk, 1}, one_v[4] = {R, H, 1, dk};
-    if (q.dims[2] != 1 || memcmp(new_k.dims, one_k, sizeof one_k) || memcmp(new_v.dims, one_v, sizeof one_v) ||
-        memcmp(keys.dims, kv, sizeof kv) || memcmp(values.dims, vv, sizeof vv) || mask.dims[0] != R ||
-        mask.dims[1] != C)
-        return error(op, "shapes disagree (q, new_v (R,H,1,dk); new_k (R,H,dk,1); cache_k (R,H,dk,C); "
-                         "cache_v (R,H,C,dk); cache_mask (R,C))");
+    const int64_t R = qkv.dims[0], H = keys.dims[1], dk = keys.dims[2], C = keys.dims[3];
+    const int64_t vv[4] = {R, H, C, dk};
+    if (qkv.dims[1] != 1 || qkv.dims[2] != 3 * H * dk || keys.dims[0] != R || memcmp(values.dims, vv, sizeof vv) ||
+        mask.dims[0] != R || mask.dims[1] != C)
+        return error(op, "shapes disagree (qkv (R,1,3*H*dk); cache_k (R,H,dk,C); cache_v (R,H,C,dk); "
+                         "cache_mask (R,C))");
     if (C > MAX_POSITIONS)
         return error(op, "more than 4096 cache slots");
-    Job job = {q.data, new_k.data, new_v.data, keys.data, values.data, mask.data, NULL, H, dk, C, 1, NULL};
-    if ((status = get_output(context, &q, &job.out)))
+    const int64_t attention[3] = {R, 1, H * dk}, one_k[4] = {R, H, dk, 1}, one_v[4] = {R, H, 1, dk};
+    Job job = {qkv.data, keys.data, values.data, mask.data, NULL, H, dk, C, 1, NULL, NULL, NULL};
+    if ((status = get_output(context, 0, attention, 3, &job.out)) ||
+        (status = get_output(context, 1, one_k, 4, &job.new_k)) || (status = get_output(context, 2, one_v, 4, &job.new_v)))
         return status;
     return run_rows(context, self_row, &job, R);
 }
@@ -202,8 +212,8 @@ static OrtStatus *cross_compute(void *kernel, OrtKernelContext *context) {
     for (int64_t r = 0; r < R; r++)
         if (W == 0 || cells[r] < 0 || cells[r] >= N * W)
             return error(op, "row_slot points outside the grid");
-    Job job = {q.data, NULL, NULL, keys.data, values.data, mask.data, cells, H, dk, S, W, NULL};
-    if ((status = get_output(context, &q, &job.out)))
+    Job job = {q.data, keys.data, values.data, mask.data, cells, H, dk, S, W, NULL, NULL, NULL};
+    if ((status = get_output(context, 0, q.dims, q.rank, &job.out)))
         return status;
     return run_rows(context, cross_row, &job, R);
 }
@@ -222,7 +232,7 @@ static const char *cpu(const OrtCustomOp *op) {
 }
 static ONNXTensorElementDataType self_input_type(const OrtCustomOp *op, size_t index) {
     (void)op;
-    return index == 5 ? ONNX_TENSOR_ELEMENT_DATA_TYPE_BOOL : ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT;
+    return index == 3 ? ONNX_TENSOR_ELEMENT_DATA_TYPE_BOOL : ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT;
 }
 static ONNXTensorElementDataType cross_input_type(const OrtCustomOp *op, size_t index) {
     (void)op;
@@ -234,11 +244,19 @@ static ONNXTensorElementDataType float_output(const OrtCustomOp *op, size_t inde
     (void)op, (void)index;
     return ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT;
 }
-static size_t six_inputs(const OrtCustomOp *op) {
+static size_t self_inputs(const OrtCustomOp *op) {
+    (void)op;
+    return 4;
+}
+static size_t self_outputs(const OrtCustomOp *op) {
+    (void)op;
+    return 3;
+}
+static size_t cross_inputs(const OrtCustomOp *op) {
     (void)op;
     return 6;
 }
-static size_t one_output(const OrtCustomOp *op) {
+static size_t cross_outputs(const OrtCustomOp *op) {
     (void)op;
     return 1;
 }
@@ -264,15 +282,16 @@ static OrtCustomOpDomain *domain;
 
 static void describe(OrtCustomOp *op, const char *(*name)(const OrtCustomOp *),
                      ONNXTensorElementDataType (*input_type)(const OrtCustomOp *, size_t),
+                     size_t (*inputs)(const OrtCustomOp *), size_t (*outputs)(const OrtCustomOp *),
                      OrtStatus *(*compute)(void *, OrtKernelContext *)) {
     memset(op, 0, sizeof *op);
     op->version = 16; /* the struct's members up to KernelComputeV2; ONNX Runtime reads no further */
     op->GetName = name;
     op->GetExecutionProviderType = cpu;
     op->GetInputType = input_type;
-    op->GetInputTypeCount = six_inputs;
+    op->GetInputTypeCount = inputs;
     op->GetOutputType = float_output;
-    op->GetOutputTypeCount = one_output;
+    op->GetOutputTypeCount = outputs;
     op->KernelDestroy = destroy_kernel;
     op->GetInputCharacteristic = required;
     op->GetOutputCharacteristic = required;
@@ -290,8 +309,8 @@ OrtStatus *ORT_API_CALL RegisterCustomOps(OrtSessionOptions *options, const OrtA
             return NULL; /* no status without an API: sessions of graphs that use the ops fail to load */
         }
         ort = api;
-        describe(&self_op, self_name, self_input_type, self_compute);
-        describe(&cross_op, cross_name, cross_input_type, cross_compute);
+        describe(&self_op, self_name, self_input_type, self_inputs, self_outputs, self_compute);
+        describe(&cross_op, cross_name, cross_input_type, cross_inputs, cross_outputs, cross_compute);
         OrtCustomOpDomain *created;
         OrtStatus *status = ort->CreateCustomOpDomain("ai.parley", &created);
         if (status || (status = ort->CustomOpDomain_Add(created, &self_op)) ||

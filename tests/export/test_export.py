@@ -295,7 +295,9 @@ def test_int8_attention_runs_as_one_fused_op_per_attention(tiny_package):
     layers = ModelPackage.load(tiny_package).architecture["decoder_layers"]
     fused = [n.op_type for n in graph.node if n.domain == ATTENTION_DOMAIN]
     assert sorted(fused) == ["DecoderCrossAttention"] * layers + ["DecoderSelfAttention"] * layers
-    assert not [n.name for n in graph.node if n.op_type == "MatMul" or "slot_row" in n.input[1:2]]
+    producers = {name: n.op_type for n in graph.node for name in n.output}
+    assert {producers[f"new_{kv}_{layer}"] for kv in "kv" for layer in range(layers)} == {"DecoderSelfAttention"}
+    assert not [n.name for n in graph.node if n.op_type in ("MatMul", "Split") or "slot_row" in n.input[1:2]]
 
 
 def fused_attention_feed(session: onnxruntime.InferenceSession, seed: int) -> dict[str, np.ndarray]:
@@ -413,6 +415,14 @@ def test_missing_file_and_wrong_checksum_are_named_together(package_copy):
     assert "fp32/decoder_step.onnx does not match its sha256" in str(error.value)
 
 
+def test_packages_of_the_format_before_fused_attention_still_load(package_copy):
+    manifest = json.loads((package_copy / "manifest.json").read_text())
+    assert manifest["format_version"] == 2
+    manifest["format_version"] = 1
+    (package_copy / "manifest.json").write_text(json.dumps(manifest))
+    assert ModelPackage.load(package_copy).name == manifest["name"]
+
+
 def test_malformed_manifest_lists_every_problem(package_copy):
     manifest = json.loads((package_copy / "manifest.json").read_text())
     manifest["format_version"] = 99
@@ -425,7 +435,7 @@ def test_malformed_manifest_lists_every_problem(package_copy):
     with pytest.raises(PackageError) as error:
         ModelPackage.load(package_copy)
     message = str(error.value)
-    assert "format_version 99 is not supported" in message
+    assert "format_version 99 is not supported (this Parley reads 1, 2); upgrade Parley" in message
     assert "special_tokens.eos" in message and "unknown precision 'int4'" in message
     assert "variants.fp32.files.encoder.path '../../elsewhere.onnx' leaves the package" in message
     assert "tokenizer.path '/etc/spm.model' leaves the package" in message
