@@ -25,7 +25,7 @@ $(READY): requirements/serve.txt requirements/dev.txt
 
 # Parley itself, editable; this compiles its C parts (setup.py) in place.
 INSTALLED := $(VENV)/.installed
-$(INSTALLED): $(READY) pyproject.toml setup.py decoding/_native.c server/engine/attention_ops.c
+$(INSTALLED): $(READY) pyproject.toml setup.py decoding/_native.c server/engine/fused_ops.c
 	$(BIN)/pip install --quiet --no-deps --no-build-isolation -e .
 	touch $@
 
@@ -94,4 +94,4 @@ bench-cuda: setup $(GPU_READY)
 # What the build made. Training runs (runs/) and packages exported by hand into models/ stay.
 clean:
 	rm -rf $(VENV) $(PACKAGE) $(GPU_PACKAGE) parley build bench/.cache *.egg-info decoding/_native*.so \
-		server/engine/_attention_ops*.so
+		server/engine/_fused_ops*.so

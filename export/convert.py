@@ -23,8 +23,8 @@ from export import EXPORTER_VERSION
 from export.calibrate import input_ranges
 from export.graphs import export_graphs
 from export.io import OPSET
-from export.optimize import (constants_as_initializers, fold_output_scales, fold_reshape_shapes, fuse_attention,
-                             merge_parallel_matmuls, merge_reshape_chains, reshape_unit_axis_transposes,
+from export.optimize import (constants_as_initializers, fold_output_scales, fold_reshape_shapes,
+                             fuse_add_norm_quantize, fuse_attention, merge_parallel_matmuls, merge_reshape_chains, reshape_unit_axis_transposes,
                              two_stage_top_k)
 from export.package import FORMAT_VERSION, GRAPHS, MANIFEST_FILE, ModelPackage, file_record, name_problem
 from export.quantize import convert_fp16, quantize_int8, weight_key
@@ -232,8 +232,9 @@ def build_variants(model: Transformer, staging: Path, options: ExportOptions, ca
             source = onnx.load(str(staging / "fp32" / f"{graph}.onnx"))
             if precision == "int8":
                 converted = quantize_int8(source, options.int8_weight_bits, ranges)
-                if graph == "decoder_step":  # int8 runs on CPUs only: CPU kernels for its top-k and attention
-                    converted = fuse_attention(two_stage_top_k(converted, model.config.vocab_size))
+                if graph == "decoder_step":  # int8 runs on CPUs only: CPU kernels for its top-k, attention, norms
+                    converted = two_stage_top_k(converted, model.config.vocab_size)
+                    converted = fuse_add_norm_quantize(fuse_attention(converted))
             else:
                 converted = convert_fp16(source, fp32_outputs=["log_probs", "top_log_probs", "eos_log_probs"])
             onnx.checker.check_model(converted)

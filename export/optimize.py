@@ -351,12 +351,12 @@ def two_stage_top_k(model: onnx.ModelProto, vocab_size: int) -> onnx.ModelProto:
     return model
 
 
-ATTENTION_DOMAIN = "ai.parley"  # the fused ops' domain: server/engine/attention_ops.c
+PARLEY_DOMAIN = "ai.parley"  # the fused ops' domain: server/engine/fused_ops.c
 
 
 def fuse_attention(model: onnx.ModelProto) -> onnx.ModelProto:
     """Each layer's self- and cross-attention of the decoder step as one node each, Parley's
-    DecoderSelfAttention and DecoderCrossAttention (server/engine/attention_ops.c, CPU only:
+    DecoderSelfAttention and DecoderCrossAttention (server/engine/fused_ops.c, CPU only:
     applied to the int8 decoder step). Each replaced some twelve nodes whose dispatch cost as
     much as their small kernels at a few rows a step.
 
@@ -411,7 +411,7 @@ def fuse_attention(model: onnx.ModelProto) -> onnx.ModelProto:
         fused[rows.output[0]] = helper.make_node(
             "DecoderSelfAttention", [split.input[0], names["cache_k"], names["cache_v"], "cache_mask"],
             [rows.output[0], names["new_k"], names["new_v"]], name=f"self_attention_{layer}",
-            domain=ATTENTION_DOMAIN)
+            domain=PARLEY_DOMAIN)
 
         grid_query = produced_by(produced_by(matmul_of[names["cross_k"]].input[0], "Transpose").input[0], "Reshape")
         to_grid = produced_by(grid_query.input[0], "Gather")
@@ -425,7 +425,7 @@ def fuse_attention(model: onnx.ModelProto) -> onnx.ModelProto:
             query, result = squeeze.input[0], unsqueeze.output[0]
         fused[result] = helper.make_node(
             "DecoderCrossAttention", [query, names["cross_k"], names["cross_v"], "src_mask", "slot_row", "row_slot"],
-            [result], name=f"cross_attention_{layer}", domain=ATTENTION_DOMAIN)
+            [result], name=f"cross_attention_{layer}", domain=PARLEY_DOMAIN)
     taken = {name for node in fused.values() for name in node.output}  # their producers go
     nodes = [fused.get(node.output[0], node) for node in graph.node
              if node.output[0] in fused or not taken.intersection(node.output)]
@@ -433,5 +433,54 @@ def fuse_attention(model: onnx.ModelProto) -> onnx.ModelProto:
     graph.ClearField("node")
     graph.node.extend(nodes)
     if fused:
-        model.opset_import.append(helper.make_opsetid(ATTENTION_DOMAIN, 1))
+        model.opset_import.append(helper.make_opsetid(PARLEY_DOMAIN, 1))
+    return remove_unused_nodes(model)
+
+
+def fuse_add_norm_quantize(model: onnx.ModelProto) -> onnx.ModelProto:
+    """A post-norm block's end, Add (the residual) -> LayerNormalization -> QuantizeLinear (the
+    next projection's int8 input, a calibrated scale), as one AddLayerNormQuantize node
+    (server/engine/fused_ops.c) returning both the normalized values (the next residual)
+    and their quantized copy: three nodes of a few microseconds' work each become one. Only
+    static scales: per-row scales are computed in the graph and stay as they are."""
+    graph = model.graph
+    producer = {name: node for node in graph.node for name in node.output}
+    readers = readers_of(graph)
+    constants = {init.name: numpy_helper.to_array(init) for init in graph.initializer}
+
+    def constant(name: str) -> str | None:
+        """The initializer a tensor is, through Identity nodes (the exporter writes one for each
+        copy of a weight equal to another: a random model's norms all start as ones and zeros)."""
+        while name not in constants and name in producer and producer[name].op_type == "Identity":
+            name = producer[name].input[0]
+        return name if name in constants else None
+
+    replaced: dict[int, onnx.NodeProto] = {}  # id of the LayerNormalization -> the fused node
+    dropped: set[int] = set()
+    for norm in graph.node:
+        attributes = {a.name: helper.get_attribute_value(a) for a in norm.attribute}
+        add = producer.get(norm.input[0])
+        weights = [constant(name) for name in norm.input[1:3]]
+        if norm.op_type != "LayerNormalization" or attributes.get("axis", -1) != -1 or None in weights \
+                or len(weights) != 2 or add is None or add.op_type != "Add" or len(readers[add.output[0]]) != 1 \
+                or any(constant(name) for name in add.input):
+            continue
+        quantizers = [r for r in readers[norm.output[0]] if r.op_type == "QuantizeLinear"]
+        if len(quantizers) != 1 or quantizers[0].attribute or len(quantizers[0].input) != 3:
+            continue
+        quantize = quantizers[0]
+        levels = [constant(name) for name in quantize.input[1:3]]
+        if None in levels or constants[levels[0]].size != 1 or constants[levels[1]].size != 1 \
+                or constants[levels[1]].dtype != np.uint8:
+            continue
+        replaced[id(norm)] = helper.make_node(
+            "AddLayerNormQuantize", [*add.input, *weights, *levels],
+            [norm.output[0], quantize.output[0]], name=f"{norm.name or norm.output[0]}/fused",
+            domain=PARLEY_DOMAIN, epsilon=float(attributes.get("epsilon", 1e-5)))
+        dropped.update((id(add), id(quantize)))
+    nodes = [replaced.get(id(node), node) for node in graph.node if id(node) not in dropped]
+    graph.ClearField("node")
+    graph.node.extend(topological(nodes, graph))
+    if replaced and not any(o.domain == PARLEY_DOMAIN for o in model.opset_import):
+        model.opset_import.append(helper.make_opsetid(PARLEY_DOMAIN, 1))
     return remove_unused_nodes(model)

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
 # 2: the int8 decoder step runs Parley's fused attention ops (domain ai.parley,
-# server/engine/attention_ops.c), which a server of format 1 cannot load; 1: standard ONNX ops only.
+# server/engine/fused_ops.c), which a server of format 1 cannot load; 1: standard ONNX ops only.
 FORMAT_VERSION = 2
 READABLE_FORMATS = (1, 2)
 MANIFEST_FILE = "manifest.json"

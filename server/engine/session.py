@@ -56,12 +56,13 @@ def int8_saturation_warning(package: ModelPackage, precision: str, device: str) 
             f"--int8-weight-bits 7 (the export tool's choice on such CPUs) or serve --precision fp32")
 
 
-def attention_ops_library() -> str:
-    """The path of the fused attention ops' library (server/engine/attention_ops.c), which
-    the int8 decoder step uses (export.optimize.fuse_attention); built by the package's install."""
-    spec = importlib.util.find_spec("server.engine._attention_ops")
+def fused_ops_library() -> str:
+    """The path of Parley's fused ops' library (server/engine/fused_ops.c), which the int8
+    decoder step uses (export.optimize.fuse_attention, fuse_add_norm_quantize); built by the
+    package's install."""
+    spec = importlib.util.find_spec("server.engine._fused_ops")
     if spec is None or not spec.origin:
-        raise RuntimeError("Parley's attention ops library (server/engine/attention_ops.c) is not built: "
+        raise RuntimeError("Parley's fused ops library (server/engine/fused_ops.c) is not built: "
                            "run `make setup` (or `pip install -e .` in the repository)")
     return spec.origin
 
@@ -138,5 +139,5 @@ def _session_options(threads: int, optimization: str) -> ort.SessionOptions:
     # runs on the same cores: worker threads that spin after a run take those cores from it.
     # Measured with continuous batching on 2 cores: 182 -> 319 sentences/s.
     options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    options.register_custom_ops_library(attention_ops_library())
+    options.register_custom_ops_library(fused_ops_library())
     return options

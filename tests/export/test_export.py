@@ -18,7 +18,7 @@ from decoding.tokenizer import Tokenizer
 from export.calibrate import input_ranges
 from export.convert import ExportError, ExportOptions, default_int8_weight_bits, export_package
 from export.io import decoder_input_names
-from export.optimize import ATTENTION_DOMAIN, fuse_attention
+from export.optimize import PARLEY_DOMAIN, fuse_attention
 from export.package import ModelPackage, PackageError
 from export.quantize import weight_key
 from export.verify import max_logprob_difference
@@ -27,7 +27,7 @@ from model.generate import generate, translate_tokens
 from model.data import read_lines, split_path
 from server.engine.backend import OnnxStepBackend
 from server.engine.engine import Engine
-from server.engine.session import attention_ops_library, open_sessions
+from server.engine.session import fused_ops_library, open_sessions
 from tests.conftest import DATA_DIR, TINY_VOCAB, tiny_model
 
 
@@ -293,11 +293,22 @@ def test_int8_two_stage_top_k_picks_what_a_full_sort_picks(tiny_package, top_k):
 def test_int8_attention_runs_as_one_fused_op_per_attention(tiny_package):
     graph = onnx.load(str(ModelPackage.load(tiny_package).graph_path("int8", "decoder_step"))).graph
     layers = ModelPackage.load(tiny_package).architecture["decoder_layers"]
-    fused = [n.op_type for n in graph.node if n.domain == ATTENTION_DOMAIN]
+    fused = [n.op_type for n in graph.node if n.domain == PARLEY_DOMAIN]
     assert sorted(fused) == ["DecoderCrossAttention"] * layers + ["DecoderSelfAttention"] * layers
     producers = {name: n.op_type for n in graph.node for name in n.output}
     assert {producers[f"new_{kv}_{layer}"] for kv in "kv" for layer in range(layers)} == {"DecoderSelfAttention"}
     assert not [n.name for n in graph.node if n.op_type in ("MatMul", "Split") or "slot_row" in n.input[1:2]]
+
+
+def test_calibrated_int8_ends_its_blocks_in_one_fused_op(calibrated_package):
+    """With calibrated scales each block's residual add, LayerNormalization and the next
+    projection's QuantizeLinear are one AddLayerNormQuantize (per-row scales, the test above:
+    none); the stack's last norm reaches its quantizer through a squeeze and stays as it is."""
+    package = ModelPackage.load(calibrated_package)
+    nodes = onnx.load(str(package.graph_path("int8", "decoder_step"))).graph.node
+    blocks = 3 * package.architecture["decoder_layers"]
+    assert sum(n.op_type == "AddLayerNormQuantize" for n in nodes) == blocks - 1
+    assert sum(n.op_type == "LayerNormalization" for n in nodes) == 1
 
 
 def fused_attention_feed(session: onnxruntime.InferenceSession, seed: int) -> dict[str, np.ndarray]:
@@ -328,10 +339,10 @@ def test_fused_attention_computes_what_the_graph_did(tiny_package, tmp_path, thr
     onnx.save(fuse_attention(onnx.load(str(path))), str(tmp_path / "fused.onnx"))
     options = onnxruntime.SessionOptions()
     options.intra_op_num_threads = threads
-    options.register_custom_ops_library(attention_ops_library())
+    options.register_custom_ops_library(fused_ops_library())
     graph, fused = (onnxruntime.InferenceSession(str(p), options, providers=["CPUExecutionProvider"])
                     for p in (path, tmp_path / "fused.onnx"))
-    assert any(n.domain == ATTENTION_DOMAIN for n in onnx.load(str(tmp_path / "fused.onnx")).graph.node)
+    assert any(n.domain == PARLEY_DOMAIN for n in onnx.load(str(tmp_path / "fused.onnx")).graph.node)
     names = [o.name for o in graph.get_outputs()]
     for seed in range(3):
         feeds = fused_attention_feed(graph, seed)

@@ -1,9 +1,11 @@
 import numpy as np
 import onnx
 import onnxruntime
+import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from export.optimize import fold_output_scales, merge_reshape_chains
+from export.optimize import PARLEY_DOMAIN, fold_output_scales, fuse_add_norm_quantize, merge_reshape_chains
+from server.engine.session import fused_ops_library
 
 
 def run(model: onnx.ModelProto, x: np.ndarray) -> list[np.ndarray]:
@@ -83,3 +85,53 @@ def test_a_reshape_of_a_reshape_reads_the_first_input_where_the_copied_dimension
         ("x", "heads"), ("x", "flat"), ("x", "two_rows"), ("two_rows", "pairs")]
     for got, want in zip(run(merged, x), expected):
         np.testing.assert_array_equal(got, want)
+
+
+def block_end(width: int) -> onnx.ModelProto:
+    """A post-norm block's end as the int8 export writes it: x + residual -> LayerNormalization
+    -> QuantizeLinear (a static scale, zero point 128) for the next projection, the normalized
+    values also read by the next residual add."""
+    rng = np.random.default_rng(width)
+    inits = [numpy_helper.from_array(rng.uniform(0.5, 1.5, width).astype(np.float32), "gamma"),
+             numpy_helper.from_array(rng.uniform(-0.5, 0.5, width).astype(np.float32), "beta"),
+             numpy_helper.from_array(np.array(0.02, np.float32), "scale"),  # +-2.5 saturates
+             numpy_helper.from_array(np.array(128, np.uint8), "zero_point")]
+    nodes = [helper.make_node("Add", ["x", "residual"], ["sum"]),
+             helper.make_node("LayerNormalization", ["sum", "gamma", "beta"], ["normalized"], axis=-1, epsilon=1e-5),
+             helper.make_node("QuantizeLinear", ["normalized", "scale", "zero_point"], ["quantized"]),
+             helper.make_node("Add", ["normalized", "x"], ["next"])]
+    inputs = [helper.make_tensor_value_info(name, TensorProto.FLOAT, [None, 1, width]) for name in ("x", "residual")]
+    outputs = [helper.make_tensor_value_info("quantized", TensorProto.UINT8, None),
+               helper.make_tensor_value_info("next", TensorProto.FLOAT, None)]
+    return helper.make_model(helper.make_graph(nodes, "g", inputs, outputs, inits),
+                             opset_imports=[helper.make_opsetid("", 18)])
+
+
+@pytest.mark.parametrize("width, threads", [(32, 1), (30, 1), (32, 2)])
+def test_a_block_end_fused_into_one_op_computes_what_onnx_runtime_did(width, threads):
+    """fuse_add_norm_quantize: the same normalized values and the same int8 levels, saturated ones
+    included (30 wide: the kernel's tail beyond its blocks of four; two threads share the rows)."""
+    model = block_end(width)
+    fused = fuse_add_norm_quantize(block_end(width))
+    assert [n.op_type for n in fused.graph.node] == ["AddLayerNormQuantize", "Add"]
+    assert fused.graph.node[0].domain == PARLEY_DOMAIN
+    options = onnxruntime.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.register_custom_ops_library(fused_ops_library())
+    rng = np.random.default_rng(1)
+    feeds = {name: (rng.standard_normal((64, 1, width)) * 3).astype(np.float32) for name in ("x", "residual")}
+    expected, got = (onnxruntime.InferenceSession(m.SerializeToString(), options, providers=["CPUExecutionProvider"])
+                     .run(None, feeds) for m in (model, fused))
+    assert (expected[0] == 0).any() and (expected[0] == 255).any()
+    np.testing.assert_array_equal(got[0], expected[0])
+    np.testing.assert_allclose(got[1], expected[1], rtol=1e-6, atol=1e-6)
+
+
+def test_a_scale_computed_as_the_graph_runs_is_left_as_it_is():
+    """Per-row activation scales (no calibration) are computed in the graph: nothing to fuse."""
+    model = block_end(8)
+    scale = next(i for i in model.graph.initializer if i.name == "scale")
+    model.graph.initializer.remove(scale)
+    model.graph.input.append(helper.make_tensor_value_info("scale", TensorProto.FLOAT, []))
+    assert [n.op_type for n in fuse_add_norm_quantize(model).graph.node] == [
+        "Add", "LayerNormalization", "QuantizeLinear", "Add"]

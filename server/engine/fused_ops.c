@@ -1,11 +1,12 @@
-/* The decoder step's attention as two fused ONNX Runtime ops (domain ai.parley, CPU, float).
+/* Fused ONNX Runtime ops for the int8 decoder step (domain ai.parley, CPU).
  *
- * In the int8 decoder step (export.optimize.fuse_attention), each layer's self-attention
- * over its cache and its cross-attention over its source were some fifteen ONNX nodes each:
- * the split of the projections, products, mask, softmax, slices, reshapes, the query grid's
- * gathers. At a few rows a step the kernels are small and ONNX Runtime's dispatch of each
- * node (0.2-0.3 us on a fast CPU) weighs as much; one op per attention computes the same
- * thing in one pass over each row.
+ * A step runs at a few rows, where ONNX Runtime's dispatch of each node (0.2-0.3 us on a fast
+ * CPU) weighs as much as the node's small kernel. Each layer's self-attention over its cache
+ * and its cross-attention over its source were some fifteen nodes each (the split of the
+ * projections, products, mask, softmax, slices, reshapes, the query grid's gathers), and each
+ * post-norm block ended in three (the residual add, LayerNormalization, the next projection's
+ * QuantizeLinear): one op each here, computing the same values in one pass over each row
+ * (export.optimize.fuse_attention, fuse_add_norm_quantize put them in).
  *
  * The ops' names, inputs and outputs are part of the package format (export.package's
  * FORMAT_VERSION): exported packages hold them, so a change to one is a new op (or version).
@@ -21,13 +22,18 @@
  *   true at real tokens; slot_row (N * W) and row_slot (R) int64, decoding.grid's layout:
  *   row r reads source row_slot[r] / W.
  * The queries carry the 1/sqrt(dk) scale already (export.optimize.fold_output_scales).
+ * AddLayerNormQuantize: below, with its kernel.
  *
  * This is a custom-op library: ONNX Runtime loads it (SessionOptions.register_custom_ops_library,
  * server.engine.session) and calls RegisterCustomOps; Python never imports it.
  */
 #include <math.h>
 #include <stdio.h>
+#include <stdlib.h>
 #include <string.h>
+#if defined(__SSE2__)
+#include <emmintrin.h>
+#endif
 
 #include "onnxruntime_c_api.h"
 
@@ -218,6 +224,121 @@ static OrtStatus *cross_compute(void *kernel, OrtKernelContext *context) {
     return run_rows(context, cross_row, &job, R);
 }
 
+/* AddLayerNormQuantize(x, residual, gamma, beta, scale, zero_point) -> (normalized, quantized)
+ *   x, residual (..., d) float; gamma, beta (d); scale () float; zero_point () uint8; attribute
+ *   epsilon. normalized = LayerNorm(x + residual) over the last axis, as ONNX Runtime computes
+ *   it (float sums of the values and their squares); quantized = QuantizeLinear(normalized,
+ *   scale, zero_point) as MLAS computes it (divide, clamp to the zero point's range, round
+ *   half to even): a post-norm block's end, and the next projection's int8 input, in one op. */
+typedef struct {
+    const float *x, *residual, *gamma, *beta;
+    float scale, epsilon;
+    int zero_point;
+    int64_t d;
+    float *normalized;
+    unsigned char *quantized;
+} NormJob;
+
+static void norm_row(void *data, size_t r) {
+    const NormJob *job = data;
+    const int64_t d = job->d;
+    const float *restrict x = job->x + r * d, *restrict residual = job->residual + r * d;
+    float *restrict y = job->normalized + r * d;
+    unsigned char *restrict q = job->quantized + r * d;
+    float sum = 0.0f, squares = 0.0f;
+    for (int64_t i = 0; i < d; i++) {
+        y[i] = x[i] + residual[i];
+        sum += y[i];
+        squares += y[i] * y[i];
+    }
+    const float mean = sum / d, deviation = sqrtf(squares / d - mean * mean + job->epsilon);
+    const float low = (float)(0 - job->zero_point), high = (float)(255 - job->zero_point), scale = job->scale;
+    const float *restrict gamma = job->gamma, *restrict beta = job->beta;
+    int64_t i = 0;
+#if defined(__SSE2__)
+    /* MLAS's QuantizeLinear, four at a time: divide, clamp, convert (rounding half to even), add
+     * the zero point. (The compiler leaves the clamps of the scalar loop unvectorized.) */
+    const __m128 mean4 = _mm_set1_ps(mean), deviation4 = _mm_set1_ps(deviation), scale4 = _mm_set1_ps(scale);
+    const __m128 low4 = _mm_set1_ps(low), high4 = _mm_set1_ps(high);
+    const __m128i zero_point4 = _mm_set1_epi32(job->zero_point);
+    for (; i + 4 <= d; i += 4) {
+        __m128 v = _mm_div_ps(_mm_sub_ps(_mm_loadu_ps(y + i), mean4), deviation4);
+        v = _mm_add_ps(_mm_mul_ps(v, _mm_loadu_ps(gamma + i)), _mm_loadu_ps(beta + i));
+        _mm_storeu_ps(y + i, v);
+        __m128 level = _mm_min_ps(_mm_max_ps(_mm_div_ps(v, scale4), low4), high4);
+        __m128i levels = _mm_add_epi32(_mm_cvtps_epi32(level), zero_point4);
+        const __m128i halves = _mm_packs_epi32(levels, levels); /* 0..255 survive both packs */
+        levels = _mm_packus_epi16(halves, halves);
+        const int packed = _mm_cvtsi128_si32(levels);
+        memcpy(q + i, &packed, 4);
+    }
+#endif
+    for (; i < d; i++) {
+        y[i] = (y[i] - mean) / deviation * gamma[i] + beta[i];
+        float level = y[i] / scale;
+        level = level > low ? level : low;
+        level = level < high ? level : high;
+        /* round half to even, as the processor's conversion does: adding and taking away 1.5 x 2^23
+         * leaves the nearest integer of any |level| < 2^22 */
+        level = (level + 12582912.0f) - 12582912.0f;
+        q[i] = (unsigned char)((int)level + job->zero_point);
+    }
+}
+
+static OrtStatus *norm_compute(void *kernel, OrtKernelContext *context) {
+    const char *op = "AddLayerNormQuantize";
+    const float epsilon = *(const float *)kernel;
+    const OrtValue *values[6];
+    size_t rank;
+    int64_t dims[8];
+    OrtTensorTypeAndShapeInfo *info;
+    OrtStatus *status;
+    for (size_t i = 0; i < 6; i++)
+        if ((status = ort->KernelContext_GetInput(context, i, &values[i])))
+            return status;
+    if ((status = ort->GetTensorTypeAndShape(values[0], &info)))
+        return status;
+    status = ort->GetDimensionsCount(info, &rank);
+    if (!status && (rank < 1 || rank > 8))
+        status = error(op, "x must have rank 1 to 8");
+    if (!status)
+        status = ort->GetDimensions(info, dims, rank);
+    ort->ReleaseTensorTypeAndShapeInfo(info);
+    if (status)
+        return status;
+    size_t counts[6];
+    for (size_t i = 1; i < 6; i++) {
+        if ((status = ort->GetTensorTypeAndShape(values[i], &info)))
+            return status;
+        status = ort->GetTensorShapeElementCount(info, &counts[i]);
+        ort->ReleaseTensorTypeAndShapeInfo(info);
+        if (status)
+            return status;
+    }
+    int64_t rows = 1;
+    for (size_t i = 0; i + 1 < rank; i++)
+        rows *= dims[i];
+    const int64_t d = dims[rank - 1];
+    if ((int64_t)counts[1] != rows * d || (int64_t)counts[2] != d || (int64_t)counts[3] != d || counts[4] != 1 ||
+        counts[5] != 1)
+        return error(op, "shapes disagree (x, residual (..., d); gamma, beta (d); scale, zero_point scalars)");
+    const void *data[6];
+    for (size_t i = 0; i < 6; i++)
+        if ((status = ort->GetTensorData(values[i], &data[i])))
+            return status;
+    NormJob job = {data[0], data[1], data[2], data[3], *(const float *)data[4], epsilon,
+                   *(const unsigned char *)data[5], d, NULL, NULL};
+    if (!(job.scale > 0.0f))
+        return error(op, "the scale must be positive");
+    OrtValue *normalized, *quantized;
+    if ((status = ort->KernelContext_GetOutput(context, 0, dims, rank, &normalized)) ||
+        (status = ort->KernelContext_GetOutput(context, 1, dims, rank, &quantized)) ||
+        (status = ort->GetTensorMutableData(normalized, (void **)&job.normalized)) ||
+        (status = ort->GetTensorMutableData(quantized, (void **)&job.quantized)))
+        return status;
+    return rows ? ort->KernelContext_ParallelFor(context, norm_row, (size_t)rows, 0, &job) : NULL;
+}
+
 static const char *self_name(const OrtCustomOp *op) {
     (void)op;
     return "DecoderSelfAttention";
@@ -225,6 +346,10 @@ static const char *self_name(const OrtCustomOp *op) {
 static const char *cross_name(const OrtCustomOp *op) {
     (void)op;
     return "DecoderCrossAttention";
+}
+static const char *norm_name(const OrtCustomOp *op) {
+    (void)op;
+    return "AddLayerNormQuantize";
 }
 static const char *cpu(const OrtCustomOp *op) {
     (void)op;
@@ -240,25 +365,37 @@ static ONNXTensorElementDataType cross_input_type(const OrtCustomOp *op, size_t 
         return ONNX_TENSOR_ELEMENT_DATA_TYPE_BOOL;
     return index > 3 ? ONNX_TENSOR_ELEMENT_DATA_TYPE_INT64 : ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT;
 }
+static ONNXTensorElementDataType norm_input_type(const OrtCustomOp *op, size_t index) {
+    (void)op;
+    return index == 5 ? ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8 : ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT;
+}
 static ONNXTensorElementDataType float_output(const OrtCustomOp *op, size_t index) {
     (void)op, (void)index;
     return ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT;
 }
-static size_t self_inputs(const OrtCustomOp *op) {
+static ONNXTensorElementDataType norm_output_type(const OrtCustomOp *op, size_t index) {
+    (void)op;
+    return index == 1 ? ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8 : ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT;
+}
+static size_t four(const OrtCustomOp *op) {
     (void)op;
     return 4;
 }
-static size_t self_outputs(const OrtCustomOp *op) {
+static size_t three(const OrtCustomOp *op) {
     (void)op;
     return 3;
 }
-static size_t cross_inputs(const OrtCustomOp *op) {
+static size_t six(const OrtCustomOp *op) {
     (void)op;
     return 6;
 }
-static size_t cross_outputs(const OrtCustomOp *op) {
+static size_t one(const OrtCustomOp *op) {
     (void)op;
     return 1;
+}
+static size_t two(const OrtCustomOp *op) {
+    (void)op;
+    return 2;
 }
 static OrtCustomOpInputOutputCharacteristic required(const OrtCustomOp *op, size_t index) {
     (void)op, (void)index;
@@ -274,23 +411,39 @@ static OrtStatus *create_kernel(const OrtCustomOp *op, const OrtApi *api, const 
     return NULL;
 }
 static void destroy_kernel(void *kernel) { (void)kernel; }
+static OrtStatus *create_norm_kernel(const OrtCustomOp *op, const OrtApi *api, const OrtKernelInfo *info,
+                                     void **kernel) {
+    (void)op;
+    float *epsilon = malloc(sizeof *epsilon);
+    if (!epsilon)
+        return api->CreateStatus(ORT_FAIL, "AddLayerNormQuantize: out of memory");
+    OrtStatus *status = api->KernelInfoGetAttribute_float(info, "epsilon", epsilon);
+    if (status) {
+        free(epsilon);
+        return status;
+    }
+    *kernel = epsilon;
+    return NULL;
+}
+static void destroy_norm_kernel(void *kernel) { free(kernel); }
 
-static OrtCustomOp self_op, cross_op;
+static OrtCustomOp self_op, cross_op, norm_op;
 /* One domain for every session: it must outlive them all. Sessions are opened (and libraries
  * registered) on one thread at a time in Parley: an engine's start, a lane's start. */
 static OrtCustomOpDomain *domain;
 
 static void describe(OrtCustomOp *op, const char *(*name)(const OrtCustomOp *),
                      ONNXTensorElementDataType (*input_type)(const OrtCustomOp *, size_t),
-                     size_t (*inputs)(const OrtCustomOp *), size_t (*outputs)(const OrtCustomOp *),
-                     OrtStatus *(*compute)(void *, OrtKernelContext *)) {
+                     size_t (*inputs)(const OrtCustomOp *),
+                     ONNXTensorElementDataType (*output_type)(const OrtCustomOp *, size_t),
+                     size_t (*outputs)(const OrtCustomOp *), OrtStatus *(*compute)(void *, OrtKernelContext *)) {
     memset(op, 0, sizeof *op);
     op->version = 16; /* the struct's members up to KernelComputeV2; ONNX Runtime reads no further */
     op->GetName = name;
     op->GetExecutionProviderType = cpu;
     op->GetInputType = input_type;
     op->GetInputTypeCount = inputs;
-    op->GetOutputType = float_output;
+    op->GetOutputType = output_type;
     op->GetOutputTypeCount = outputs;
     op->KernelDestroy = destroy_kernel;
     op->GetInputCharacteristic = required;
@@ -304,17 +457,20 @@ OrtStatus *ORT_API_CALL RegisterCustomOps(OrtSessionOptions *options, const OrtA
     if (!domain) {
         const OrtApi *api = api_base->GetApi(ORT_API_VERSION);
         if (!api) {
-            fprintf(stderr, "Parley's attention ops need ONNX Runtime API version %d (onnxruntime 1.%d or newer); "
+            fprintf(stderr, "Parley's fused ops need ONNX Runtime API version %d (onnxruntime 1.%d or newer); "
                             "this one is %s\n", ORT_API_VERSION, ORT_API_VERSION, api_base->GetVersionString());
             return NULL; /* no status without an API: sessions of graphs that use the ops fail to load */
         }
         ort = api;
-        describe(&self_op, self_name, self_input_type, self_inputs, self_outputs, self_compute);
-        describe(&cross_op, cross_name, cross_input_type, cross_inputs, cross_outputs, cross_compute);
+        describe(&self_op, self_name, self_input_type, four, float_output, three, self_compute);
+        describe(&cross_op, cross_name, cross_input_type, six, float_output, one, cross_compute);
+        describe(&norm_op, norm_name, norm_input_type, six, norm_output_type, two, norm_compute);
+        norm_op.CreateKernelV2 = create_norm_kernel; /* it keeps its epsilon */
+        norm_op.KernelDestroy = destroy_norm_kernel;
         OrtCustomOpDomain *created;
         OrtStatus *status = ort->CreateCustomOpDomain("ai.parley", &created);
         if (status || (status = ort->CustomOpDomain_Add(created, &self_op)) ||
-            (status = ort->CustomOpDomain_Add(created, &cross_op)))
+            (status = ort->CustomOpDomain_Add(created, &cross_op)) || (status = ort->CustomOpDomain_Add(created, &norm_op)))
             return status;
         domain = created;
     }
