@@ -234,7 +234,7 @@ def build_variants(model: Transformer, staging: Path, options: ExportOptions, ca
                 converted = quantize_int8(source, options.int8_weight_bits, ranges)
                 if graph == "decoder_step":  # int8 runs on CPUs only: CPU kernels for its top-k, attention, norms
                     converted = two_stage_top_k(converted, model.config.vocab_size)
-                    converted = fuse_add_norm_quantize(fuse_attention(converted))
+                    converted = fuse_add_norm_quantize(fuse_attention(converted, model.config.max_positions))
             else:
                 converted = convert_fp16(source, fp32_outputs=["log_probs", "top_log_probs", "eos_log_probs"])
             onnx.checker.check_model(converted)

@@ -352,13 +352,15 @@ def two_stage_top_k(model: onnx.ModelProto, vocab_size: int) -> onnx.ModelProto:
 
 
 PARLEY_DOMAIN = "ai.parley"  # the fused ops' domain: server/engine/fused_ops.c
+FUSED_ATTENTION_POSITIONS = 4096  # the most positions the attention ops take (fused_ops.c's MAX_POSITIONS)
 
 
-def fuse_attention(model: onnx.ModelProto) -> onnx.ModelProto:
+def fuse_attention(model: onnx.ModelProto, max_positions: int) -> onnx.ModelProto:
     """Each layer's self- and cross-attention of the decoder step as one node each, Parley's
     DecoderSelfAttention and DecoderCrossAttention (server/engine/fused_ops.c, CPU only:
     applied to the int8 decoder step). Each replaced some twelve nodes whose dispatch cost as
-    much as their small kernels at a few rows a step.
+    much as their small kernels at a few rows a step. A model of more positions than the ops
+    take (max_positions, its sources and outputs) keeps its attention as it is.
 
     Self-attention: from the split of the merged query, key and value projection (the op
     splits it and returns the new key and value, graph outputs) through the cache_k_i /
@@ -367,6 +369,8 @@ def fuse_attention(model: onnx.ModelProto) -> onnx.ModelProto:
     (decoding.grid), to the gather of each row's result back from the grid; the squeeze and
     unsqueeze of the query's unit axis around them go too when both are there.
     """
+    if max_positions > FUSED_ATTENTION_POSITIONS:
+        return model
     graph = model.graph
     producer = {name: node for node in graph.node for name in node.output}
     readers = readers_of(graph)

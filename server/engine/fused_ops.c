@@ -37,7 +37,7 @@
 
 #include "onnxruntime_c_api.h"
 
-#define MAX_POSITIONS 4096 /* scores of one row and head live on the stack */
+#define MAX_POSITIONS 4096 /* scores of one row and head live on the stack (export.optimize.FUSED_ATTENTION_POSITIONS) */
 
 static const OrtApi *ort;
 

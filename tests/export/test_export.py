@@ -18,7 +18,7 @@ from decoding.tokenizer import Tokenizer
 from export.calibrate import input_ranges
 from export.convert import ExportError, ExportOptions, default_int8_weight_bits, export_package
 from export.io import decoder_input_names
-from export.optimize import PARLEY_DOMAIN, fuse_attention
+from export.optimize import FUSED_ATTENTION_POSITIONS, PARLEY_DOMAIN, fuse_attention
 from export.package import ModelPackage, PackageError
 from export.quantize import weight_key
 from export.verify import max_logprob_difference
@@ -336,7 +336,7 @@ def test_fused_attention_computes_what_the_graph_did(tiny_package, tmp_path, thr
     its quantization): every output as before, on a batch of mixed beams and lengths; with two
     threads the rows are shared among them."""
     path = ModelPackage.load(tiny_package).graph_path("fp32", "decoder_step")
-    onnx.save(fuse_attention(onnx.load(str(path))), str(tmp_path / "fused.onnx"))
+    onnx.save(fuse_attention(onnx.load(str(path)), max_positions=64), str(tmp_path / "fused.onnx"))
     options = onnxruntime.SessionOptions()
     options.intra_op_num_threads = threads
     options.register_custom_ops_library(fused_ops_library())
@@ -348,6 +348,12 @@ def test_fused_attention_computes_what_the_graph_did(tiny_package, tmp_path, thr
         feeds = fused_attention_feed(graph, seed)
         for name, expected, got in zip(names, graph.run(names, feeds), fused.run(names, feeds)):
             np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5, err_msg=name)
+
+
+def test_a_model_of_more_positions_than_the_fused_attention_takes_keeps_its_own(tiny_package):
+    path = ModelPackage.load(tiny_package).graph_path("fp32", "decoder_step")
+    model = fuse_attention(onnx.load(str(path)), max_positions=FUSED_ATTENTION_POSITIONS + 1)
+    assert not [n.op_type for n in model.graph.node if n.domain == PARLEY_DOMAIN]
 
 
 def test_fused_attention_refuses_a_feed_whose_shapes_disagree(tiny_package):
