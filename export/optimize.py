@@ -19,8 +19,9 @@ instead. Scaling the scores after the product instead made ONNX Runtime fuse the
 into the score MatMul as FusedMatMul's alpha, which takes MLAS off its matrix-vector path
 for one-query rows: 2.3x slower per product in a decoding step.
 
-two_stage_top_k (applied to the int8 decoder step, a CPU graph, after quantization): the
-top-k over the vocabulary from block maxima first, with the same result.
+fuse_top_k, fuse_attention, fuse_add_norm_quantize (applied to the int8 decoder step, a CPU
+graph, after quantization): Parley's fused ops (server/engine/fused_ops.c) in place of the
+many small nodes of the top-k over the vocabulary, each attention and each block's end.
 
 reshape_unit_axis_transposes: a Transpose that moves only axes of size 1 leaves the data
 where it is; a Reshape, which ONNX Runtime runs without a copy, does the same. In the
@@ -292,67 +293,38 @@ def remove_unused_nodes(model: onnx.ModelProto) -> onnx.ModelProto:
     return model
 
 
-def two_stage_top_k(model: onnx.ModelProto, vocab_size: int) -> onnx.ModelProto:
-    """The decoder's TopK over the vocabulary, in two stages: each block of ~64 entries' max,
-    the top-k blocks (taken in index order), then the top-k of their entries.
+PARLEY_DOMAIN = "ai.parley"  # the fused ops' domain: server/engine/fused_ops.c
+FUSED_ATTENTION_POSITIONS = 4096  # the most positions the attention ops take (fused_ops.c's MAX_POSITIONS)
 
-    ONNX Runtime's CPU TopK walks every entry one by one (about 3 µs per row of 8,000); the
-    block maxima are a vectorised ReduceMax, and the second TopK sees k x 64 entries. The
-    result is the same, ties included: every entry of the top k lies in one of the k blocks
-    with the largest maxima (each of those holds an entry at least as large and, on a tie,
-    with a lower index), and the candidates keep the vocabulary's order. Rewrites only a
-    TopK of the default kind (last axis, largest first, sorted) of a (rows, vocab_size)
-    tensor whose shape the graph declares (the decoder's log_probs output).
+
+def fuse_top_k(model: onnx.ModelProto, vocab_size: int) -> onnx.ModelProto:
+    """The decoder's TopK over the vocabulary as Parley's RowTopK (server/engine/fused_ops.c),
+    which finds the same entries in the same order, ties included, in two stages: each block
+    of 64 entries' maximum, the k blocks with the largest, then the k largest of their
+    entries. ONNX Runtime's CPU TopK walks every entry one by one (about 3 µs per row of
+    8,000); as standard nodes the two stages took sixteen (block maxima, two TopKs, gathers,
+    index arithmetic), dispatched at every step. Rewrites only a TopK of the default kind
+    (last axis, largest first, sorted) of a (rows, vocab_size) tensor whose shape the graph
+    declares (the decoder's log_probs output).
     """
-    block = next((b for b in (64, 80, 50, 40, 100, 32, 128) if vocab_size % b == 0), None)
     graph = model.graph
     declared = {v.name: [d.dim_value or d.dim_param for d in v.type.tensor_type.shape.dim]
                 for v in [*graph.input, *graph.value_info, *graph.output]}
-    replaced: dict[str, list[onnx.NodeProto]] = {}  # by the TopK's first output
+    nodes = []
     for node in graph.node:
         attributes = {a.name: a.i for a in node.attribute}
-        if node.op_type != "TopK" or block is None or attributes.get("axis", -1) not in (-1, 1) \
-                or attributes.get("largest", 1) != 1 or attributes.get("sorted", 1) != 1 \
-                or len(declared.get(node.input[0], [])) != 2 or declared[node.input[0]][1] != vocab_size:
-            continue
-        p = f"{node.name or node.output[0]}/two_stage"
-        scores, k = node.input
-        values, indices = node.output
-        graph.initializer.extend([
-            numpy_helper.from_array(np.array([0, vocab_size // block, block], dtype=np.int64), f"{p}/blocked"),
-            numpy_helper.from_array(np.array([0, -1], dtype=np.int64), f"{p}/flat"),
-            numpy_helper.from_array(np.array([vocab_size // block], dtype=np.int64), f"{p}/blocks"),
-            numpy_helper.from_array(np.array(block, dtype=np.int64), f"{p}/block"),
-            numpy_helper.from_array(np.array([2], dtype=np.int64), f"{p}/axis2"),
-            numpy_helper.from_array(np.array([-1], dtype=np.int64), f"{p}/last"),
-        ])
-        replaced[values] = [
-            helper.make_node("Reshape", [scores, f"{p}/blocked"], [f"{p}/by_block"]),
-            helper.make_node("ReduceMax", [f"{p}/by_block", f"{p}/axis2"], [f"{p}/maxima"], keepdims=0),
-            helper.make_node("Min", [k, f"{p}/blocks"], [f"{p}/k_blocks"]),
-            helper.make_node("TopK", [f"{p}/maxima", f"{p}/k_blocks"], [f"{p}/top_maxima", f"{p}/top_blocks"]),
-            # the chosen blocks in ascending order (the largest of their negatives first)
-            helper.make_node("Neg", [f"{p}/top_blocks"], [f"{p}/negated"]),
-            helper.make_node("TopK", [f"{p}/negated", f"{p}/k_blocks"], [f"{p}/ascending_negated", f"{p}/order"]),
-            helper.make_node("Neg", [f"{p}/ascending_negated"], [f"{p}/chosen"]),
-            helper.make_node("Unsqueeze", [f"{p}/chosen", f"{p}/last"], [f"{p}/chosen_index"]),
-            helper.make_node("GatherND", [f"{p}/by_block", f"{p}/chosen_index"], [f"{p}/candidates"], batch_dims=1),
-            helper.make_node("Reshape", [f"{p}/candidates", f"{p}/flat"], [f"{p}/flat_candidates"]),
-            helper.make_node("TopK", [f"{p}/flat_candidates", k], [values, f"{p}/positions"]),
-            helper.make_node("Div", [f"{p}/positions", f"{p}/block"], [f"{p}/slot"]),
-            helper.make_node("GatherElements", [f"{p}/chosen", f"{p}/slot"], [f"{p}/token_block"], axis=1),
-            helper.make_node("Mod", [f"{p}/positions", f"{p}/block"], [f"{p}/offset"]),
-            helper.make_node("Mul", [f"{p}/token_block", f"{p}/block"], [f"{p}/block_start"]),
-            helper.make_node("Add", [f"{p}/block_start", f"{p}/offset"], [indices]),
-        ]
-    nodes = [new for node in graph.node for new in replaced.get(node.output[0], [node])]
+        if node.op_type == "TopK" and attributes.get("axis", -1) in (-1, 1) and attributes.get("largest", 1) == 1 \
+                and attributes.get("sorted", 1) == 1 and len(declared.get(node.input[0], [])) == 2 \
+                and declared[node.input[0]][1] == vocab_size:
+            node = helper.make_node("RowTopK", list(node.input), list(node.output),
+                                    name=f"{node.name or node.output[0]}/fused", domain=PARLEY_DOMAIN)
+        nodes.append(node)
     graph.ClearField("node")
     graph.node.extend(nodes)
+    if any(node.domain == PARLEY_DOMAIN for node in nodes) and not any(
+            o.domain == PARLEY_DOMAIN for o in model.opset_import):
+        model.opset_import.append(helper.make_opsetid(PARLEY_DOMAIN, 1))
     return model
-
-
-PARLEY_DOMAIN = "ai.parley"  # the fused ops' domain: server/engine/fused_ops.c
-FUSED_ATTENTION_POSITIONS = 4096  # the most positions the attention ops take (fused_ops.c's MAX_POSITIONS)
 
 
 def fuse_attention(model: onnx.ModelProto, max_positions: int) -> onnx.ModelProto:

@@ -339,6 +339,129 @@ static OrtStatus *norm_compute(void *kernel, OrtKernelContext *context) {
     return rows ? ort->KernelContext_ParallelFor(context, norm_row, (size_t)rows, 0, &job) : NULL;
 }
 
+/* RowTopK(x (R, V) float, k (1) or () int64) -> (values (R, K) float, indices (R, K) int64)
+ *   K = min(k, V): each row's K largest entries, largest first, equal ones in index order
+ *   (ONNX TopK's order), found in two stages: the maxima of blocks of 64 entries, the K blocks
+ *   with the largest (equal maxima: the lower block first), then the K largest of their
+ *   entries. Every entry of the top K lies in one of those blocks (each holds an entry at
+ *   least as large and, on a tie, of a lower index). */
+#define TOP_K_BLOCK 64
+
+typedef struct {
+    const float *x;
+    int64_t V, K, blocks;
+    float *maxima; /* blocks per row, scratch */
+    int64_t *chosen; /* min(K, blocks) per row, scratch */
+    float *values;
+    int64_t *indices;
+} TopKJob;
+
+/* Insert (value, index) into the n best so far (largest first; the list holds at most size),
+ * after those of an equal value: indices arrive in ascending order. Returns the new n. */
+static int64_t keep_best(float *values, int64_t *indices, int64_t n, int64_t size, float value, int64_t index) {
+    if (n == size && !(value > values[n - 1]))
+        return n;
+    int64_t at = n < size ? n : n - 1;
+    while (at > 0 && value > values[at - 1]) {
+        values[at] = values[at - 1];
+        indices[at] = indices[at - 1];
+        at--;
+    }
+    values[at] = value;
+    indices[at] = index;
+    return n < size ? n + 1 : n;
+}
+
+static float block_max(const float *restrict x, int64_t n) {
+    float top = x[0];
+    int64_t i = 1;
+#if defined(__SSE2__)
+    if (n >= 8) {
+        __m128 top4 = _mm_loadu_ps(x);
+        for (i = 4; i + 4 <= n; i += 4)
+            top4 = _mm_max_ps(top4, _mm_loadu_ps(x + i));
+        float lanes[4];
+        _mm_storeu_ps(lanes, top4);
+        top = lanes[0];
+        for (int j = 1; j < 4; j++)
+            top = lanes[j] > top ? lanes[j] : top;
+    }
+#endif
+    for (; i < n; i++)
+        top = x[i] > top ? x[i] : top;
+    return top;
+}
+
+static void top_k_row(void *data, size_t r) {
+    const TopKJob *job = data;
+    const int64_t V = job->V, K = job->K, blocks = job->blocks, picked = K < blocks ? K : blocks;
+    const float *x = job->x + r * V;
+    float *maxima = job->maxima + r * blocks, *values = job->values + r * K;
+    int64_t *chosen = job->chosen + r * picked, *indices = job->indices + r * K;
+    for (int64_t b = 0; b < blocks; b++) {
+        const int64_t first = b * TOP_K_BLOCK, size = V - first < TOP_K_BLOCK ? V - first : TOP_K_BLOCK;
+        maxima[b] = block_max(x + first, size);
+    }
+    /* the K best blocks, then in index order, so that their entries arrive in index order */
+    float *best = values; /* values' room is free until the entries' pass, and K >= picked */
+    int64_t n = 0;
+    for (int64_t b = 0; b < blocks; b++)
+        n = keep_best(best, chosen, n, picked, maxima[b], b);
+    for (int64_t i = 1; i < picked; i++) {
+        const int64_t block = chosen[i];
+        int64_t j = i;
+        for (; j > 0 && chosen[j - 1] > block; j--)
+            chosen[j] = chosen[j - 1];
+        chosen[j] = block;
+    }
+    n = 0;
+    for (int64_t c = 0; c < picked; c++) {
+        const int64_t first = chosen[c] * TOP_K_BLOCK, last = first + TOP_K_BLOCK < V ? first + TOP_K_BLOCK : V;
+        for (int64_t i = first; i < last; i++)
+            n = keep_best(values, indices, n, K, x[i], i);
+    }
+}
+
+static OrtStatus *top_k_compute(void *kernel, OrtKernelContext *context) {
+    (void)kernel;
+    const char *op = "RowTopK";
+    Tensor x;
+    const OrtValue *k_value;
+    const void *k_data;
+    OrtTensorTypeAndShapeInfo *info;
+    size_t k_count;
+    OrtStatus *status;
+    if ((status = get_input(context, 0, 2, op, &x)) || (status = ort->KernelContext_GetInput(context, 1, &k_value)) ||
+        (status = ort->GetTensorTypeAndShape(k_value, &info)))
+        return status;
+    status = ort->GetTensorShapeElementCount(info, &k_count);
+    ort->ReleaseTensorTypeAndShapeInfo(info);
+    if (status || (status = ort->GetTensorData(k_value, &k_data)))
+        return status;
+    if (k_count != 1 || *(const int64_t *)k_data < 0)
+        return error(op, "k must be one integer >= 0");
+    const int64_t R = x.dims[0], V = x.dims[1], k = *(const int64_t *)k_data, K = k < V ? k : V;
+    const int64_t blocks = (V + TOP_K_BLOCK - 1) / TOP_K_BLOCK, out_dims[2] = {R, K};
+    TopKJob job = {x.data, V, K, blocks, NULL, NULL, NULL, NULL};
+    OrtValue *values, *indices;
+    if ((status = ort->KernelContext_GetOutput(context, 0, out_dims, 2, &values)) ||
+        (status = ort->KernelContext_GetOutput(context, 1, out_dims, 2, &indices)) ||
+        (status = ort->GetTensorMutableData(values, (void **)&job.values)) ||
+        (status = ort->GetTensorMutableData(indices, (void **)&job.indices)))
+        return status;
+    if (R == 0 || K == 0)
+        return NULL;
+    job.maxima = malloc((size_t)(R * blocks) * sizeof *job.maxima);
+    job.chosen = malloc((size_t)(R * (K < blocks ? K : blocks)) * sizeof *job.chosen);
+    if (job.maxima && job.chosen)
+        status = ort->KernelContext_ParallelFor(context, top_k_row, (size_t)R, 0, &job);
+    else
+        status = ort->CreateStatus(ORT_FAIL, "RowTopK: out of memory");
+    free(job.maxima);
+    free(job.chosen);
+    return status;
+}
+
 static const char *self_name(const OrtCustomOp *op) {
     (void)op;
     return "DecoderSelfAttention";
@@ -346,6 +469,10 @@ static const char *self_name(const OrtCustomOp *op) {
 static const char *cross_name(const OrtCustomOp *op) {
     (void)op;
     return "DecoderCrossAttention";
+}
+static const char *top_k_name(const OrtCustomOp *op) {
+    (void)op;
+    return "RowTopK";
 }
 static const char *norm_name(const OrtCustomOp *op) {
     (void)op;
@@ -368,6 +495,14 @@ static ONNXTensorElementDataType cross_input_type(const OrtCustomOp *op, size_t 
 static ONNXTensorElementDataType norm_input_type(const OrtCustomOp *op, size_t index) {
     (void)op;
     return index == 5 ? ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8 : ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT;
+}
+static ONNXTensorElementDataType top_k_input_type(const OrtCustomOp *op, size_t index) {
+    (void)op;
+    return index == 1 ? ONNX_TENSOR_ELEMENT_DATA_TYPE_INT64 : ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT;
+}
+static ONNXTensorElementDataType top_k_output_type(const OrtCustomOp *op, size_t index) {
+    (void)op;
+    return index == 1 ? ONNX_TENSOR_ELEMENT_DATA_TYPE_INT64 : ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT;
 }
 static ONNXTensorElementDataType float_output(const OrtCustomOp *op, size_t index) {
     (void)op, (void)index;
@@ -427,7 +562,7 @@ static OrtStatus *create_norm_kernel(const OrtCustomOp *op, const OrtApi *api, c
 }
 static void destroy_norm_kernel(void *kernel) { free(kernel); }
 
-static OrtCustomOp self_op, cross_op, norm_op;
+static OrtCustomOp self_op, cross_op, norm_op, top_k_op;
 /* One domain for every session: it must outlive them all. Sessions are opened (and libraries
  * registered) on one thread at a time in Parley: an engine's start, a lane's start. */
 static OrtCustomOpDomain *domain;
@@ -467,10 +602,12 @@ OrtStatus *ORT_API_CALL RegisterCustomOps(OrtSessionOptions *options, const OrtA
         describe(&norm_op, norm_name, norm_input_type, six, norm_output_type, two, norm_compute);
         norm_op.CreateKernelV2 = create_norm_kernel; /* it keeps its epsilon */
         norm_op.KernelDestroy = destroy_norm_kernel;
+        describe(&top_k_op, top_k_name, top_k_input_type, two, top_k_output_type, two, top_k_compute);
         OrtCustomOpDomain *created;
         OrtStatus *status = ort->CreateCustomOpDomain("ai.parley", &created);
         if (status || (status = ort->CustomOpDomain_Add(created, &self_op)) ||
-            (status = ort->CustomOpDomain_Add(created, &cross_op)) || (status = ort->CustomOpDomain_Add(created, &norm_op)))
+            (status = ort->CustomOpDomain_Add(created, &cross_op)) || (status = ort->CustomOpDomain_Add(created, &norm_op)) ||
+            (status = ort->CustomOpDomain_Add(created, &top_k_op)))
             return status;
         domain = created;
     }

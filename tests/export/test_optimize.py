@@ -4,7 +4,8 @@ import onnxruntime
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from export.optimize import PARLEY_DOMAIN, fold_output_scales, fuse_add_norm_quantize, merge_reshape_chains
+from export.optimize import (PARLEY_DOMAIN, fold_output_scales, fuse_add_norm_quantize, fuse_top_k,
+                             merge_reshape_chains)
 from server.engine.session import fused_ops_library
 
 
@@ -135,3 +136,26 @@ def test_a_scale_computed_as_the_graph_runs_is_left_as_it_is():
     model.graph.input.append(helper.make_tensor_value_info("scale", TensorProto.FLOAT, []))
     assert [n.op_type for n in fuse_add_norm_quantize(model).graph.node] == [
         "Add", "LayerNormalization", "QuantizeLinear", "Add"]
+
+
+@pytest.mark.parametrize("k", [0, 1, 5, 64, 70, 300])
+def test_the_fused_top_k_orders_as_onnx_runtime_does_ties_included(k):
+    """RowTopK against ONNX Runtime's TopK on rows full of ties (a vocabulary of 200: three
+    blocks of 64 and a short one; k beyond it takes every entry)."""
+    rows = helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, 200])
+    model = helper.make_model(helper.make_graph(
+        [helper.make_node("TopK", ["x", "k"], ["values", "indices"])], "g", [rows],
+        [helper.make_tensor_value_info("values", TensorProto.FLOAT, None),
+         helper.make_tensor_value_info("indices", TensorProto.INT64, None)],
+        [numpy_helper.from_array(np.array([min(k, 200)], np.int64), "k")]), opset_imports=[helper.make_opsetid("", 18)])
+    fused = fuse_top_k(onnx.load_from_string(model.SerializeToString()), vocab_size=200)
+    assert [n.op_type for n in fused.graph.node] == ["RowTopK"]
+    fused.graph.initializer[0].CopyFrom(numpy_helper.from_array(np.array([k], np.int64), "k"))
+    options = onnxruntime.SessionOptions()
+    options.register_custom_ops_library(fused_ops_library())
+    x = np.random.default_rng(k).integers(0, 6, (9, 200)).astype(np.float32)  # six values: ties everywhere
+    x[3] = 1.0  # one row all equal
+    expected, got = (onnxruntime.InferenceSession(m.SerializeToString(), options, providers=["CPUExecutionProvider"])
+                     .run(None, {"x": x}) for m in (model, fused))
+    np.testing.assert_array_equal(got[1], expected[1])
+    np.testing.assert_array_equal(got[0], expected[0])
