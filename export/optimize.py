@@ -319,12 +319,7 @@ def fuse_top_k(model: onnx.ModelProto, vocab_size: int) -> onnx.ModelProto:
             node = helper.make_node("RowTopK", list(node.input), list(node.output),
                                     name=f"{node.name or node.output[0]}/fused", domain=PARLEY_DOMAIN)
         nodes.append(node)
-    graph.ClearField("node")
-    graph.node.extend(nodes)
-    if any(node.domain == PARLEY_DOMAIN for node in nodes) and not any(
-            o.domain == PARLEY_DOMAIN for o in model.opset_import):
-        model.opset_import.append(helper.make_opsetid(PARLEY_DOMAIN, 1))
-    return model
+    return with_nodes(model, nodes)
 
 
 def fuse_attention(model: onnx.ModelProto, max_positions: int) -> onnx.ModelProto:
@@ -403,14 +398,44 @@ def fuse_attention(model: onnx.ModelProto, max_positions: int) -> onnx.ModelProt
             "DecoderCrossAttention", [query, names["cross_k"], names["cross_v"], "src_mask", "slot_row", "row_slot"],
             [result], name=f"cross_attention_{layer}", domain=PARLEY_DOMAIN)
     taken = {name for node in fused.values() for name in node.output}  # their producers go
-    nodes = [fused.get(node.output[0], node) for node in graph.node
-             if node.output[0] in fused or not taken.intersection(node.output)]
-    nodes = topological(nodes, graph)
+    return with_nodes(model, [fused.get(node.output[0], node) for node in graph.node
+                              if node.output[0] in fused or not taken.intersection(node.output)])
+
+
+def with_nodes(model: onnx.ModelProto, nodes: list[onnx.NodeProto]) -> onnx.ModelProto:
+    """The graph with these nodes, in an order ONNX accepts; Parley's domain imported where a
+    node is of it; nodes and initializers nothing reads any more removed."""
+    graph = model.graph
     graph.ClearField("node")
-    graph.node.extend(nodes)
-    if fused:
+    graph.node.extend(topological(nodes, graph))
+    if any(n.domain == PARLEY_DOMAIN for n in graph.node) and not any(
+            o.domain == PARLEY_DOMAIN for o in model.opset_import):
         model.opset_import.append(helper.make_opsetid(PARLEY_DOMAIN, 1))
     return remove_unused_nodes(model)
+
+
+class Constants:
+    """A graph's initializers, found through Identity nodes too (the exporter writes one for
+    each copy of a weight equal to another: a random model's norms all start as ones and zeros)."""
+
+    def __init__(self, graph: onnx.GraphProto):
+        self.values = {init.name: numpy_helper.to_array(init) for init in graph.initializer}
+        self.producer = {name: node for node in graph.node for name in node.output}
+
+    def initializer(self, name: str) -> str | None:
+        while name not in self.values and name in self.producer and self.producer[name].op_type == "Identity":
+            name = self.producer[name].input[0]
+        return name if name in self.values else None
+
+    def static_levels(self, quantize: onnx.NodeProto) -> list[str] | None:
+        """The scale and zero point of a QuantizeLinear to uint8 with one calibrated scale."""
+        if quantize.op_type != "QuantizeLinear" or quantize.attribute or len(quantize.input) != 3:
+            return None
+        levels = [self.initializer(name) for name in quantize.input[1:3]]
+        if None in levels or self.values[levels[0]].size != 1 or self.values[levels[1]].size != 1 \
+                or self.values[levels[1]].dtype != np.uint8:
+            return None
+        return levels
 
 
 def fuse_add_norm_quantize(model: onnx.ModelProto) -> onnx.ModelProto:
@@ -420,43 +445,26 @@ def fuse_add_norm_quantize(model: onnx.ModelProto) -> onnx.ModelProto:
     and their quantized copy: three nodes of a few microseconds' work each become one. Only
     static scales: per-row scales are computed in the graph and stay as they are."""
     graph = model.graph
-    producer = {name: node for node in graph.node for name in node.output}
     readers = readers_of(graph)
-    constants = {init.name: numpy_helper.to_array(init) for init in graph.initializer}
-
-    def constant(name: str) -> str | None:
-        """The initializer a tensor is, through Identity nodes (the exporter writes one for each
-        copy of a weight equal to another: a random model's norms all start as ones and zeros)."""
-        while name not in constants and name in producer and producer[name].op_type == "Identity":
-            name = producer[name].input[0]
-        return name if name in constants else None
-
+    constants = Constants(graph)
     replaced: dict[int, onnx.NodeProto] = {}  # id of the LayerNormalization -> the fused node
     dropped: set[int] = set()
     for norm in graph.node:
         attributes = {a.name: helper.get_attribute_value(a) for a in norm.attribute}
-        add = producer.get(norm.input[0])
-        weights = [constant(name) for name in norm.input[1:3]]
+        add = constants.producer.get(norm.input[0])
+        weights = [constants.initializer(name) for name in norm.input[1:3]]
         if norm.op_type != "LayerNormalization" or attributes.get("axis", -1) != -1 or None in weights \
                 or len(weights) != 2 or add is None or add.op_type != "Add" or len(readers[add.output[0]]) != 1 \
-                or any(constant(name) for name in add.input):
+                or any(constants.initializer(name) for name in add.input):
             continue
         quantizers = [r for r in readers[norm.output[0]] if r.op_type == "QuantizeLinear"]
-        if len(quantizers) != 1 or quantizers[0].attribute or len(quantizers[0].input) != 3:
-            continue
-        quantize = quantizers[0]
-        levels = [constant(name) for name in quantize.input[1:3]]
-        if None in levels or constants[levels[0]].size != 1 or constants[levels[1]].size != 1 \
-                or constants[levels[1]].dtype != np.uint8:
+        levels = constants.static_levels(quantizers[0]) if len(quantizers) == 1 else None
+        if levels is None:
             continue
         replaced[id(norm)] = helper.make_node(
             "AddLayerNormQuantize", [*add.input, *weights, *levels],
-            [norm.output[0], quantize.output[0]], name=f"{norm.name or norm.output[0]}/fused",
+            [norm.output[0], quantizers[0].output[0]], name=f"{norm.name or norm.output[0]}/fused",
             domain=PARLEY_DOMAIN, epsilon=float(attributes.get("epsilon", 1e-5)))
-        dropped.update((id(add), id(quantize)))
-    nodes = [replaced.get(id(node), node) for node in graph.node if id(node) not in dropped]
-    graph.ClearField("node")
-    graph.node.extend(topological(nodes, graph))
-    if replaced and not any(o.domain == PARLEY_DOMAIN for o in model.opset_import):
-        model.opset_import.append(helper.make_opsetid(PARLEY_DOMAIN, 1))
-    return remove_unused_nodes(model)
+        dropped.update((id(add), id(quantizers[0])))
+    return with_nodes(model, [replaced.get(id(node), node) for node in graph.node if id(node) not in dropped])
+

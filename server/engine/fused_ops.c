@@ -5,8 +5,9 @@
  * and its cross-attention over its source were some fifteen nodes each (the split of the
  * projections, products, mask, softmax, slices, reshapes, the query grid's gathers), and each
  * post-norm block ended in three (the residual add, LayerNormalization, the next projection's
- * QuantizeLinear): one op each here, computing the same values in one pass over each row
- * (export.optimize.fuse_attention, fuse_add_norm_quantize put them in).
+ * QuantizeLinear), and the top-k over the vocabulary in sixteen: one op each here, computing
+ * the same values in one pass over each row (export.optimize.fuse_attention,
+ * fuse_add_norm_quantize and fuse_top_k put them in).
  *
  * The ops' names, inputs and outputs are part of the package format (export.package's
  * FORMAT_VERSION): exported packages hold them, so a change to one is a new op (or version).
@@ -22,7 +23,7 @@
  *   true at real tokens; slot_row (N * W) and row_slot (R) int64, decoding.grid's layout:
  *   row r reads source row_slot[r] / W.
  * The queries carry the 1/sqrt(dk) scale already (export.optimize.fold_output_scales).
- * AddLayerNormQuantize: below, with its kernel.
+ * AddLayerNormQuantize and RowTopK: below, with their kernels.
  *
  * This is a custom-op library: ONNX Runtime loads it (SessionOptions.register_custom_ops_library,
  * server.engine.session) and calls RegisterCustomOps; Python never imports it.
@@ -239,12 +240,40 @@ typedef struct {
     unsigned char *quantized;
 } NormJob;
 
+/* QuantizeLinear of n values to uint8 as MLAS computes it: divide by the scale, clamp to the
+ * range the zero point leaves, convert rounding half to even, add the zero point. */
+static void quantize(const float *restrict y, int64_t n, float scale, int zero_point, unsigned char *restrict q) {
+    const float lowest = (float)-zero_point, highest = (float)(255 - zero_point);
+    int64_t i = 0;
+#if defined(__SSE2__)
+    /* four at a time: the compiler leaves the scalar loop's clamps unvectorized */
+    const __m128 scale4 = _mm_set1_ps(scale), lowest4 = _mm_set1_ps(lowest), highest4 = _mm_set1_ps(highest);
+    const __m128i zero_point4 = _mm_set1_epi32(zero_point);
+    for (; i + 4 <= n; i += 4) {
+        const __m128 level = _mm_min_ps(_mm_max_ps(_mm_div_ps(_mm_loadu_ps(y + i), scale4), lowest4), highest4);
+        const __m128i levels = _mm_add_epi32(_mm_cvtps_epi32(level), zero_point4);
+        const __m128i halves = _mm_packs_epi32(levels, levels); /* 0..255 survive both packs */
+        const int packed = _mm_cvtsi128_si32(_mm_packus_epi16(halves, halves));
+        memcpy(q + i, &packed, 4);
+    }
+#endif
+    for (; i < n; i++) {
+        float level = y[i] / scale;
+        level = level > lowest ? level : lowest;
+        level = level < highest ? level : highest;
+        /* round half to even, as the processor's conversion does: adding and taking away 1.5 x 2^23
+         * leaves the nearest integer of any |level| < 2^22 */
+        level = (level + 12582912.0f) - 12582912.0f;
+        q[i] = (unsigned char)((int)level + zero_point);
+    }
+}
+
 static void norm_row(void *data, size_t r) {
     const NormJob *job = data;
     const int64_t d = job->d;
     const float *restrict x = job->x + r * d, *restrict residual = job->residual + r * d;
+    const float *restrict gamma = job->gamma, *restrict beta = job->beta;
     float *restrict y = job->normalized + r * d;
-    unsigned char *restrict q = job->quantized + r * d;
     float sum = 0.0f, squares = 0.0f;
     for (int64_t i = 0; i < d; i++) {
         y[i] = x[i] + residual[i];
@@ -252,91 +281,64 @@ static void norm_row(void *data, size_t r) {
         squares += y[i] * y[i];
     }
     const float mean = sum / d, deviation = sqrtf(squares / d - mean * mean + job->epsilon);
-    const float low = (float)(0 - job->zero_point), high = (float)(255 - job->zero_point), scale = job->scale;
-    const float *restrict gamma = job->gamma, *restrict beta = job->beta;
-    int64_t i = 0;
-#if defined(__SSE2__)
-    /* MLAS's QuantizeLinear, four at a time: divide, clamp, convert (rounding half to even), add
-     * the zero point. (The compiler leaves the clamps of the scalar loop unvectorized.) */
-    const __m128 mean4 = _mm_set1_ps(mean), deviation4 = _mm_set1_ps(deviation), scale4 = _mm_set1_ps(scale);
-    const __m128 low4 = _mm_set1_ps(low), high4 = _mm_set1_ps(high);
-    const __m128i zero_point4 = _mm_set1_epi32(job->zero_point);
-    for (; i + 4 <= d; i += 4) {
-        __m128 v = _mm_div_ps(_mm_sub_ps(_mm_loadu_ps(y + i), mean4), deviation4);
-        v = _mm_add_ps(_mm_mul_ps(v, _mm_loadu_ps(gamma + i)), _mm_loadu_ps(beta + i));
-        _mm_storeu_ps(y + i, v);
-        __m128 level = _mm_min_ps(_mm_max_ps(_mm_div_ps(v, scale4), low4), high4);
-        __m128i levels = _mm_add_epi32(_mm_cvtps_epi32(level), zero_point4);
-        const __m128i halves = _mm_packs_epi32(levels, levels); /* 0..255 survive both packs */
-        levels = _mm_packus_epi16(halves, halves);
-        const int packed = _mm_cvtsi128_si32(levels);
-        memcpy(q + i, &packed, 4);
-    }
-#endif
-    for (; i < d; i++) {
+    for (int64_t i = 0; i < d; i++)
         y[i] = (y[i] - mean) / deviation * gamma[i] + beta[i];
-        float level = y[i] / scale;
-        level = level > low ? level : low;
-        level = level < high ? level : high;
-        /* round half to even, as the processor's conversion does: adding and taking away 1.5 x 2^23
-         * leaves the nearest integer of any |level| < 2^22 */
-        level = (level + 12582912.0f) - 12582912.0f;
-        q[i] = (unsigned char)((int)level + job->zero_point);
+    quantize(y, d, job->scale, job->zero_point, job->quantized + r * d);
+}
+
+/* The inputs of an op over rows of its first input's last axis: each input's data and element
+ * count, and the first input's shape. */
+typedef struct {
+    const void *data[6];
+    size_t counts[6];
+    int64_t dims[8], rows, d;
+    size_t rank;
+} RowInputs;
+
+static OrtStatus *get_row_inputs(OrtKernelContext *context, size_t count, const char *op, RowInputs *in) {
+    OrtStatus *status;
+    for (size_t i = 0; i < count; i++) {
+        const OrtValue *value;
+        OrtTensorTypeAndShapeInfo *info;
+        if ((status = ort->KernelContext_GetInput(context, i, &value)) ||
+            (status = ort->GetTensorTypeAndShape(value, &info)))
+            return status;
+        status = ort->GetTensorShapeElementCount(info, &in->counts[i]);
+        if (!status && i == 0)
+            status = ort->GetDimensionsCount(info, &in->rank);
+        if (!status && i == 0 && (in->rank < 1 || in->rank > 8))
+            status = error(op, "the first input must have rank 1 to 8");
+        if (!status && i == 0)
+            status = ort->GetDimensions(info, in->dims, in->rank);
+        ort->ReleaseTensorTypeAndShapeInfo(info);
+        if (status || (status = ort->GetTensorData(value, &in->data[i])))
+            return status;
     }
+    in->d = in->dims[in->rank - 1];
+    in->rows = in->d ? (int64_t)in->counts[0] / in->d : 0;
+    return NULL;
 }
 
 static OrtStatus *norm_compute(void *kernel, OrtKernelContext *context) {
     const char *op = "AddLayerNormQuantize";
-    const float epsilon = *(const float *)kernel;
-    const OrtValue *values[6];
-    size_t rank;
-    int64_t dims[8];
-    OrtTensorTypeAndShapeInfo *info;
-    OrtStatus *status;
-    for (size_t i = 0; i < 6; i++)
-        if ((status = ort->KernelContext_GetInput(context, i, &values[i])))
-            return status;
-    if ((status = ort->GetTensorTypeAndShape(values[0], &info)))
-        return status;
-    status = ort->GetDimensionsCount(info, &rank);
-    if (!status && (rank < 1 || rank > 8))
-        status = error(op, "x must have rank 1 to 8");
-    if (!status)
-        status = ort->GetDimensions(info, dims, rank);
-    ort->ReleaseTensorTypeAndShapeInfo(info);
+    RowInputs in;
+    OrtStatus *status = get_row_inputs(context, 6, op, &in);
     if (status)
         return status;
-    size_t counts[6];
-    for (size_t i = 1; i < 6; i++) {
-        if ((status = ort->GetTensorTypeAndShape(values[i], &info)))
-            return status;
-        status = ort->GetTensorShapeElementCount(info, &counts[i]);
-        ort->ReleaseTensorTypeAndShapeInfo(info);
-        if (status)
-            return status;
-    }
-    int64_t rows = 1;
-    for (size_t i = 0; i + 1 < rank; i++)
-        rows *= dims[i];
-    const int64_t d = dims[rank - 1];
-    if ((int64_t)counts[1] != rows * d || (int64_t)counts[2] != d || (int64_t)counts[3] != d || counts[4] != 1 ||
-        counts[5] != 1)
+    if (in.counts[1] != in.counts[0] || (int64_t)in.counts[2] != in.d || (int64_t)in.counts[3] != in.d ||
+        in.counts[4] != 1 || in.counts[5] != 1)
         return error(op, "shapes disagree (x, residual (..., d); gamma, beta (d); scale, zero_point scalars)");
-    const void *data[6];
-    for (size_t i = 0; i < 6; i++)
-        if ((status = ort->GetTensorData(values[i], &data[i])))
-            return status;
-    NormJob job = {data[0], data[1], data[2], data[3], *(const float *)data[4], epsilon,
-                   *(const unsigned char *)data[5], d, NULL, NULL};
+    NormJob job = {in.data[0], in.data[1], in.data[2], in.data[3], *(const float *)in.data[4], *(const float *)kernel,
+                   *(const unsigned char *)in.data[5], in.d, NULL, NULL};
     if (!(job.scale > 0.0f))
         return error(op, "the scale must be positive");
     OrtValue *normalized, *quantized;
-    if ((status = ort->KernelContext_GetOutput(context, 0, dims, rank, &normalized)) ||
-        (status = ort->KernelContext_GetOutput(context, 1, dims, rank, &quantized)) ||
+    if ((status = ort->KernelContext_GetOutput(context, 0, in.dims, in.rank, &normalized)) ||
+        (status = ort->KernelContext_GetOutput(context, 1, in.dims, in.rank, &quantized)) ||
         (status = ort->GetTensorMutableData(normalized, (void **)&job.normalized)) ||
         (status = ort->GetTensorMutableData(quantized, (void **)&job.quantized)))
         return status;
-    return rows ? ort->KernelContext_ParallelFor(context, norm_row, (size_t)rows, 0, &job) : NULL;
+    return in.rows ? ort->KernelContext_ParallelFor(context, norm_row, (size_t)in.rows, 0, &job) : NULL;
 }
 
 /* RowTopK(x (R, V) float, k (1) or () int64) -> (values (R, K) float, indices (R, K) int64)

@@ -298,6 +298,8 @@ def test_int8_attention_runs_as_one_fused_op_per_attention(tiny_package):
     producers = {name: n.op_type for n in graph.node for name in n.output}
     assert {producers[f"new_{kv}_{layer}"] for kv in "kv" for layer in range(layers)} == {"DecoderSelfAttention"}
     assert not [n.name for n in graph.node if n.op_type in ("MatMul", "Split") or "slot_row" in n.input[1:2]]
+    model = onnx.load(str(ModelPackage.load(tiny_package).graph_path("int8", "decoder_step")))
+    assert [o.domain for o in model.opset_import].count(PARLEY_DOMAIN) == 1  # each fusion imports it, once
 
 
 def test_calibrated_int8_ends_its_blocks_in_one_fused_op(calibrated_package):
