@@ -297,6 +297,42 @@ PARLEY_DOMAIN = "ai.parley"  # the fused ops' domain: server/engine/fused_ops.c
 FUSED_ATTENTION_POSITIONS = 4096  # the most positions the attention ops take (fused_ops.c's MAX_POSITIONS)
 
 
+def with_nodes(model: onnx.ModelProto, nodes: list[onnx.NodeProto]) -> onnx.ModelProto:
+    """The graph with these nodes, in an order ONNX accepts; Parley's domain imported where a
+    node is of it; nodes and initializers nothing reads any more removed."""
+    graph = model.graph
+    graph.ClearField("node")
+    graph.node.extend(topological(nodes, graph))
+    if any(n.domain == PARLEY_DOMAIN for n in graph.node) and not any(
+            o.domain == PARLEY_DOMAIN for o in model.opset_import):
+        model.opset_import.append(helper.make_opsetid(PARLEY_DOMAIN, 1))
+    return remove_unused_nodes(model)
+
+
+class Constants:
+    """A graph's initializers, found through Identity nodes too (the exporter writes one for
+    each copy of a weight equal to another: a random model's norms all start as ones and zeros)."""
+
+    def __init__(self, graph: onnx.GraphProto):
+        self.values = {init.name: numpy_helper.to_array(init) for init in graph.initializer}
+        self.producer = {name: node for node in graph.node for name in node.output}
+
+    def initializer(self, name: str) -> str | None:
+        while name not in self.values and name in self.producer and self.producer[name].op_type == "Identity":
+            name = self.producer[name].input[0]
+        return name if name in self.values else None
+
+    def static_levels(self, quantize: onnx.NodeProto) -> list[str] | None:
+        """The scale and zero point of a QuantizeLinear to uint8 with one calibrated scale."""
+        if quantize.op_type != "QuantizeLinear" or quantize.attribute or len(quantize.input) != 3:
+            return None
+        levels = [self.initializer(name) for name in quantize.input[1:3]]
+        if None in levels or self.values[levels[0]].size != 1 or self.values[levels[1]].size != 1 \
+                or self.values[levels[1]].dtype != np.uint8:
+            return None
+        return levels
+
+
 def fuse_top_k(model: onnx.ModelProto, vocab_size: int) -> onnx.ModelProto:
     """The decoder's TopK over the vocabulary as Parley's RowTopK (server/engine/fused_ops.c),
     which finds the same entries in the same order, ties included, in two stages: each block
@@ -339,9 +375,9 @@ def fuse_attention(model: onnx.ModelProto, max_positions: int) -> onnx.ModelProt
     if max_positions > FUSED_ATTENTION_POSITIONS:
         return model
     graph = model.graph
-    producer = {name: node for node in graph.node for name in node.output}
+    known = Constants(graph)
+    producer, constants = known.producer, known.values
     readers = readers_of(graph)
-    constants = {init.name: numpy_helper.to_array(init) for init in graph.initializer}
     matmul_of = {node.input[1]: node for node in graph.node if node.op_type == "MatMul"}
 
     def only_reader(name: str, op_type: str) -> onnx.NodeProto:
@@ -400,42 +436,6 @@ def fuse_attention(model: onnx.ModelProto, max_positions: int) -> onnx.ModelProt
     taken = {name for node in fused.values() for name in node.output}  # their producers go
     return with_nodes(model, [fused.get(node.output[0], node) for node in graph.node
                               if node.output[0] in fused or not taken.intersection(node.output)])
-
-
-def with_nodes(model: onnx.ModelProto, nodes: list[onnx.NodeProto]) -> onnx.ModelProto:
-    """The graph with these nodes, in an order ONNX accepts; Parley's domain imported where a
-    node is of it; nodes and initializers nothing reads any more removed."""
-    graph = model.graph
-    graph.ClearField("node")
-    graph.node.extend(topological(nodes, graph))
-    if any(n.domain == PARLEY_DOMAIN for n in graph.node) and not any(
-            o.domain == PARLEY_DOMAIN for o in model.opset_import):
-        model.opset_import.append(helper.make_opsetid(PARLEY_DOMAIN, 1))
-    return remove_unused_nodes(model)
-
-
-class Constants:
-    """A graph's initializers, found through Identity nodes too (the exporter writes one for
-    each copy of a weight equal to another: a random model's norms all start as ones and zeros)."""
-
-    def __init__(self, graph: onnx.GraphProto):
-        self.values = {init.name: numpy_helper.to_array(init) for init in graph.initializer}
-        self.producer = {name: node for node in graph.node for name in node.output}
-
-    def initializer(self, name: str) -> str | None:
-        while name not in self.values and name in self.producer and self.producer[name].op_type == "Identity":
-            name = self.producer[name].input[0]
-        return name if name in self.values else None
-
-    def static_levels(self, quantize: onnx.NodeProto) -> list[str] | None:
-        """The scale and zero point of a QuantizeLinear to uint8 with one calibrated scale."""
-        if quantize.op_type != "QuantizeLinear" or quantize.attribute or len(quantize.input) != 3:
-            return None
-        levels = [self.initializer(name) for name in quantize.input[1:3]]
-        if None in levels or self.values[levels[0]].size != 1 or self.values[levels[1]].size != 1 \
-                or self.values[levels[1]].dtype != np.uint8:
-            return None
-        return levels
 
 
 def fuse_add_norm_quantize(model: onnx.ModelProto) -> onnx.ModelProto:
