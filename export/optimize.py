@@ -361,16 +361,17 @@ def fuse_top_k(model: onnx.ModelProto, vocab_size: int) -> onnx.ModelProto:
 def fuse_attention(model: onnx.ModelProto, max_positions: int) -> onnx.ModelProto:
     """Each layer's self- and cross-attention of the decoder step as one node each, Parley's
     DecoderSelfAttention and DecoderCrossAttention (server/engine/fused_ops.c, CPU only:
-    applied to the int8 decoder step). Each replaced some twelve nodes whose dispatch cost as
+    applied to the int8 decoder step). Each replaced some fifteen nodes whose dispatch cost as
     much as their small kernels at a few rows a step. A model of more positions than the ops
     take (max_positions, its sources and outputs) keeps its attention as it is.
 
     Self-attention: from the split of the merged query, key and value projection (the op
     splits it and returns the new key and value, graph outputs) through the cache_k_i /
     cache_v_i products (the scores over the cache and over the row's own new key, mask,
-    softmax, the weighted values) to the reshape of the result to (rows, 1, d). Cross-attention: from the query, before the grid gathers it
-    (decoding.grid), to the gather of each row's result back from the grid; the squeeze and
-    unsqueeze of the query's unit axis around them go too when both are there.
+    softmax, the weighted values) to the reshape of the result to (rows, 1, d).
+    Cross-attention: from the query, before the grid gathers it (decoding.grid), to the gather
+    of each row's result back from the grid; the squeeze and unsqueeze of the query's unit
+    axis around them go too when both are there.
     """
     if max_positions > FUSED_ATTENTION_POSITIONS:
         return model

@@ -164,10 +164,9 @@ def validate_manifest(manifest: dict) -> list[str]:
     if problem := name_problem(manifest["name"]):
         problems.append(problem + "; re-export with --name")
     if manifest["format_version"] not in READABLE_FORMATS:
-        newer = manifest["format_version"] > max(READABLE_FORMATS)
+        remedy = "upgrade Parley, or re-export" if manifest["format_version"] > max(READABLE_FORMATS) else "re-export"
         problems.append(f"format_version {manifest['format_version']} is not supported (this Parley reads "
-                        f"{', '.join(map(str, READABLE_FORMATS))}); "
-                        + ("upgrade Parley, or re-export" if newer else "re-export") + " with this version's export tool")
+                        f"{', '.join(map(str, READABLE_FORMATS))}); {remedy} with this version's export tool")
     problems += _file_problems("tokenizer", manifest["tokenizer"])
     for token in ("pad", "unk", "bos", "eos"):
         if not isinstance(manifest["special_tokens"].get(token), int):

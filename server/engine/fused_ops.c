@@ -38,7 +38,8 @@
 
 #include "onnxruntime_c_api.h"
 
-#define MAX_POSITIONS 4096 /* scores of one row and head live on the stack (export.optimize.FUSED_ATTENTION_POSITIONS) */
+/* Scores of one row and head live on the stack; export.optimize.FUSED_ATTENTION_POSITIONS is the same. */
+#define MAX_POSITIONS 4096
 
 static const OrtApi *ort;
 
@@ -72,6 +73,39 @@ static OrtStatus *get_input(OrtKernelContext *context, size_t index, size_t rank
         return error(op, message);
     }
     return ort->GetTensorData(value, &tensor->data);
+}
+
+/* The inputs of an op over rows of its first input's last axis: each input's data and element
+ * count, and the first input's shape. */
+typedef struct {
+    const void *data[6];
+    size_t counts[6];
+    int64_t dims[8], rows, d;
+    size_t rank;
+} RowInputs;
+
+static OrtStatus *get_row_inputs(OrtKernelContext *context, size_t count, const char *op, RowInputs *in) {
+    OrtStatus *status;
+    for (size_t i = 0; i < count; i++) {
+        const OrtValue *value;
+        OrtTensorTypeAndShapeInfo *info;
+        if ((status = ort->KernelContext_GetInput(context, i, &value)) ||
+            (status = ort->GetTensorTypeAndShape(value, &info)))
+            return status;
+        status = ort->GetTensorShapeElementCount(info, &in->counts[i]);
+        if (!status && i == 0)
+            status = ort->GetDimensionsCount(info, &in->rank);
+        if (!status && i == 0 && (in->rank < 1 || in->rank > 8))
+            status = error(op, "the first input must have rank 1 to 8");
+        if (!status && i == 0)
+            status = ort->GetDimensions(info, in->dims, in->rank);
+        ort->ReleaseTensorTypeAndShapeInfo(info);
+        if (status || (status = ort->GetTensorData(value, &in->data[i])))
+            return status;
+    }
+    in->d = in->dims[in->rank - 1];
+    in->rows = in->d ? (int64_t)in->counts[0] / in->d : 0;
+    return NULL;
 }
 
 static OrtStatus *get_output(OrtKernelContext *context, size_t index, const int64_t *dims, size_t rank,
@@ -178,7 +212,8 @@ static OrtStatus *self_compute(void *kernel, OrtKernelContext *context) {
     const int64_t attention[3] = {R, 1, H * dk}, one_k[4] = {R, H, dk, 1}, one_v[4] = {R, H, 1, dk};
     Job job = {qkv.data, keys.data, values.data, mask.data, NULL, H, dk, C, 1, NULL, NULL, NULL};
     if ((status = get_output(context, 0, attention, 3, &job.out)) ||
-        (status = get_output(context, 1, one_k, 4, &job.new_k)) || (status = get_output(context, 2, one_v, 4, &job.new_v)))
+        (status = get_output(context, 1, one_k, 4, &job.new_k)) ||
+        (status = get_output(context, 2, one_v, 4, &job.new_v)))
         return status;
     return run_rows(context, self_row, &job, R);
 }
@@ -186,29 +221,16 @@ static OrtStatus *self_compute(void *kernel, OrtKernelContext *context) {
 static OrtStatus *cross_compute(void *kernel, OrtKernelContext *context) {
     (void)kernel;
     const char *op = "DecoderCrossAttention";
-    Tensor q, keys, values, mask, slot_row, row_slot;
+    RowInputs q; /* its rows, of H * dk values each, in any shape (R, ..., H * dk) */
+    Tensor keys, values, mask, slot_row, row_slot;
     OrtStatus *status;
-    const OrtValue *query;
-    OrtTensorTypeAndShapeInfo *info;
-    if ((status = ort->KernelContext_GetInput(context, 0, &query)) ||
-        (status = ort->GetTensorTypeAndShape(query, &info)))
-        return status;
-    status = ort->GetDimensionsCount(info, &q.rank);
-    if (!status && (q.rank < 2 || q.rank > 4))
-        status = error(op, "the query must have rank 2 to 4");
-    if (!status)
-        status = ort->GetDimensions(info, q.dims, q.rank);
-    ort->ReleaseTensorTypeAndShapeInfo(info);
-    if (status || (status = ort->GetTensorData(query, &q.data)) || (status = get_input(context, 1, 4, op, &keys)) ||
+    if ((status = get_row_inputs(context, 1, op, &q)) || (status = get_input(context, 1, 4, op, &keys)) ||
         (status = get_input(context, 2, 4, op, &values)) || (status = get_input(context, 3, 2, op, &mask)) ||
         (status = get_input(context, 4, 1, op, &slot_row)) || (status = get_input(context, 5, 1, op, &row_slot)))
         return status;
-    const int64_t R = q.dims[0], N = keys.dims[0], H = keys.dims[1], dk = keys.dims[2], S = keys.dims[3];
-    int64_t row_values = 1;
-    for (size_t i = 1; i < q.rank; i++)
-        row_values *= q.dims[i];
+    const int64_t R = q.rows, N = keys.dims[0], H = keys.dims[1], dk = keys.dims[2], S = keys.dims[3];
     const int64_t vv[4] = {N, H, S, dk};
-    if (row_values != H * dk || memcmp(values.dims, vv, sizeof vv) || mask.dims[0] != N || mask.dims[1] != S ||
+    if (q.d != H * dk || memcmp(values.dims, vv, sizeof vv) || mask.dims[0] != N || mask.dims[1] != S ||
         row_slot.dims[0] != R || (N > 0 && slot_row.dims[0] % N))
         return error(op, "shapes disagree (q (R,...,H*dk); cross_k (N,H,dk,S); cross_v (N,H,S,dk); "
                          "src_mask (N,S); slot_row (N*W); row_slot (R))");
@@ -219,7 +241,7 @@ static OrtStatus *cross_compute(void *kernel, OrtKernelContext *context) {
     for (int64_t r = 0; r < R; r++)
         if (W == 0 || cells[r] < 0 || cells[r] >= N * W)
             return error(op, "row_slot points outside the grid");
-    Job job = {q.data, keys.data, values.data, mask.data, cells, H, dk, S, W, NULL, NULL, NULL};
+    Job job = {q.data[0], keys.data, values.data, mask.data, cells, H, dk, S, W, NULL, NULL, NULL};
     if ((status = get_output(context, 0, q.dims, q.rank, &job.out)))
         return status;
     return run_rows(context, cross_row, &job, R);
@@ -284,39 +306,6 @@ static void norm_row(void *data, size_t r) {
     for (int64_t i = 0; i < d; i++)
         y[i] = (y[i] - mean) / deviation * gamma[i] + beta[i];
     quantize(y, d, job->scale, job->zero_point, job->quantized + r * d);
-}
-
-/* The inputs of an op over rows of its first input's last axis: each input's data and element
- * count, and the first input's shape. */
-typedef struct {
-    const void *data[6];
-    size_t counts[6];
-    int64_t dims[8], rows, d;
-    size_t rank;
-} RowInputs;
-
-static OrtStatus *get_row_inputs(OrtKernelContext *context, size_t count, const char *op, RowInputs *in) {
-    OrtStatus *status;
-    for (size_t i = 0; i < count; i++) {
-        const OrtValue *value;
-        OrtTensorTypeAndShapeInfo *info;
-        if ((status = ort->KernelContext_GetInput(context, i, &value)) ||
-            (status = ort->GetTensorTypeAndShape(value, &info)))
-            return status;
-        status = ort->GetTensorShapeElementCount(info, &in->counts[i]);
-        if (!status && i == 0)
-            status = ort->GetDimensionsCount(info, &in->rank);
-        if (!status && i == 0 && (in->rank < 1 || in->rank > 8))
-            status = error(op, "the first input must have rank 1 to 8");
-        if (!status && i == 0)
-            status = ort->GetDimensions(info, in->dims, in->rank);
-        ort->ReleaseTensorTypeAndShapeInfo(info);
-        if (status || (status = ort->GetTensorData(value, &in->data[i])))
-            return status;
-    }
-    in->d = in->dims[in->rank - 1];
-    in->rows = in->d ? (int64_t)in->counts[0] / in->d : 0;
-    return NULL;
 }
 
 static OrtStatus *norm_compute(void *kernel, OrtKernelContext *context) {
@@ -427,24 +416,17 @@ static void top_k_row(void *data, size_t r) {
 static OrtStatus *top_k_compute(void *kernel, OrtKernelContext *context) {
     (void)kernel;
     const char *op = "RowTopK";
-    Tensor x;
-    const OrtValue *k_value;
-    const void *k_data;
-    OrtTensorTypeAndShapeInfo *info;
-    size_t k_count;
-    OrtStatus *status;
-    if ((status = get_input(context, 0, 2, op, &x)) || (status = ort->KernelContext_GetInput(context, 1, &k_value)) ||
-        (status = ort->GetTensorTypeAndShape(k_value, &info)))
+    RowInputs in;
+    OrtStatus *status = get_row_inputs(context, 2, op, &in);
+    if (status)
         return status;
-    status = ort->GetTensorShapeElementCount(info, &k_count);
-    ort->ReleaseTensorTypeAndShapeInfo(info);
-    if (status || (status = ort->GetTensorData(k_value, &k_data)))
-        return status;
-    if (k_count != 1 || *(const int64_t *)k_data < 0)
+    if (in.rank != 2)
+        return error(op, "x must be (rows, entries)");
+    if (in.counts[1] != 1 || *(const int64_t *)in.data[1] < 0)
         return error(op, "k must be one integer >= 0");
-    const int64_t R = x.dims[0], V = x.dims[1], k = *(const int64_t *)k_data, K = k < V ? k : V;
+    const int64_t R = in.rows, V = in.d, k = *(const int64_t *)in.data[1], K = k < V ? k : V;
     const int64_t blocks = (V + TOP_K_BLOCK - 1) / TOP_K_BLOCK, out_dims[2] = {R, K};
-    TopKJob job = {x.data, V, K, blocks, NULL, NULL, NULL, NULL};
+    TopKJob job = {in.data[0], V, K, blocks, NULL, NULL, NULL, NULL};
     OrtValue *values, *indices;
     if ((status = ort->KernelContext_GetOutput(context, 0, out_dims, 2, &values)) ||
         (status = ort->KernelContext_GetOutput(context, 1, out_dims, 2, &indices)) ||
@@ -464,75 +446,46 @@ static OrtStatus *top_k_compute(void *kernel, OrtKernelContext *context) {
     return status;
 }
 
-static const char *self_name(const OrtCustomOp *op) {
-    (void)op;
-    return "DecoderSelfAttention";
-}
-static const char *cross_name(const OrtCustomOp *op) {
-    (void)op;
-    return "DecoderCrossAttention";
-}
-static const char *top_k_name(const OrtCustomOp *op) {
-    (void)op;
-    return "RowTopK";
-}
-static const char *norm_name(const OrtCustomOp *op) {
-    (void)op;
-    return "AddLayerNormQuantize";
-}
+/* What ONNX Runtime asks of each op, as data: one set of callbacks reads it for every op. */
+#define FLOAT ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT
+#define BOOL ONNX_TENSOR_ELEMENT_DATA_TYPE_BOOL
+#define INT64 ONNX_TENSOR_ELEMENT_DATA_TYPE_INT64
+#define UINT8 ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8
+
+typedef struct {
+    OrtCustomOp op; /* first: the callbacks get a pointer to it, and so to the whole spec */
+    const char *name;
+    size_t inputs, outputs;
+    ONNXTensorElementDataType input_types[6], output_types[3];
+    OrtStatus *(*compute)(void *, OrtKernelContext *);
+    int keeps_epsilon; /* its kernel holds the node's epsilon attribute */
+} OpSpec;
+
+static OpSpec specs[] = {
+    {.name = "DecoderSelfAttention", .inputs = 4, .outputs = 3, .input_types = {FLOAT, FLOAT, FLOAT, BOOL},
+     .output_types = {FLOAT, FLOAT, FLOAT}, .compute = self_compute},
+    {.name = "DecoderCrossAttention", .inputs = 6, .outputs = 1,
+     .input_types = {FLOAT, FLOAT, FLOAT, BOOL, INT64, INT64}, .output_types = {FLOAT}, .compute = cross_compute},
+    {.name = "AddLayerNormQuantize", .inputs = 6, .outputs = 2,
+     .input_types = {FLOAT, FLOAT, FLOAT, FLOAT, FLOAT, UINT8}, .output_types = {FLOAT, UINT8},
+     .compute = norm_compute, .keeps_epsilon = 1},
+    {.name = "RowTopK", .inputs = 2, .outputs = 2, .input_types = {FLOAT, INT64}, .output_types = {FLOAT, INT64},
+     .compute = top_k_compute},
+};
+
+static const OpSpec *spec_of(const OrtCustomOp *op) { return (const OpSpec *)op; }
+static const char *op_name(const OrtCustomOp *op) { return spec_of(op)->name; }
 static const char *cpu(const OrtCustomOp *op) {
     (void)op;
     return "CPUExecutionProvider";
 }
-static ONNXTensorElementDataType self_input_type(const OrtCustomOp *op, size_t index) {
-    (void)op;
-    return index == 3 ? ONNX_TENSOR_ELEMENT_DATA_TYPE_BOOL : ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT;
+static size_t input_count(const OrtCustomOp *op) { return spec_of(op)->inputs; }
+static size_t output_count(const OrtCustomOp *op) { return spec_of(op)->outputs; }
+static ONNXTensorElementDataType input_type(const OrtCustomOp *op, size_t index) {
+    return spec_of(op)->input_types[index];
 }
-static ONNXTensorElementDataType cross_input_type(const OrtCustomOp *op, size_t index) {
-    (void)op;
-    if (index == 3)
-        return ONNX_TENSOR_ELEMENT_DATA_TYPE_BOOL;
-    return index > 3 ? ONNX_TENSOR_ELEMENT_DATA_TYPE_INT64 : ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT;
-}
-static ONNXTensorElementDataType norm_input_type(const OrtCustomOp *op, size_t index) {
-    (void)op;
-    return index == 5 ? ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8 : ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT;
-}
-static ONNXTensorElementDataType top_k_input_type(const OrtCustomOp *op, size_t index) {
-    (void)op;
-    return index == 1 ? ONNX_TENSOR_ELEMENT_DATA_TYPE_INT64 : ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT;
-}
-static ONNXTensorElementDataType top_k_output_type(const OrtCustomOp *op, size_t index) {
-    (void)op;
-    return index == 1 ? ONNX_TENSOR_ELEMENT_DATA_TYPE_INT64 : ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT;
-}
-static ONNXTensorElementDataType float_output(const OrtCustomOp *op, size_t index) {
-    (void)op, (void)index;
-    return ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT;
-}
-static ONNXTensorElementDataType norm_output_type(const OrtCustomOp *op, size_t index) {
-    (void)op;
-    return index == 1 ? ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8 : ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT;
-}
-static size_t four(const OrtCustomOp *op) {
-    (void)op;
-    return 4;
-}
-static size_t three(const OrtCustomOp *op) {
-    (void)op;
-    return 3;
-}
-static size_t six(const OrtCustomOp *op) {
-    (void)op;
-    return 6;
-}
-static size_t one(const OrtCustomOp *op) {
-    (void)op;
-    return 1;
-}
-static size_t two(const OrtCustomOp *op) {
-    (void)op;
-    return 2;
+static ONNXTensorElementDataType output_type(const OrtCustomOp *op, size_t index) {
+    return spec_of(op)->output_types[index];
 }
 static OrtCustomOpInputOutputCharacteristic required(const OrtCustomOp *op, size_t index) {
     (void)op, (void)index;
@@ -543,51 +496,41 @@ static OrtMemType default_memory(const OrtCustomOp *op, size_t index) {
     return OrtMemTypeDefault;
 }
 static OrtStatus *create_kernel(const OrtCustomOp *op, const OrtApi *api, const OrtKernelInfo *info, void **kernel) {
-    (void)op, (void)api, (void)info;
-    *kernel = NULL; /* the ops keep no state */
-    return NULL;
-}
-static void destroy_kernel(void *kernel) { (void)kernel; }
-static OrtStatus *create_norm_kernel(const OrtCustomOp *op, const OrtApi *api, const OrtKernelInfo *info,
-                                     void **kernel) {
-    (void)op;
+    *kernel = NULL; /* the other ops keep no state */
+    if (!spec_of(op)->keeps_epsilon)
+        return NULL;
     float *epsilon = malloc(sizeof *epsilon);
     if (!epsilon)
-        return api->CreateStatus(ORT_FAIL, "AddLayerNormQuantize: out of memory");
+        return api->CreateStatus(ORT_FAIL, "out of memory");
     OrtStatus *status = api->KernelInfoGetAttribute_float(info, "epsilon", epsilon);
-    if (status) {
+    if (status)
         free(epsilon);
-        return status;
-    }
-    *kernel = epsilon;
-    return NULL;
+    else
+        *kernel = epsilon;
+    return status;
 }
-static void destroy_norm_kernel(void *kernel) { free(kernel); }
+static void destroy_kernel(void *kernel) { free(kernel); }
 
-static OrtCustomOp self_op, cross_op, norm_op, top_k_op;
 /* One domain for every session: it must outlive them all. Sessions are opened (and libraries
  * registered) on one thread at a time in Parley: an engine's start, a lane's start. */
 static OrtCustomOpDomain *domain;
 
-static void describe(OrtCustomOp *op, const char *(*name)(const OrtCustomOp *),
-                     ONNXTensorElementDataType (*input_type)(const OrtCustomOp *, size_t),
-                     size_t (*inputs)(const OrtCustomOp *),
-                     ONNXTensorElementDataType (*output_type)(const OrtCustomOp *, size_t),
-                     size_t (*outputs)(const OrtCustomOp *), OrtStatus *(*compute)(void *, OrtKernelContext *)) {
+static void describe(OpSpec *spec) {
+    OrtCustomOp *op = &spec->op;
     memset(op, 0, sizeof *op);
     op->version = 16; /* the struct's members up to KernelComputeV2; ONNX Runtime reads no further */
-    op->GetName = name;
+    op->GetName = op_name;
     op->GetExecutionProviderType = cpu;
     op->GetInputType = input_type;
-    op->GetInputTypeCount = inputs;
+    op->GetInputTypeCount = input_count;
     op->GetOutputType = output_type;
-    op->GetOutputTypeCount = outputs;
+    op->GetOutputTypeCount = output_count;
     op->KernelDestroy = destroy_kernel;
     op->GetInputCharacteristic = required;
     op->GetOutputCharacteristic = required;
     op->GetInputMemoryType = default_memory;
     op->CreateKernelV2 = create_kernel;
-    op->KernelComputeV2 = compute;
+    op->KernelComputeV2 = spec->compute;
 }
 
 OrtStatus *ORT_API_CALL RegisterCustomOps(OrtSessionOptions *options, const OrtApiBase *api_base) {
@@ -599,17 +542,13 @@ OrtStatus *ORT_API_CALL RegisterCustomOps(OrtSessionOptions *options, const OrtA
             return NULL; /* no status without an API: sessions of graphs that use the ops fail to load */
         }
         ort = api;
-        describe(&self_op, self_name, self_input_type, four, float_output, three, self_compute);
-        describe(&cross_op, cross_name, cross_input_type, six, float_output, one, cross_compute);
-        describe(&norm_op, norm_name, norm_input_type, six, norm_output_type, two, norm_compute);
-        norm_op.CreateKernelV2 = create_norm_kernel; /* it keeps its epsilon */
-        norm_op.KernelDestroy = destroy_norm_kernel;
-        describe(&top_k_op, top_k_name, top_k_input_type, two, top_k_output_type, two, top_k_compute);
         OrtCustomOpDomain *created;
         OrtStatus *status = ort->CreateCustomOpDomain("ai.parley", &created);
-        if (status || (status = ort->CustomOpDomain_Add(created, &self_op)) ||
-            (status = ort->CustomOpDomain_Add(created, &cross_op)) || (status = ort->CustomOpDomain_Add(created, &norm_op)) ||
-            (status = ort->CustomOpDomain_Add(created, &top_k_op)))
+        for (size_t i = 0; !status && i < sizeof specs / sizeof *specs; i++) {
+            describe(&specs[i]);
+            status = ort->CustomOpDomain_Add(created, &specs[i].op);
+        }
+        if (status)
             return status;
         domain = created;
     }
