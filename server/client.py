@@ -1,17 +1,20 @@
 """A command-line client: python -m server.client "A man is riding a bike." [options]
 
 Texts come from the arguments, or one a line from standard input (a whole file: they go in
-requests of --texts-per-request, several in flight, and come back in order).
+requests of --texts-per-request, several in flight, and come back in order; with --stream,
+each as it finishes).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import queue
 import sys
+import threading
 from collections import deque
 from pathlib import Path
-from typing import Callable, Iterable, Sequence
+from typing import Callable, Iterable, NoReturn, Sequence
 
 import grpc
 
@@ -115,13 +118,18 @@ def main(argv: Sequence[str] | None = None) -> None:
                 for translation in response.translations:
                     show(translation, chunk.start, texts, args.json)
         except grpc.RpcError as error:
-            where = f"texts {chunk.start}-{chunk.stop - 1} (one request): " if len(chunks) > 1 else ""
-            hint = " (lower --texts-per-request)" if "texts in one request" in (error.details() or "") else ""
-            sys.exit(f"error: {where}{error.code().name}: {error.details()}{hint}")
+            fail(chunk, error)
 
-    if args.stream:  # each request's texts as they finish, one request after another
-        for chunk in chunks:
-            show_all(chunk, lambda: stub.TranslateStream(request(chunk), timeout=args.timeout))
+    def fail(chunk: range, error: grpc.RpcError) -> NoReturn:
+        where = f"texts {chunk.start}-{chunk.stop - 1} (one request): " if len(chunks) > 1 else ""
+        hint = " (lower --texts-per-request)" if "texts in one request" in (error.details() or "") else ""
+        sys.exit(f"error: {where}{error.code().name}: {error.details()}{hint}")
+
+    if args.stream:  # every text as it finishes, --parallel requests streaming at once
+        failure = stream_all(chunks, lambda chunk: stub.TranslateStream(request(chunk), timeout=args.timeout),
+                             args.parallel, lambda chunk, translation: show(translation, chunk.start, texts, args.json))
+        if failure:
+            fail(*failure)
         return
     in_flight: deque = deque()  # (chunk, future), in input order
     try:
@@ -133,6 +141,48 @@ def main(argv: Sequence[str] | None = None) -> None:
     finally:  # after a failure, the requests still in flight are not needed
         for _, future in in_flight:
             future.cancel()
+
+
+def stream_all(chunks: Sequence[range], open_stream: Callable[[range], grpc.Call], parallel: int,
+               show: Callable[[range, pb.Translation], None]) -> tuple[range, grpc.RpcError] | None:
+    """Opens a stream for each chunk, `parallel` at a time (the next as one ends), and shows
+    each translation as it arrives, whichever stream it comes from. Returns the first failed
+    stream's chunk and error, the streams still open cancelled, or None."""
+    arrivals: queue.Queue = queue.Queue()  # (chunk, a translation, an error, or None: the stream ended)
+    open_calls: dict[range, grpc.Call] = {}
+    waiting = iter(chunks)
+
+    def receive(chunk: range, call: grpc.Call) -> None:
+        try:
+            for response in call:
+                for translation in response.translations:
+                    arrivals.put((chunk, translation))
+            arrivals.put((chunk, None))
+        except grpc.RpcError as error:
+            arrivals.put((chunk, error))
+
+    def open_next() -> None:
+        chunk = next(waiting, None)
+        if chunk is not None:
+            open_calls[chunk] = open_stream(chunk)
+            threading.Thread(target=receive, args=(chunk, open_calls[chunk]), daemon=True).start()
+
+    for _ in range(parallel):
+        open_next()
+    try:
+        while open_calls:
+            chunk, arrival = arrivals.get()
+            if isinstance(arrival, grpc.RpcError):
+                return chunk, arrival
+            if arrival is None:
+                del open_calls[chunk]
+                open_next()
+            else:
+                show(chunk, arrival)
+        return None
+    finally:  # after a failure, the streams still open are not needed
+        for call in open_calls.values():
+            call.cancel()
 
 
 def show(translation: pb.Translation, first: int, texts: Sequence[str], as_json: bool) -> None:

@@ -5,8 +5,11 @@ import os
 import socket
 import subprocess
 import sys
+import threading
+import types
 from pathlib import Path
 
+import grpc
 import pytest
 
 from bench.load import main as load_main
@@ -14,7 +17,9 @@ from bench.load import parser as load_parser
 from export.cli import parser as export_parser
 from model.evaluate import parser as evaluate_parser
 from model.train import parser as train_parser
+from parley.v1 import translate_pb2 as pb
 from server.client import parser as client_parser
+from server.client import stream_all
 from server.config import ServerConfig, env_name, parse_config
 from server.proto_build import ROOT, generate
 from tests.server.conftest import RunningServer, server_config
@@ -188,6 +193,54 @@ def test_client_sends_a_file_in_requests_and_prints_it_in_order(tiny_package):
         assert zero.returncode == 2 and "argument --parallel: must be >= 1, got 0" in zero.stderr
     finally:
         server.close()
+
+
+class FakeStream:
+    """A streaming call's answer: one translation per text of its chunk, or an error."""
+
+    def __init__(self, chunk: range, wait: threading.Barrier | None = None, error: bool = False):
+        self.chunk, self.wait, self.error, self.cancelled = chunk, wait, error, False
+
+    def __iter__(self):
+        if self.wait:
+            self.wait.wait()
+        if self.error:
+            raise FakeRpcError()
+        for index in range(len(self.chunk)):
+            yield pb.TranslateResponse(translations=[pb.Translation(index=index)])
+
+    def cancel(self):
+        self.cancelled = True
+
+
+class FakeRpcError(grpc.RpcError):
+    pass
+
+
+def test_client_streams_parallel_requests_at_once_and_shows_every_text():
+    chunks = [range(0, 2), range(2, 4), range(4, 5)]
+    both_open = threading.Barrier(2, timeout=10)  # the first two answer only once both are open
+    shown = []
+    failure = stream_all(chunks, lambda chunk: FakeStream(chunk, both_open if chunk.start < 4 else None), 2,
+                         lambda chunk, translation: shown.append(chunk.start + translation.index))
+    assert failure is None and sorted(shown) == [0, 1, 2, 3, 4]
+
+
+def test_client_stops_streaming_at_the_first_failed_request_and_cancels_the_others():
+    chunks = [range(0, 2), range(2, 4), range(4, 5)]
+    calls = {}
+    hold = threading.Event()
+
+    def open_stream(chunk):
+        calls[chunk.start] = FakeStream(chunk, error=chunk.start == 2)
+        if chunk.start == 0:  # still open when the second fails
+            calls[0].wait = types.SimpleNamespace(wait=hold.wait)
+        return calls[chunk.start]
+
+    failure = stream_all(chunks, open_stream, 2, lambda chunk, translation: None)
+    hold.set()
+    assert failure[0] == range(2, 4) and isinstance(failure[1], FakeRpcError)
+    assert calls[0].cancelled and 4 not in calls  # the third request is never sent
 
 
 @pytest.mark.parametrize("flags,message", [
