@@ -14,7 +14,7 @@ import sys
 import threading
 from collections import deque
 from pathlib import Path
-from typing import Callable, Iterable, NoReturn, Sequence
+from typing import Callable, NoReturn, Sequence
 
 import grpc
 
@@ -112,13 +112,13 @@ def main(argv: Sequence[str] | None = None) -> None:
         return pb.TranslateRequest(texts=texts[chunk.start : chunk.stop], model=args.model, options=options,
                                    source_language=args.source_language, target_language=args.target_language)
 
-    def show_all(chunk: range, responses: Callable[[], Iterable[pb.TranslateResponse]]) -> None:
+    def show_answer(chunk: range, answer: grpc.Future) -> None:
         try:
-            for response in responses():
-                for translation in response.translations:
-                    show(translation, chunk.start, texts, args.json)
+            response = answer.result()
         except grpc.RpcError as error:
             fail(chunk, error)
+        for translation in response.translations:
+            show(translation, chunk.start, texts, args.json)
 
     def fail(chunk: range, error: grpc.RpcError) -> NoReturn:
         where = f"texts {chunk.start}-{chunk.stop - 1} (one request): " if len(chunks) > 1 else ""
@@ -137,7 +137,7 @@ def main(argv: Sequence[str] | None = None) -> None:
             in_flight.append((chunk, stub.Translate.future(request(chunk), timeout=args.timeout)))
             while in_flight and (len(in_flight) == args.parallel or chunk is chunks[-1]):
                 first, future = in_flight.popleft()
-                show_all(first, lambda: [future.result()])
+                show_answer(first, future)
     finally:  # after a failure, the requests still in flight are not needed
         for _, future in in_flight:
             future.cancel()
