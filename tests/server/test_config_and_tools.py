@@ -6,7 +6,6 @@ import socket
 import subprocess
 import sys
 import threading
-import types
 from pathlib import Path
 
 import grpc
@@ -198,7 +197,7 @@ def test_client_sends_a_file_in_requests_and_prints_it_in_order(tiny_package):
 class FakeStream:
     """A streaming call's answer: one translation per text of its chunk, or an error."""
 
-    def __init__(self, chunk: range, wait: threading.Barrier | None = None, error: bool = False):
+    def __init__(self, chunk: range, wait: threading.Barrier | threading.Event | None = None, error: bool = False):
         self.chunk, self.wait, self.error, self.cancelled = chunk, wait, error, False
 
     def __iter__(self):
@@ -231,10 +230,8 @@ def test_client_stops_streaming_at_the_first_failed_request_and_cancels_the_othe
     calls = {}
     hold = threading.Event()
 
-    def open_stream(chunk):
-        calls[chunk.start] = FakeStream(chunk, error=chunk.start == 2)
-        if chunk.start == 0:  # still open when the second fails
-            calls[0].wait = types.SimpleNamespace(wait=hold.wait)
+    def open_stream(chunk):  # the first stream is still open when the second fails
+        calls[chunk.start] = FakeStream(chunk, wait=hold if chunk.start == 0 else None, error=chunk.start == 2)
         return calls[chunk.start]
 
     failure = stream_all(chunks, open_stream, 2, lambda chunk, translation: None)
