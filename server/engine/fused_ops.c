@@ -115,23 +115,149 @@ static OrtStatus *get_output(OrtKernelContext *context, size_t index, const int6
     return status ? status : ort->GetTensorMutableData(value, (void **)data);
 }
 
-/* One query against n positions: keys (dk, n) transposed, values (n, dk), valid (n); own_key and
- * own_value, when given, are one more position (the row's newest, always valid). The softmax
- * skips invalid positions, which the graph gave -inf scores, so their weight is 0 either way. */
-static void attend(const float *restrict query, const float *restrict keys, const float *restrict values,
-                   const unsigned char *restrict valid, int64_t n, int64_t dk, const float *restrict own_key,
-                   const float *restrict own_value, float *restrict out) {
-    float scores[MAX_POSITIONS];
+/* An attention's two products, over one query's positions: scores (n) = query (dk) . keys
+ * (dk, stride), keys transposed, n <= stride; and out (dk) = first + the sum over valid positions
+ * of weights[c] * scale * values[c] (n, dk), where first is own_weight * own_value, or zeros
+ * without one. Each sum runs in one order whatever the block a position or dimension falls in,
+ * so a row's result does not depend on the batch's widths. Two builds: portable C loops, and
+ * AVX2 with FMA where the processor has them, unless the node's optional `kernels` attribute
+ * says "portable" (to compare the two; exported graphs leave it out). */
+typedef struct {
+    void (*score)(const float *restrict query, const float *restrict keys, int64_t stride, int64_t n, int64_t dk,
+                  float *restrict scores);
+    void (*weigh)(const float *restrict weights, float scale, const unsigned char *restrict valid, int64_t n,
+                  const float *restrict values, int64_t dk, const float *restrict own_value, float own_weight,
+                  float *restrict out);
+} Products;
+
+static void score_portable(const float *restrict query, const float *restrict keys, int64_t stride, int64_t n,
+                           int64_t dk, float *restrict scores) {
     for (int64_t c = 0; c < n; c++)
         scores[c] = 0.0f;
-    float own = 0.0f;
-    for (int64_t d = 0; d < dk; d++) { /* keys transposed: each dimension's n scores are contiguous */
-        const float x = query[d], *restrict row = keys + d * n;
+    for (int64_t d = 0; d < dk; d++) { /* keys transposed: each dimension's scores are contiguous */
+        const float x = query[d], *restrict row = keys + d * stride;
         for (int64_t c = 0; c < n; c++)
             scores[c] += x * row[c];
-        if (own_key)
-            own += x * own_key[d];
     }
+}
+
+static void weigh_portable(const float *restrict weights, float scale, const unsigned char *restrict valid, int64_t n,
+                           const float *restrict values, int64_t dk, const float *restrict own_value, float own_weight,
+                           float *restrict out) {
+    for (int64_t d = 0; d < dk; d++)
+        out[d] = own_value ? own_weight * own_value[d] : 0.0f;
+    for (int64_t c = 0; c < n; c++) {
+        if (!valid[c])
+            continue;
+        const float p = weights[c] * scale, *restrict row = values + c * dk;
+        for (int64_t d = 0; d < dk; d++)
+            out[d] += p * row[d];
+    }
+}
+
+#if defined(__x86_64__) && defined(__GNUC__)
+#include <immintrin.h>
+#define AVX2 __attribute__((target("avx2,fma")))
+
+/* The first `count` of 8 lanes (none when count <= 0), for the loads of a partial block. */
+AVX2 static __m256i first_lanes(int64_t count) {
+    const int32_t lanes = count < 0 ? 0 : count > 8 ? 8 : (int32_t)count;
+    return _mm256_cmpgt_epi32(_mm256_set1_epi32(lanes), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+}
+
+/* 16 positions at a time, their sums in two registers while the query's dimensions stream past.
+ * A last block may read positions after n (their scores go unread), but masks its loads where it
+ * would pass the keys' rows (the same FMAs, so the same sums). scores has room for a whole
+ * last block. */
+AVX2 static void score_avx2(const float *restrict query, const float *restrict keys, int64_t stride, int64_t n,
+                            int64_t dk, float *restrict scores) {
+    for (int64_t first = 0; first < n; first += 16) {
+        const float *restrict block = keys + first;
+        __m256 low = _mm256_setzero_ps(), high = _mm256_setzero_ps();
+        if (first + 16 <= stride) {
+            for (int64_t d = 0; d < dk; d++) {
+                const __m256 x = _mm256_broadcast_ss(query + d);
+                low = _mm256_fmadd_ps(x, _mm256_loadu_ps(block + d * stride), low);
+                high = _mm256_fmadd_ps(x, _mm256_loadu_ps(block + d * stride + 8), high);
+            }
+        } else {
+            const __m256i low_lanes = first_lanes(stride - first), high_lanes = first_lanes(stride - first - 8);
+            for (int64_t d = 0; d < dk; d++) {
+                const __m256 x = _mm256_broadcast_ss(query + d);
+                low = _mm256_fmadd_ps(x, _mm256_maskload_ps(block + d * stride, low_lanes), low);
+                high = _mm256_fmadd_ps(x, _mm256_maskload_ps(block + d * stride + 8, high_lanes), high);
+            }
+        }
+        _mm256_storeu_ps(scores + first, low);
+        _mm256_storeu_ps(scores + first + 8, high);
+    }
+}
+
+/* 32 dimensions at a time, their sums in four registers while the positions stream past. */
+AVX2 static void weigh_avx2(const float *restrict weights, float scale, const unsigned char *restrict valid, int64_t n,
+                            const float *restrict values, int64_t dk, const float *restrict own_value,
+                            float own_weight, float *restrict out) {
+    for (int64_t first = 0; first < dk; first += 32) {
+        const int64_t left = dk - first;
+        __m256i lanes[4];
+        __m256 sums[4];
+        for (int i = 0; i < 4; i++) {
+            lanes[i] = first_lanes(left - 8 * i);
+            sums[i] = own_value ? _mm256_mul_ps(_mm256_set1_ps(own_weight),
+                                                _mm256_maskload_ps(own_value + first + 8 * i, lanes[i]))
+                                : _mm256_setzero_ps();
+        }
+        for (int64_t c = 0; c < n; c++) {
+            if (!valid[c])
+                continue;
+            const __m256 p = _mm256_set1_ps(weights[c] * scale);
+            const float *restrict row = values + c * dk + first;
+            if (left >= 32)
+                for (int i = 0; i < 4; i++)
+                    sums[i] = _mm256_fmadd_ps(p, _mm256_loadu_ps(row + 8 * i), sums[i]);
+            else
+                for (int i = 0; i < 4; i++)
+                    sums[i] = _mm256_fmadd_ps(p, _mm256_maskload_ps(row + 8 * i, lanes[i]), sums[i]);
+        }
+        for (int i = 0; i < 4; i++)
+            _mm256_maskstore_ps(out + first + 8 * i, lanes[i], sums[i]);
+    }
+}
+#endif
+
+/* The processor's best products. */
+static Products best_products(void) {
+#if defined(__x86_64__) && defined(__GNUC__)
+    __builtin_cpu_init();
+    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma"))
+        return (Products){score_avx2, weigh_avx2};
+#endif
+    return (Products){score_portable, weigh_portable};
+}
+
+/* What a node's kernel keeps: the products it runs, and its epsilon attribute where it has one. */
+typedef struct {
+    Products products;
+    float epsilon;
+} KernelState;
+
+/* One query against n positions: keys (dk, n) transposed, values (n, dk), valid (n); own_key and
+ * own_value, when given, are one more position (the row's newest, always valid). The softmax
+ * skips invalid positions, which the graph gave -inf scores, so their weight is 0 either way,
+ * and positions after the last valid one (a source's padding, a cache's free slots) cost
+ * nothing. */
+static void attend(const Products *products, const float *restrict query, const float *restrict keys,
+                   const float *restrict values, const unsigned char *restrict valid, int64_t n, int64_t dk,
+                   const float *restrict own_key, const float *restrict own_value, float *restrict out) {
+    float scores[MAX_POSITIONS + 16];
+    const int64_t stride = n;
+    while (n > 0 && !valid[n - 1])
+        n--;
+    products->score(query, keys, stride, n, dk, scores);
+    float own = 0.0f;
+    if (own_key)
+        for (int64_t d = 0; d < dk; d++)
+            own += query[d] * own_key[d];
     float top = own_key ? own : -INFINITY;
     for (int64_t c = 0; c < n; c++)
         if (valid[c] && scores[c] > top)
@@ -144,18 +270,11 @@ static void attend(const float *restrict query, const float *restrict keys, cons
         sum += scores[c];
     }
     const float scale = sum > 0.0f ? 1.0f / sum : 0.0f; /* a source of no tokens: zeros */
-    for (int64_t d = 0; d < dk; d++)
-        out[d] = own_value ? own * scale * own_value[d] : 0.0f;
-    for (int64_t c = 0; c < n; c++) {
-        if (!valid[c])
-            continue;
-        const float p = scores[c] * scale, *restrict row = values + c * dk;
-        for (int64_t d = 0; d < dk; d++)
-            out[d] += p * row[d];
-    }
+    products->weigh(scores, scale, valid, n, values, dk, own_value, own * scale, out);
 }
 
 typedef struct {
+    const Products *products;
     const float *q, *keys, *values; /* self: q is qkv */
     const unsigned char *valid;
     const int64_t *row_slot;
@@ -171,7 +290,7 @@ static void self_row(void *data, size_t r) {
     memcpy(job->new_v + r * d, v, d * sizeof *v);
     for (int64_t h = 0; h < H; h++) {
         const int64_t rh = (int64_t)r * H + h;
-        attend(q + h * dk, job->keys + rh * dk * C, job->values + rh * C * dk, job->valid + r * C, C, dk,
+        attend(job->products, q + h * dk, job->keys + rh * dk * C, job->values + rh * C * dk, job->valid + r * C, C, dk,
                k + h * dk, v + h * dk, job->out + rh * dk);
     }
 }
@@ -181,8 +300,8 @@ static void cross_row(void *data, size_t r) {
     const int64_t H = job->heads, dk = job->dk, S = job->positions, n = job->row_slot[r] / job->width;
     for (int64_t h = 0; h < H; h++) {
         const int64_t nh = n * H + h, rh = (int64_t)r * H + h;
-        attend(job->q + rh * dk, job->keys + nh * dk * S, job->values + nh * S * dk, job->valid + n * S, S, dk,
-               NULL, NULL, job->out + rh * dk);
+        attend(job->products, job->q + rh * dk, job->keys + nh * dk * S, job->values + nh * S * dk,
+               job->valid + n * S, S, dk, NULL, NULL, job->out + rh * dk);
     }
 }
 
@@ -194,7 +313,6 @@ static OrtStatus *run_rows(OrtKernelContext *context, void (*row)(void *, size_t
 }
 
 static OrtStatus *self_compute(void *kernel, OrtKernelContext *context) {
-    (void)kernel;
     const char *op = "DecoderSelfAttention";
     Tensor qkv, keys, values, mask;
     OrtStatus *status;
@@ -210,7 +328,8 @@ static OrtStatus *self_compute(void *kernel, OrtKernelContext *context) {
     if (C > MAX_POSITIONS)
         return error(op, "more than 4096 cache slots");
     const int64_t attention[3] = {R, 1, H * dk}, one_k[4] = {R, H, dk, 1}, one_v[4] = {R, H, 1, dk};
-    Job job = {qkv.data, keys.data, values.data, mask.data, NULL, H, dk, C, 1, NULL, NULL, NULL};
+    const KernelState *state = kernel;
+    Job job = {&state->products, qkv.data, keys.data, values.data, mask.data, NULL, H, dk, C, 1, NULL, NULL, NULL};
     if ((status = get_output(context, 0, attention, 3, &job.out)) ||
         (status = get_output(context, 1, one_k, 4, &job.new_k)) ||
         (status = get_output(context, 2, one_v, 4, &job.new_v)))
@@ -219,7 +338,6 @@ static OrtStatus *self_compute(void *kernel, OrtKernelContext *context) {
 }
 
 static OrtStatus *cross_compute(void *kernel, OrtKernelContext *context) {
-    (void)kernel;
     const char *op = "DecoderCrossAttention";
     RowInputs q; /* its rows, of H * dk values each, in any shape (R, ..., H * dk) */
     Tensor keys, values, mask, slot_row, row_slot;
@@ -241,7 +359,8 @@ static OrtStatus *cross_compute(void *kernel, OrtKernelContext *context) {
     for (int64_t r = 0; r < R; r++)
         if (W == 0 || cells[r] < 0 || cells[r] >= N * W)
             return error(op, "row_slot points outside the grid");
-    Job job = {q.data[0], keys.data, values.data, mask.data, cells, H, dk, S, W, NULL, NULL, NULL};
+    const KernelState *state = kernel;
+    Job job = {&state->products, q.data[0], keys.data, values.data, mask.data, cells, H, dk, S, W, NULL, NULL, NULL};
     if ((status = get_output(context, 0, q.dims, q.rank, &job.out)))
         return status;
     return run_rows(context, cross_row, &job, R);
@@ -317,7 +436,8 @@ static OrtStatus *norm_compute(void *kernel, OrtKernelContext *context) {
     if (in.counts[1] != in.counts[0] || (int64_t)in.counts[2] != in.d || (int64_t)in.counts[3] != in.d ||
         in.counts[4] != 1 || in.counts[5] != 1)
         return error(op, "shapes disagree (x, residual (..., d); gamma, beta (d); scale, zero_point scalars)");
-    NormJob job = {in.data[0], in.data[1], in.data[2], in.data[3], *(const float *)in.data[4], *(const float *)kernel,
+    const KernelState *state = kernel;
+    NormJob job = {in.data[0], in.data[1], in.data[2], in.data[3], *(const float *)in.data[4], state->epsilon,
                    *(const unsigned char *)in.data[5], in.d, NULL, NULL};
     if (!(job.scale > 0.0f))
         return error(op, "the scale must be positive");
@@ -458,7 +578,7 @@ typedef struct {
     size_t inputs, outputs;
     ONNXTensorElementDataType input_types[6], output_types[3];
     OrtStatus *(*compute)(void *, OrtKernelContext *);
-    int keeps_epsilon; /* its kernel holds the node's epsilon attribute */
+    int has_epsilon; /* the node has an epsilon attribute, which its kernel keeps */
 } OpSpec;
 
 static OpSpec specs[] = {
@@ -468,7 +588,7 @@ static OpSpec specs[] = {
      .input_types = {FLOAT, FLOAT, FLOAT, BOOL, INT64, INT64}, .output_types = {FLOAT}, .compute = cross_compute},
     {.name = "AddLayerNormQuantize", .inputs = 6, .outputs = 2,
      .input_types = {FLOAT, FLOAT, FLOAT, FLOAT, FLOAT, UINT8}, .output_types = {FLOAT, UINT8},
-     .compute = norm_compute, .keeps_epsilon = 1},
+     .compute = norm_compute, .has_epsilon = 1},
     {.name = "RowTopK", .inputs = 2, .outputs = 2, .input_types = {FLOAT, INT64}, .output_types = {FLOAT, INT64},
      .compute = top_k_compute},
 };
@@ -495,18 +615,32 @@ static OrtMemType default_memory(const OrtCustomOp *op, size_t index) {
     (void)op, (void)index;
     return OrtMemTypeDefault;
 }
-static OrtStatus *create_kernel(const OrtCustomOp *op, const OrtApi *api, const OrtKernelInfo *info, void **kernel) {
-    *kernel = NULL; /* the other ops keep no state */
-    if (!spec_of(op)->keeps_epsilon)
-        return NULL;
-    float *epsilon = malloc(sizeof *epsilon);
-    if (!epsilon)
-        return api->CreateStatus(ORT_FAIL, "out of memory");
-    OrtStatus *status = api->KernelInfoGetAttribute_float(info, "epsilon", epsilon);
-    if (status)
-        free(epsilon);
+/* The products a node asked for: its `kernels` attribute, "portable", or none (the best). */
+static OrtStatus *chosen_products(const OrtApi *api, const OrtKernelInfo *info, Products *products) {
+    char kernels[16];
+    size_t size = sizeof kernels;
+    OrtStatus *missing = api->KernelInfoGetAttribute_string(info, "kernels", kernels, &size);
+    *products = best_products();
+    if (missing)
+        api->ReleaseStatus(missing);
+    else if (!strcmp(kernels, "portable"))
+        *products = (Products){score_portable, weigh_portable};
     else
-        *kernel = epsilon;
+        return api->CreateStatus(ORT_INVALID_ARGUMENT, "the kernels attribute must be \"portable\" or absent");
+    return NULL;
+}
+
+static OrtStatus *create_kernel(const OrtCustomOp *op, const OrtApi *api, const OrtKernelInfo *info, void **kernel) {
+    KernelState *state = calloc(1, sizeof *state);
+    if (!state)
+        return api->CreateStatus(ORT_FAIL, "out of memory");
+    OrtStatus *status = chosen_products(api, info, &state->products);
+    if (!status && spec_of(op)->has_epsilon)
+        status = api->KernelInfoGetAttribute_float(info, "epsilon", &state->epsilon);
+    if (status)
+        free(state);
+    else
+        *kernel = state;
     return status;
 }
 static void destroy_kernel(void *kernel) { free(kernel); }

@@ -4,6 +4,7 @@ import onnxruntime
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
+from decoding.grid import query_grid
 from export.optimize import (PARLEY_DOMAIN, fold_output_scales, fuse_add_norm_quantize, fuse_top_k,
                              merge_reshape_chains)
 from server.engine.session import fused_ops_library
@@ -159,3 +160,110 @@ def test_the_fused_top_k_orders_as_onnx_runtime_does_ties_included(k):
                      .run(None, {"x": x}) for m in (model, fused))
     np.testing.assert_array_equal(got[1], expected[1])
     np.testing.assert_array_equal(got[0], expected[0])
+
+
+def attention_session(op_type: str, kernels: str | None = None) -> onnxruntime.InferenceSession:
+    """One of the fused attention ops alone; kernels: its attribute ("portable"), or the best."""
+    inputs = {"DecoderSelfAttention": ["qkv", "cache_k", "cache_v", "cache_mask"],
+              "DecoderCrossAttention": ["q", "cross_k", "cross_v", "src_mask", "slot_row", "row_slot"]}[op_type]
+    outputs = ["attention", "new_k", "new_v"] if op_type == "DecoderSelfAttention" else ["attention"]
+    types = {"cache_mask": TensorProto.BOOL, "src_mask": TensorProto.BOOL, "slot_row": TensorProto.INT64,
+             "row_slot": TensorProto.INT64}
+    attributes = {"kernels": kernels} if kernels else {}
+    graph = helper.make_graph(
+        [helper.make_node(op_type, inputs, outputs, domain=PARLEY_DOMAIN, **attributes)], "g",
+        [helper.make_tensor_value_info(name, types.get(name, TensorProto.FLOAT), None) for name in inputs],
+        [helper.make_tensor_value_info(name, TensorProto.FLOAT, None) for name in outputs])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18), helper.make_opsetid(PARLEY_DOMAIN, 1)])
+    options = onnxruntime.SessionOptions()
+    options.register_custom_ops_library(fused_ops_library())
+    return onnxruntime.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+
+
+def softmax_attention(query, keys, values, valid):
+    """Each row's attention in float64: query (R, H, dk), keys (R, H, dk, n) transposed, values
+    (R, H, n, dk), valid (R, n); a row with no valid position gets zeros."""
+    scores = np.einsum("rhd,rhdn->rhn", query.astype(np.float64), keys)
+    scores = np.where(valid[:, None, :], scores, -np.inf)
+    top = np.max(scores, axis=-1, keepdims=True, initial=-np.inf)
+    weights = np.exp(scores - np.where(np.isfinite(top), top, 0))
+    weights /= np.maximum(weights.sum(axis=-1, keepdims=True), 1e-300)
+    return np.einsum("rhn,rhnd->rhd", weights, values)
+
+
+def widened(array: np.ndarray, axis: int, width: int, rng: np.random.Generator) -> np.ndarray:
+    """The array padded along axis to width with random values (False for masks)."""
+    shape = list(array.shape)
+    shape[axis] = width - array.shape[axis]
+    pad = np.zeros(shape, bool) if array.dtype == bool else rng.standard_normal(shape).astype(array.dtype)
+    return np.concatenate([array, pad], axis=axis)
+
+
+KERNELS = [None, "portable"]  # the processor's best (AVX2 with FMA where it has them), the portable C loops
+
+
+@pytest.mark.parametrize("kernels", KERNELS)
+@pytest.mark.parametrize("dk", [12, 40])
+def test_cross_attention_is_softmax_attention_whatever_the_batch_width(kernels, dk):
+    """Sources of 37, 19, 1 and 0 tokens (blocks of positions, whole and partial; a source with no
+    tokens gives zeros) read by 7 rows; padded 16 positions wider with other values, every row's
+    result stays the same to the bit."""
+    rng = np.random.default_rng(dk)
+    heads, lengths = 2, np.array([37, 19, 1, 0])
+    row_source = np.array([1, 0, 3, 2, 1, 0, 1])
+    slot_row, row_slot = query_grid(row_source, len(lengths))
+    valid = np.arange(37) < lengths[:, None]
+    keys = rng.standard_normal((4, heads, dk, 37)).astype(np.float32)
+    values = rng.standard_normal((4, heads, 37, dk)).astype(np.float32)
+    q = rng.standard_normal((7, 1, heads * dk)).astype(np.float32)
+    session = attention_session("DecoderCrossAttention", kernels)
+    (got,) = session.run(None, {"q": q, "cross_k": keys, "cross_v": values, "src_mask": valid,
+                                "slot_row": slot_row, "row_slot": row_slot})
+    expected = softmax_attention(q.reshape(7, heads, dk), keys[row_source], values[row_source], valid[row_source])
+    np.testing.assert_allclose(got.reshape(7, heads, dk), expected, rtol=1e-5, atol=1e-5)
+    (wide,) = session.run(None, {"q": q, "cross_k": widened(keys, 3, 53, rng), "cross_v": widened(values, 2, 53, rng),
+                                 "src_mask": widened(valid, 1, 53, rng), "slot_row": slot_row, "row_slot": row_slot})
+    np.testing.assert_array_equal(wide, got)
+
+
+@pytest.mark.parametrize("kernels", KERNELS)
+@pytest.mark.parametrize("dk", [12, 40])
+def test_self_attention_is_softmax_attention_over_the_cache_and_the_new_key(kernels, dk):
+    """Rows that filled 0, 5, 16 and 21 of 21 cache slots attend to those and to their own new key
+    and value, which the op also returns split into heads; with 19 more free slots, holding other
+    values, every row's result stays the same to the bit."""
+    rng = np.random.default_rng(dk)
+    heads, lengths = 2, np.array([0, 5, 16, 21])
+    valid = np.arange(21) < lengths[:, None]
+    keys = rng.standard_normal((4, heads, dk, 21)).astype(np.float32)
+    values = rng.standard_normal((4, heads, 21, dk)).astype(np.float32)
+    qkv = rng.standard_normal((4, 1, 3 * heads * dk)).astype(np.float32)
+    query, new_key, new_value = (part.reshape(4, heads, dk) for part in np.split(qkv[:, 0], 3, axis=-1))
+    session = attention_session("DecoderSelfAttention", kernels)
+    got = session.run(None, {"qkv": qkv, "cache_k": keys, "cache_v": values, "cache_mask": valid})
+    expected = softmax_attention(query, np.concatenate([keys, new_key[..., None]], axis=3),
+                                 np.concatenate([values, new_value[:, :, None]], axis=2),
+                                 np.concatenate([valid, np.ones((4, 1), bool)], axis=1))
+    np.testing.assert_allclose(got[0].reshape(4, heads, dk), expected, rtol=1e-5, atol=1e-5)
+    np.testing.assert_array_equal(got[1], new_key[..., None])
+    np.testing.assert_array_equal(got[2], new_value[:, :, None])
+    wide = session.run(None, {"qkv": qkv, "cache_k": widened(keys, 3, 40, rng), "cache_v": widened(values, 2, 40, rng),
+                              "cache_mask": widened(valid, 1, 40, rng)})
+    np.testing.assert_array_equal(wide[0], got[0])
+
+
+def test_the_portable_attention_kernels_are_another_build():
+    """A node's `kernels` attribute "portable" runs the portable loops: on a processor with AVX2 and
+    FMA their sums round differently (FMA rounds once), which shows in the last bits. Any other
+    value is refused."""
+    if not {"avx2", "fma"} <= set(open("/proc/cpuinfo").read().split()):
+        pytest.skip("this processor runs the portable kernels either way")
+    rng = np.random.default_rng(0)
+    feeds = {"qkv": rng.standard_normal((16, 1, 3 * 128)).astype(np.float32),
+             "cache_k": rng.standard_normal((16, 2, 64, 40)).astype(np.float32),
+             "cache_v": rng.standard_normal((16, 2, 40, 64)).astype(np.float32), "cache_mask": np.ones((16, 40), bool)}
+    best, portable = (attention_session("DecoderSelfAttention", kernels).run(None, feeds)[0] for kernels in KERNELS)
+    np.testing.assert_allclose(portable, best, rtol=1e-5, atol=1e-5)
+    assert not np.array_equal(portable, best)
+    with pytest.raises(Exception, match='kernels attribute must be "portable" or absent'):
+        attention_session("DecoderSelfAttention", "fast")
