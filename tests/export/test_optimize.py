@@ -15,6 +15,14 @@ def run(model: onnx.ModelProto, x: np.ndarray) -> list[np.ndarray]:
     return session.run(None, {"x": x})
 
 
+def fused_session(model: onnx.ModelProto, threads: int = 0) -> onnxruntime.InferenceSession:
+    """A session that can run Parley's fused ops (threads: ONNX Runtime's default when 0)."""
+    options = onnxruntime.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.register_custom_ops_library(fused_ops_library())
+    return onnxruntime.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+
+
 def projections_then_scales() -> onnx.ModelProto:
     """x -> MatMul(W) -> Add(b) -> Mul(0.25) -> out and x -> MatMul(U) -> Mul(2) -> unbiased
     (foldable); x -> MatMul(T) -> Mul(3) -> tied, where T is also read by another MatMul (not)."""
@@ -117,13 +125,9 @@ def test_a_block_end_fused_into_one_op_computes_what_onnx_runtime_did(width, thr
     fused = fuse_add_norm_quantize(block_end(width))
     assert [n.op_type for n in fused.graph.node] == ["AddLayerNormQuantize", "Add"]
     assert fused.graph.node[0].domain == PARLEY_DOMAIN
-    options = onnxruntime.SessionOptions()
-    options.intra_op_num_threads = threads
-    options.register_custom_ops_library(fused_ops_library())
     rng = np.random.default_rng(1)
     feeds = {name: (rng.standard_normal((64, 1, width)) * 3).astype(np.float32) for name in ("x", "residual")}
-    expected, got = (onnxruntime.InferenceSession(m.SerializeToString(), options, providers=["CPUExecutionProvider"])
-                     .run(None, feeds) for m in (model, fused))
+    expected, got = (fused_session(m, threads).run(None, feeds) for m in (model, fused))
     assert (expected[0] == 0).any() and (expected[0] == 255).any()
     np.testing.assert_array_equal(got[0], expected[0])
     np.testing.assert_allclose(got[1], expected[1], rtol=1e-6, atol=1e-6)
@@ -152,12 +156,9 @@ def test_the_fused_top_k_orders_as_onnx_runtime_does_ties_included(k):
     fused = fuse_top_k(onnx.load_from_string(model.SerializeToString()), vocab_size=200)
     assert [n.op_type for n in fused.graph.node] == ["RowTopK"]
     fused.graph.initializer[0].CopyFrom(numpy_helper.from_array(np.array([k], np.int64), "k"))
-    options = onnxruntime.SessionOptions()
-    options.register_custom_ops_library(fused_ops_library())
     x = np.random.default_rng(k).integers(0, 6, (9, 200)).astype(np.float32)  # six values: ties everywhere
     x[3] = 1.0  # one row all equal
-    expected, got = (onnxruntime.InferenceSession(m.SerializeToString(), options, providers=["CPUExecutionProvider"])
-                     .run(None, {"x": x}) for m in (model, fused))
+    expected, got = (fused_session(m).run(None, {"x": x}) for m in (model, fused))
     np.testing.assert_array_equal(got[1], expected[1])
     np.testing.assert_array_equal(got[0], expected[0])
 
@@ -174,10 +175,8 @@ def attention_session(op_type: str, kernels: str | None = None) -> onnxruntime.I
         [helper.make_node(op_type, inputs, outputs, domain=PARLEY_DOMAIN, **attributes)], "g",
         [helper.make_tensor_value_info(name, types.get(name, TensorProto.FLOAT), None) for name in inputs],
         [helper.make_tensor_value_info(name, TensorProto.FLOAT, None) for name in outputs])
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18), helper.make_opsetid(PARLEY_DOMAIN, 1)])
-    options = onnxruntime.SessionOptions()
-    options.register_custom_ops_library(fused_ops_library())
-    return onnxruntime.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    return fused_session(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18),
+                                                                 helper.make_opsetid(PARLEY_DOMAIN, 1)]))
 
 
 def softmax_attention(query, keys, values, valid):
