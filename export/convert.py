@@ -24,8 +24,8 @@ from export.calibrate import input_ranges
 from export.graphs import export_graphs
 from export.io import OPSET
 from export.optimize import (constants_as_initializers, fold_output_scales, fold_reshape_shapes,
-                             fuse_add_norm_quantize, fuse_attention, fuse_top_k, merge_parallel_matmuls,
-                             merge_reshape_chains, reshape_unit_axis_transposes)
+                             fuse_add_norm_quantize, fuse_attention, fuse_embedding, fuse_top_k,
+                             merge_parallel_matmuls, merge_reshape_chains, reshape_unit_axis_transposes)
 from export.package import FORMAT_VERSION, GRAPHS, MANIFEST_FILE, ModelPackage, file_record, name_problem
 from export.quantize import convert_fp16, quantize_int8, weight_key
 from export.verify import Parity, check_variant
@@ -235,6 +235,7 @@ def build_variants(model: Transformer, staging: Path, options: ExportOptions, ca
                 if graph == "decoder_step":  # int8 runs on CPUs only: CPU kernels for its top-k, attention, norms
                     converted = fuse_top_k(converted, model.config.vocab_size)
                     converted = fuse_add_norm_quantize(fuse_attention(converted, model.config.max_positions))
+                    converted = fuse_embedding(converted)
             else:
                 converted = convert_fp16(source, fp32_outputs=["log_probs", "top_log_probs", "eos_log_probs"])
             onnx.checker.check_model(converted)

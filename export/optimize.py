@@ -19,9 +19,10 @@ instead. Scaling the scores after the product instead made ONNX Runtime fuse the
 into the score MatMul as FusedMatMul's alpha, which takes MLAS off its matrix-vector path
 for one-query rows: 2.3x slower per product in a decoding step.
 
-fuse_top_k, fuse_attention, fuse_add_norm_quantize (applied to the int8 decoder step, a CPU
-graph, after quantization): Parley's fused ops (server/engine/fused_ops.c) in place of the
-many small nodes of the top-k over the vocabulary, each attention and each block's end.
+fuse_top_k, fuse_attention, fuse_add_norm_quantize, fuse_embedding (applied to the int8
+decoder step, a CPU graph, after quantization): Parley's fused ops (server/engine/fused_ops.c)
+in place of the many small nodes of the top-k over the vocabulary, each attention, each
+block's end and the token and position embeddings.
 
 reshape_unit_axis_transposes: a Transpose that moves only axes of size 1 leaves the data
 where it is; a Reshape, which ONNX Runtime runs without a copy, does the same. In the
@@ -444,11 +445,17 @@ def fuse_add_norm_quantize(model: onnx.ModelProto) -> onnx.ModelProto:
     next projection's int8 input, a calibrated scale), as one AddLayerNormQuantize node
     (server/engine/fused_ops.c) returning both the normalized values (the next residual)
     and their quantized copy: three nodes of a few microseconds' work each become one. Only
-    static scales: per-row scales are computed in the graph and stay as they are."""
+    static scales: per-row scales are computed in the graph and stay as they are.
+
+    The stack's last norm reaches the output projection's quantizer through a Gather of its
+    one position (model.transformer's `[:, 0]`): that Gather moves after the fused node, onto
+    the quantized values. Both orders give the same values, the norm being over the last axis
+    and the quantization per element, as long as the Gather keeps that axis: the projection it
+    feeds takes rows of the norm's width."""
     graph = model.graph
     readers = readers_of(graph)
     constants = Constants(graph)
-    replaced: dict[int, onnx.NodeProto] = {}  # id of the LayerNormalization -> the fused node
+    replaced: dict[int, list[onnx.NodeProto]] = {}  # id of the LayerNormalization -> the nodes in its place
     dropped: set[int] = set()
     for norm in graph.node:
         attributes = {a.name: helper.get_attribute_value(a) for a in norm.attribute}
@@ -458,14 +465,103 @@ def fuse_add_norm_quantize(model: onnx.ModelProto) -> onnx.ModelProto:
                 or len(weights) != 2 or add is None or add.op_type != "Add" or len(readers[add.output[0]]) != 1 \
                 or any(constants.initializer(name) for name in add.input):
             continue
-        quantizers = [r for r in readers[norm.output[0]] if r.op_type == "QuantizeLinear"]
-        levels = constants.static_levels(quantizers[0]) if len(quantizers) == 1 else None
+        width = constants.values[weights[0]].size
+        quantizers = [(None, r) for r in readers[norm.output[0]] if r.op_type == "QuantizeLinear"]
+        quantizers += [(r, readers[r.output[0]][0]) for r in readers[norm.output[0]]
+                       if _keeps_last_axis(r, readers, constants, width)]
+        levels = constants.static_levels(quantizers[0][1]) if len(quantizers) == 1 else None
         if levels is None:
             continue
-        replaced[id(norm)] = helper.make_node(
-            "AddLayerNormQuantize", [*add.input, *weights, *levels],
-            [norm.output[0], quantizers[0].output[0]], name=f"{norm.name or norm.output[0]}/fused",
-            domain=PARLEY_DOMAIN, epsilon=float(attributes.get("epsilon", 1e-5)))
-        dropped.update((id(add), id(quantizers[0])))
-    return with_nodes(model, [replaced.get(id(node), node) for node in graph.node if id(node) not in dropped])
+        gather, quantizer = quantizers[0]
+        quantized = quantizer.output[0] if gather is None else f"{quantizer.output[0]}/before_gather"
+        nodes = [helper.make_node(
+            "AddLayerNormQuantize", [*add.input, *weights, *levels], [norm.output[0], quantized],
+            name=f"{norm.name or norm.output[0]}/fused", domain=PARLEY_DOMAIN,
+            epsilon=float(attributes.get("epsilon", 1e-5)))]
+        if gather is not None:
+            nodes.append(helper.make_node("Gather", [quantized, gather.input[1]], [quantizer.output[0]],
+                                          name=f"{gather.name or gather.output[0]}/quantized", axis=1))
+        replaced[id(norm)] = nodes
+        dropped.update((id(add), id(quantizer)))
+    return with_nodes(model, [n for node in graph.node if id(node) not in dropped
+                              for n in replaced.get(id(node), [node])])
 
+
+def _keeps_last_axis(gather: onnx.NodeProto, readers: dict, constants: Constants, width: int) -> bool:
+    """gather takes one constant position of axis 1 and its only reader is a QuantizeLinear whose
+    only reader is an integer projection of `width` inputs, so the norm's axis is still last."""
+    axis = next((a.i for a in gather.attribute if a.name == "axis"), 0)
+    index = constants.initializer(gather.input[1]) if len(gather.input) == 2 else None
+    if gather.op_type != "Gather" or axis != 1 or index is None or constants.values[index].ndim != 0:
+        return False
+    quantizers = readers[gather.output[0]]
+    if len(quantizers) != 1 or quantizers[0].op_type != "QuantizeLinear" or len(readers[quantizers[0].output[0]]) != 1:
+        return False
+    projection = readers[quantizers[0].output[0]][0]
+    weight = constants.initializer(projection.input[1]) if len(projection.input) > 1 else None
+    return projection.op_type == "MatMulIntegerToFloat" and weight is not None \
+        and constants.values[weight].shape[:1] == (width,)
+
+
+def fuse_embedding(model: onnx.ModelProto) -> onnx.ModelProto:
+    """The decoder step's token and position embeddings and the first projection's quantization
+    as one TokenEmbedding node (server/engine/fused_ops.c): the int8 export's dequantizing Gather
+    of the token's row (Unsqueeze, two Gathers, Cast, Mul; a small vocabulary's table stays
+    float, one Gather), the Mul by sqrt(d), the Gather of the position's sinusoid (Unsqueeze,
+    Gather), their Add and the QuantizeLinear, ten nodes of a microsecond or two each at every
+    step. The op computes the same values in the same order. A graph without that pattern (the
+    tokens and positions graph inputs, constant tables, a calibrated scale) stays as it is."""
+    graph = model.graph
+    constants = Constants(graph)
+    producer = constants.producer
+
+    def made_by(name: str, op_type: str) -> onnx.NodeProto | None:
+        node = producer.get(name)
+        return node if node is not None and node.op_type == op_type else None
+
+    def rows_of(gather: onnx.NodeProto | None, source: str) -> str | None:
+        """The constant table a Gather (axis 0) reads rows of, at `source` unsqueezed to (R, 1)."""
+        if gather is None or next((a.i for a in gather.attribute if a.name == "axis"), 0) != 0:
+            return None
+        ids = made_by(gather.input[1], "Unsqueeze")
+        axes = constants.initializer(ids.input[1]) if ids is not None and len(ids.input) == 2 else None
+        if ids is None or ids.input[0] != source or axes is None or constants.values[axes].tolist() != [1]:
+            return None
+        return constants.initializer(gather.input[0])
+
+    def embedding_rows(name: str) -> tuple[str | None, str]:
+        """The token table whose rows `name` holds and, for an int8 table, its row scales: a float
+        table's Gather, or an int8 table's Gather, Cast and Mul by its rows' scales."""
+        table = rows_of(made_by(name, "Gather"), "tokens")
+        if table is not None:
+            return (table, "") if constants.values[table].dtype == np.float32 else (None, "")
+        dequantized = made_by(name, "Mul")
+        cast = made_by(dequantized.input[0], "Cast") if dequantized is not None else None
+        table = rows_of(made_by(cast.input[0], "Gather"), "tokens") if cast is not None else None
+        row_scale = rows_of(made_by(dequantized.input[1], "Gather"), "tokens") if cast is not None else None
+        if table is None or row_scale is None or constants.values[table].dtype != np.int8:
+            return None, ""
+        return table, row_scale
+
+    for quantizer in graph.node:
+        levels = constants.static_levels(quantizer)
+        add = made_by(quantizer.input[0], "Add") if levels else None
+        if add is None:
+            continue
+        for scaled_name, position_name in (add.input, reversed(add.input)):
+            scaled, position = made_by(scaled_name, "Mul"), made_by(position_name, "Gather")
+            position_table = rows_of(position, "positions")
+            if scaled is None or position_table is None or constants.values[position_table].dtype != np.float32:
+                continue
+            for rows_name, embed_scale in (scaled.input, reversed(scaled.input)):
+                embed_scale = constants.initializer(embed_scale)
+                table, row_scale = embedding_rows(rows_name)
+                if embed_scale is None or constants.values[embed_scale].size != 1 or table is None \
+                        or constants.values[embed_scale].dtype != np.float32:
+                    continue
+                fused = helper.make_node(
+                    "TokenEmbedding", ["tokens", "positions", table, row_scale, embed_scale, position_table, *levels],
+                    [add.output[0], quantizer.output[0]], name="token_embedding", domain=PARLEY_DOMAIN)
+                return with_nodes(model, [fused if node is add else node for node in graph.node
+                                          if node is not quantizer])
+    return model

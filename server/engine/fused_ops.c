@@ -5,9 +5,10 @@
  * and its cross-attention over its source were some fifteen nodes each (the split of the
  * projections, products, mask, softmax, slices, reshapes, the query grid's gathers), and each
  * post-norm block ended in three (the residual add, LayerNormalization, the next projection's
- * QuantizeLinear), and the top-k over the vocabulary in sixteen: one op each here, computing
- * the same values in one pass over each row (export.optimize.fuse_attention,
- * fuse_add_norm_quantize and fuse_top_k put them in).
+ * QuantizeLinear), the token and position embeddings took ten, and the top-k over the vocabulary
+ * sixteen: one op each here, computing the same values in one pass over each row
+ * (export.optimize.fuse_attention, fuse_add_norm_quantize, fuse_embedding and fuse_top_k put
+ * them in).
  *
  * The ops' names, inputs and outputs are part of the package format (export.package's
  * FORMAT_VERSION): exported packages hold them, so a change to one is a new op (or version).
@@ -23,7 +24,7 @@
  *   true at real tokens; slot_row (N * W) and row_slot (R) int64, decoding.grid's layout:
  *   row r reads source row_slot[r] / W.
  * The queries carry the 1/sqrt(dk) scale already (export.optimize.fold_output_scales).
- * AddLayerNormQuantize and RowTopK: below, with their kernels.
+ * AddLayerNormQuantize, TokenEmbedding and RowTopK: below, with their kernels.
  *
  * This is a custom-op library: ONNX Runtime loads it (SessionOptions.register_custom_ops_library,
  * server.engine.session) and calls RegisterCustomOps; Python never imports it.
@@ -73,6 +74,17 @@ static OrtStatus *get_input(OrtKernelContext *context, size_t index, size_t rank
         return error(op, message);
     }
     return ort->GetTensorData(value, &tensor->data);
+}
+
+static OrtStatus *element_type(OrtKernelContext *context, size_t index, ONNXTensorElementDataType *type) {
+    const OrtValue *value;
+    OrtTensorTypeAndShapeInfo *info;
+    OrtStatus *status = ort->KernelContext_GetInput(context, index, &value);
+    if (status || (status = ort->GetTensorTypeAndShape(value, &info)))
+        return status;
+    status = ort->GetTensorElementType(info, type);
+    ort->ReleaseTensorTypeAndShapeInfo(info);
+    return status;
 }
 
 /* The inputs of an op over rows of its first input's last axis: each input's data and element
@@ -450,6 +462,91 @@ static OrtStatus *norm_compute(void *kernel, OrtKernelContext *context) {
     return in.rows ? ort->KernelContext_ParallelFor(context, norm_row, (size_t)in.rows, 0, &job) : NULL;
 }
 
+/* TokenEmbedding(tokens (R) int64, positions (R) int64, table (V, d) int8 or float, row_scale (V, 1)
+ *                float (int8 tables; absent for float ones), embed_scale () float,
+ *                position_table (P, d) float, scale () float, zero_point () uint8)
+ *   -> (embedded (R, 1, d) float, quantized (R, 1, d) uint8)
+ *   embedded = table[token] (* row_scale[token]) * embed_scale + position_table[position], in
+ *   that order, as the int8 export's (dequantizing) Gather, its Mul by sqrt(d) and the Add of the
+ *   sinusoidal positions computed it; quantized = QuantizeLinear(embedded, scale, zero_point),
+ *   the first projection's int8 input. A token or position out of range is an error, as
+ *   ONNX Runtime's Gather makes it. */
+typedef struct {
+    const int64_t *tokens, *positions;
+    const void *table;
+    const float *row_scale, *position_table;
+    float embed_scale, scale;
+    int zero_point;
+    int64_t d;
+    float *embedded;
+    unsigned char *quantized;
+} EmbedJob;
+
+static void embed_row(void *data, size_t r) {
+    const EmbedJob *job = data;
+    const int64_t d = job->d, token = job->tokens[r];
+    const float *restrict position = job->position_table + job->positions[r] * d;
+    const float embed_scale = job->embed_scale;
+    float *restrict y = job->embedded + r * d;
+    if (job->row_scale) {
+        const signed char *restrict row = (const signed char *)job->table + token * d;
+        const float row_scale = job->row_scale[token];
+        for (int64_t i = 0; i < d; i++)
+            y[i] = (float)row[i] * row_scale * embed_scale + position[i];
+    } else {
+        const float *restrict row = (const float *)job->table + token * d;
+        for (int64_t i = 0; i < d; i++)
+            y[i] = row[i] * embed_scale + position[i];
+    }
+    quantize(y, d, job->scale, job->zero_point, job->quantized + r * d);
+}
+
+static OrtStatus *embed_compute(void *kernel, OrtKernelContext *context) {
+    (void)kernel;
+    const char *op = "TokenEmbedding";
+    Tensor tokens, positions, table, row_scale = {NULL, {0}, 0}, embed_scale, position_table, scale, zero_point;
+    const OrtValue *scales;
+    ONNXTensorElementDataType table_type;
+    OrtStatus *status;
+    if ((status = get_input(context, 0, 1, op, &tokens)) || (status = get_input(context, 1, 1, op, &positions)) ||
+        (status = get_input(context, 2, 2, op, &table)) || (status = element_type(context, 2, &table_type)) ||
+        (status = ort->KernelContext_GetInput(context, 3, &scales)) ||
+        (scales && (status = get_input(context, 3, 2, op, &row_scale))) ||
+        (status = get_input(context, 4, 0, op, &embed_scale)) ||
+        (status = get_input(context, 5, 2, op, &position_table)) || (status = get_input(context, 6, 0, op, &scale)) ||
+        (status = get_input(context, 7, 0, op, &zero_point)))
+        return status;
+    if (table_type != (scales ? ONNX_TENSOR_ELEMENT_DATA_TYPE_INT8 : ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT))
+        return error(op, "the table must be int8 with row scales, or float without");
+    const int64_t R = tokens.dims[0], V = table.dims[0], d = table.dims[1], P = position_table.dims[0];
+    if (positions.dims[0] != R || (scales && (row_scale.dims[0] != V || row_scale.dims[1] != 1)) ||
+        position_table.dims[1] != d)
+        return error(op, "shapes disagree (tokens, positions (R); table (V, d); row_scale (V, 1); "
+                         "position_table (P, d))");
+    const int64_t *token = tokens.data, *position = positions.data;
+    for (int64_t r = 0; r < R; r++)
+        if (token[r] < 0 || token[r] >= V || position[r] < 0 || position[r] >= P) {
+            char message[160];
+            snprintf(message, sizeof message, "row %lld has token %lld at position %lld; the model has %lld tokens "
+                     "and %lld positions", (long long)r, (long long)token[r], (long long)position[r],
+                     (long long)V, (long long)P);
+            return error(op, message);
+        }
+    EmbedJob job = {token, position, table.data, row_scale.data, position_table.data,
+                    *(const float *)embed_scale.data, *(const float *)scale.data,
+                    *(const unsigned char *)zero_point.data, d, NULL, NULL};
+    if (!(job.scale > 0.0f))
+        return error(op, "the scale must be positive");
+    const int64_t dims[3] = {R, 1, d};
+    OrtValue *embedded, *quantized;
+    if ((status = ort->KernelContext_GetOutput(context, 0, dims, 3, &embedded)) ||
+        (status = ort->KernelContext_GetOutput(context, 1, dims, 3, &quantized)) ||
+        (status = ort->GetTensorMutableData(embedded, (void **)&job.embedded)) ||
+        (status = ort->GetTensorMutableData(quantized, (void **)&job.quantized)))
+        return status;
+    return R ? ort->KernelContext_ParallelFor(context, embed_row, (size_t)R, 0, &job) : NULL;
+}
+
 /* RowTopK(x (R, V) float, k (1) or () int64) -> (values (R, K) float, indices (R, K) int64)
  *   K = min(k, V): each row's K largest entries, largest first, equal ones in index order
  *   (ONNX TopK's order), found in two stages: the maxima of blocks of 64 entries, the K blocks
@@ -571,14 +668,16 @@ static OrtStatus *top_k_compute(void *kernel, OrtKernelContext *context) {
 #define BOOL ONNX_TENSOR_ELEMENT_DATA_TYPE_BOOL
 #define INT64 ONNX_TENSOR_ELEMENT_DATA_TYPE_INT64
 #define UINT8 ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8
+#define ANY ONNX_TENSOR_ELEMENT_DATA_TYPE_UNDEFINED /* the kernel checks the type it gets */
 
 typedef struct {
     OrtCustomOp op; /* first: the callbacks get a pointer to it, and so to the whole spec */
     const char *name;
     size_t inputs, outputs;
-    ONNXTensorElementDataType input_types[6], output_types[3];
+    ONNXTensorElementDataType input_types[8], output_types[3];
     OrtStatus *(*compute)(void *, OrtKernelContext *);
     int has_epsilon; /* the node has an epsilon attribute, which its kernel keeps */
+    unsigned optional_inputs; /* bit i: input i may be absent ("" in the node) */
 } OpSpec;
 
 static OpSpec specs[] = {
@@ -589,6 +688,9 @@ static OpSpec specs[] = {
     {.name = "AddLayerNormQuantize", .inputs = 6, .outputs = 2,
      .input_types = {FLOAT, FLOAT, FLOAT, FLOAT, FLOAT, UINT8}, .output_types = {FLOAT, UINT8},
      .compute = norm_compute, .has_epsilon = 1},
+    {.name = "TokenEmbedding", .inputs = 8, .outputs = 2,
+     .input_types = {INT64, INT64, ANY, FLOAT, FLOAT, FLOAT, FLOAT, UINT8}, .output_types = {FLOAT, UINT8},
+     .compute = embed_compute, .optional_inputs = 1 << 3},
     {.name = "RowTopK", .inputs = 2, .outputs = 2, .input_types = {FLOAT, INT64}, .output_types = {FLOAT, INT64},
      .compute = top_k_compute},
 };
@@ -606,6 +708,9 @@ static ONNXTensorElementDataType input_type(const OrtCustomOp *op, size_t index)
 }
 static ONNXTensorElementDataType output_type(const OrtCustomOp *op, size_t index) {
     return spec_of(op)->output_types[index];
+}
+static OrtCustomOpInputOutputCharacteristic input_characteristic(const OrtCustomOp *op, size_t index) {
+    return spec_of(op)->optional_inputs >> index & 1 ? INPUT_OUTPUT_OPTIONAL : INPUT_OUTPUT_REQUIRED;
 }
 static OrtCustomOpInputOutputCharacteristic required(const OrtCustomOp *op, size_t index) {
     (void)op, (void)index;
@@ -660,7 +765,7 @@ static void describe(OpSpec *spec) {
     op->GetOutputType = output_type;
     op->GetOutputTypeCount = output_count;
     op->KernelDestroy = destroy_kernel;
-    op->GetInputCharacteristic = required;
+    op->GetInputCharacteristic = input_characteristic;
     op->GetOutputCharacteristic = required;
     op->GetInputMemoryType = default_memory;
     op->CreateKernelV2 = create_kernel;

@@ -302,15 +302,17 @@ def test_int8_attention_runs_as_one_fused_op_per_attention(tiny_package):
     assert [o.domain for o in model.opset_import].count(PARLEY_DOMAIN) == 1  # each fusion imports it, once
 
 
-def test_calibrated_int8_ends_its_blocks_in_one_fused_op(calibrated_package):
-    """With calibrated scales each block's residual add, LayerNormalization and the next
-    projection's QuantizeLinear are one AddLayerNormQuantize (per-row scales, the test above:
-    none); the stack's last norm reaches its quantizer through a squeeze and stays as it is."""
+def test_calibrated_int8_embeds_and_ends_its_blocks_in_fused_ops(calibrated_package):
+    """With calibrated scales the embeddings and the first projection's QuantizeLinear are one
+    TokenEmbedding, and each block's residual add, LayerNormalization and the next projection's
+    QuantizeLinear one AddLayerNormQuantize, the last one's squeeze of its position moved onto
+    the quantized values (per-row scales, the test above: none of them)."""
     package = ModelPackage.load(calibrated_package)
     nodes = onnx.load(str(package.graph_path("int8", "decoder_step"))).graph.node
     blocks = 3 * package.architecture["decoder_layers"]
-    assert sum(n.op_type == "AddLayerNormQuantize" for n in nodes) == blocks - 1
-    assert sum(n.op_type == "LayerNormalization" for n in nodes) == 1
+    assert nodes[0].op_type == "TokenEmbedding" and list(nodes[0].input[:2]) == ["tokens", "positions"]
+    assert not {"Cast", "Unsqueeze", "LayerNormalization"} & {n.op_type for n in nodes}
+    assert sum(n.op_type == "AddLayerNormQuantize" for n in nodes) == blocks
 
 
 def fused_attention_feed(session: onnxruntime.InferenceSession, seed: int) -> dict[str, np.ndarray]:
@@ -434,10 +436,12 @@ def test_missing_file_and_wrong_checksum_are_named_together(package_copy):
     assert "fp32/decoder_step.onnx does not match its sha256" in str(error.value)
 
 
-def test_packages_of_the_format_before_fused_attention_still_load(package_copy):
+@pytest.mark.parametrize("earlier", [1, 2])
+def test_packages_of_earlier_formats_still_load(package_copy, earlier):
+    """1: before the fused ops, 2: before TokenEmbedding; this server runs what they hold."""
     manifest = json.loads((package_copy / "manifest.json").read_text())
-    assert manifest["format_version"] == 2
-    manifest["format_version"] = 1
+    assert manifest["format_version"] == 3
+    manifest["format_version"] = earlier
     (package_copy / "manifest.json").write_text(json.dumps(manifest))
     assert ModelPackage.load(package_copy).name == manifest["name"]
 
@@ -454,7 +458,7 @@ def test_malformed_manifest_lists_every_problem(package_copy):
     with pytest.raises(PackageError) as error:
         ModelPackage.load(package_copy)
     message = str(error.value)
-    assert "format_version 99 is not supported (this Parley reads 1, 2); upgrade Parley" in message
+    assert "format_version 99 is not supported (this Parley reads 1, 2, 3); upgrade Parley" in message
     assert "special_tokens.eos" in message and "unknown precision 'int4'" in message
     assert "variants.fp32.files.encoder.path '../../elsewhere.onnx' leaves the package" in message
     assert "tokenizer.path '/etc/spm.model' leaves the package" in message

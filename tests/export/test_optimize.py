@@ -5,8 +5,8 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from decoding.grid import query_grid
-from export.optimize import (PARLEY_DOMAIN, fold_output_scales, fuse_add_norm_quantize, fuse_top_k,
-                             merge_reshape_chains)
+from export.optimize import (PARLEY_DOMAIN, fold_output_scales, fuse_add_norm_quantize, fuse_embedding,
+                             fuse_top_k, merge_reshape_chains)
 from server.engine.session import fused_ops_library
 
 
@@ -141,6 +141,127 @@ def test_a_scale_computed_as_the_graph_runs_is_left_as_it_is():
     model.graph.input.append(helper.make_tensor_value_info("scale", TensorProto.FLOAT, []))
     assert [n.op_type for n in fuse_add_norm_quantize(model).graph.node] == [
         "Add", "LayerNormalization", "QuantizeLinear", "Add"]
+
+
+def last_block_end(width: int, gather_axis: int = 1) -> onnx.ModelProto:
+    """The decoder stack's last block end as the int8 export writes it: x + residual ->
+    LayerNormalization -> the Gather of the row's one position -> QuantizeLinear -> the output
+    projection (an integer GEMM of `width` inputs)."""
+    rng = np.random.default_rng(width)
+    inits = [numpy_helper.from_array(rng.uniform(0.5, 1.5, width).astype(np.float32), "gamma"),
+             numpy_helper.from_array(rng.uniform(-0.5, 0.5, width).astype(np.float32), "beta"),
+             numpy_helper.from_array(np.array(0.02, np.float32), "scale"),
+             numpy_helper.from_array(np.array(128, np.uint8), "zero_point"),
+             numpy_helper.from_array(np.array(0, np.int64), "first"),
+             numpy_helper.from_array(rng.integers(-63, 64, (width, 24)).astype(np.int8), "weights"),
+             numpy_helper.from_array(rng.uniform(0.001, 0.01, 24).astype(np.float32), "weight_scales")]
+    nodes = [helper.make_node("Add", ["x", "residual"], ["sum"]),
+             helper.make_node("LayerNormalization", ["sum", "gamma", "beta"], ["normalized"], axis=-1, epsilon=1e-5),
+             helper.make_node("Gather", ["normalized", "first"], ["row"], axis=gather_axis),
+             helper.make_node("QuantizeLinear", ["row", "scale", "zero_point"], ["quantized"]),
+             helper.make_node("MatMulIntegerToFloat", ["quantized", "weights", "scale", "weight_scales", "zero_point"],
+                              ["logits"], domain="com.microsoft")]
+    inputs = [helper.make_tensor_value_info(name, TensorProto.FLOAT, [None, 1, width]) for name in ("x", "residual")]
+    return helper.make_model(helper.make_graph(nodes, "g", inputs, [helper.make_tensor_value_info(
+        "logits", TensorProto.FLOAT, None)], inits), opset_imports=[helper.make_opsetid("", 18),
+                                                                     helper.make_opsetid("com.microsoft", 1)])
+
+
+def test_the_last_block_end_is_fused_with_its_position_taken_from_the_quantized_values():
+    """The Gather of the one position moves after the fused node, onto its int8 output: the same
+    logits as ONNX Runtime's nodes, to the bit."""
+    model = last_block_end(32)
+    fused = fuse_add_norm_quantize(last_block_end(32))
+    assert [n.op_type for n in fused.graph.node] == ["AddLayerNormQuantize", "Gather", "MatMulIntegerToFloat"]
+    rng = np.random.default_rng(2)
+    feeds = {name: (rng.standard_normal((16, 1, 32)) * 3).astype(np.float32) for name in ("x", "residual")}
+    expected, got = (fused_session(m).run(None, feeds)[0] for m in (model, fused))
+    assert expected.shape == (16, 24)
+    np.testing.assert_array_equal(got, expected)
+
+
+def test_a_gather_that_could_take_the_normalized_axis_keeps_the_block_end_as_it_is():
+    """A Gather of axis 2 selects across the norm's own axis: quantizing first would differ."""
+    model = last_block_end(32, gather_axis=2)
+    assert [n.op_type for n in fuse_add_norm_quantize(model).graph.node] == [
+        "Add", "LayerNormalization", "Gather", "QuantizeLinear", "MatMulIntegerToFloat"]
+
+
+VOCAB, WIDTH, POSITIONS = 50, 24, 12
+
+
+def embedding_graph(int8_table: bool = True) -> onnx.ModelProto:
+    """The int8 decoder step's embeddings as the export writes them: each token's int8 row
+    dequantized by its row scale (two Gathers, Cast, Mul; a float table's row: one Gather), times
+    sqrt(d), plus its position's row of the sinusoid table, then the first projection's
+    QuantizeLinear; the embedded values are also the first block's residual (the Add)."""
+    rng = np.random.default_rng(3)
+    table = rng.integers(-127, 128, (VOCAB, WIDTH)).astype(np.int8)
+    row_scale = rng.uniform(0.005, 0.05, (VOCAB, 1)).astype(np.float32)
+    inits = [numpy_helper.from_array(table, "table_s8"), numpy_helper.from_array(row_scale, "table_scale"),
+             numpy_helper.from_array(np.array(np.sqrt(WIDTH), np.float32), "embed_scale"),
+             numpy_helper.from_array(rng.uniform(-1, 1, (POSITIONS, WIDTH)).astype(np.float32), "position_table"),
+             numpy_helper.from_array(np.array(0.03, np.float32), "scale"),  # |x| > 3.8 saturates
+             numpy_helper.from_array(np.array(128, np.uint8), "zero_point"),
+             numpy_helper.from_array(np.array([1], np.int64), "axis_1")]
+    nodes = [helper.make_node("Unsqueeze", ["tokens", "axis_1"], ["token_ids"]),
+             helper.make_node("Unsqueeze", ["positions", "axis_1"], ["position_ids"])]
+    if int8_table:
+        nodes += [helper.make_node("Gather", ["table_s8", "token_ids"], ["rows_s8"], axis=0),
+                  helper.make_node("Gather", ["table_scale", "token_ids"], ["rows_scale"], axis=0),
+                  helper.make_node("Cast", ["rows_s8"], ["rows_f32"], to=TensorProto.FLOAT),
+                  helper.make_node("Mul", ["rows_f32", "rows_scale"], ["dequantized"])]
+    else:
+        inits[:2] = [numpy_helper.from_array(table * row_scale, "table")]
+        nodes.append(helper.make_node("Gather", ["table", "token_ids"], ["dequantized"], axis=0))
+    nodes += [helper.make_node("Mul", ["dequantized", "embed_scale"], ["scaled"]),
+             helper.make_node("Gather", ["position_table", "position_ids"], ["sinusoid"], axis=0),
+             helper.make_node("Add", ["scaled", "sinusoid"], ["embedded"]),
+             helper.make_node("QuantizeLinear", ["embedded", "scale", "zero_point"], ["quantized"]),
+             helper.make_node("Add", ["embedded", "embedded"], ["residual"])]
+    inputs = [helper.make_tensor_value_info(name, TensorProto.INT64, [None]) for name in ("tokens", "positions")]
+    outputs = [helper.make_tensor_value_info("quantized", TensorProto.UINT8, None),
+               helper.make_tensor_value_info("residual", TensorProto.FLOAT, None)]
+    return helper.make_model(helper.make_graph(nodes, "g", inputs, outputs, inits),
+                             opset_imports=[helper.make_opsetid("", 18)])
+
+
+@pytest.mark.parametrize("int8_table, threads", [(True, 1), (True, 2), (False, 1)])
+def test_the_embeddings_fused_into_one_op_compute_what_onnx_runtime_did(int8_table, threads):
+    """fuse_embedding: the same embedded values and int8 levels, to the bit, for every token and
+    position, the first and last included (two threads share the rows)."""
+    model = embedding_graph(int8_table)
+    fused = fuse_embedding(embedding_graph(int8_table))
+    assert [n.op_type for n in fused.graph.node] == ["TokenEmbedding", "Add"]
+    assert (fused.graph.node[0].input[3] == "") != int8_table
+    assert fused.graph.node[0].domain == PARLEY_DOMAIN
+    tokens = np.concatenate([np.arange(VOCAB), np.random.default_rng(4).integers(0, VOCAB, 30)])
+    feeds = {"tokens": tokens, "positions": np.arange(len(tokens)) % POSITIONS}
+    expected, got = (fused_session(m, threads).run(None, feeds) for m in (model, fused))
+    assert expected[0].shape == (len(tokens), 1, WIDTH)
+    assert (expected[0] == 0).any() and (expected[0] == 255).any()
+    np.testing.assert_array_equal(got[0], expected[0])
+    np.testing.assert_array_equal(got[1], expected[1])
+
+
+@pytest.mark.parametrize("tokens, positions, named", [([3, VOCAB], [0, 1], f"row 1 has token {VOCAB} at position 1"),
+                                                      ([-1], [0], "row 0 has token -1"),
+                                                      ([3], [POSITIONS], f"at position {POSITIONS}")])
+def test_a_token_or_position_beyond_the_tables_is_refused(tokens, positions, named):
+    session = fused_session(fuse_embedding(embedding_graph()))
+    with pytest.raises(Exception, match="TokenEmbedding") as error:
+        session.run(None, {"tokens": np.array(tokens), "positions": np.array(positions)})
+    assert named in str(error.value)
+    assert f"the model has {VOCAB} tokens and {POSITIONS} positions" in str(error.value)
+
+
+def test_embeddings_quantized_with_per_row_scales_are_left_as_they_are():
+    """Without calibration the first projection's scale is computed as the graph runs."""
+    model = embedding_graph()
+    scale = next(i for i in model.graph.initializer if i.name == "scale")
+    model.graph.initializer.remove(scale)
+    model.graph.input.append(helper.make_tensor_value_info("scale", TensorProto.FLOAT, []))
+    assert "TokenEmbedding" not in [n.op_type for n in fuse_embedding(model).graph.node]
 
 
 @pytest.mark.parametrize("k", [0, 1, 5, 64, 70, 300])
