@@ -120,11 +120,11 @@ static OrtStatus *get_row_inputs(OrtKernelContext *context, size_t count, const 
     return NULL;
 }
 
-static OrtStatus *get_output(OrtKernelContext *context, size_t index, const int64_t *dims, size_t rank,
-                             float **data) {
+/* Output `index`, of these dims, and where its data goes. */
+static OrtStatus *get_output(OrtKernelContext *context, size_t index, const int64_t *dims, size_t rank, void **data) {
     OrtValue *value;
     OrtStatus *status = ort->KernelContext_GetOutput(context, index, dims, rank, &value);
-    return status ? status : ort->GetTensorMutableData(value, (void **)data);
+    return status ? status : ort->GetTensorMutableData(value, data);
 }
 
 /* An attention's two products, over one query's positions: scores (n) = query (dk) . keys
@@ -342,9 +342,9 @@ static OrtStatus *self_compute(void *kernel, OrtKernelContext *context) {
     const int64_t attention[3] = {R, 1, H * dk}, one_k[4] = {R, H, dk, 1}, one_v[4] = {R, H, 1, dk};
     const KernelState *state = kernel;
     Job job = {&state->products, qkv.data, keys.data, values.data, mask.data, NULL, H, dk, C, 1, NULL, NULL, NULL};
-    if ((status = get_output(context, 0, attention, 3, &job.out)) ||
-        (status = get_output(context, 1, one_k, 4, &job.new_k)) ||
-        (status = get_output(context, 2, one_v, 4, &job.new_v)))
+    if ((status = get_output(context, 0, attention, 3, (void **)&job.out)) ||
+        (status = get_output(context, 1, one_k, 4, (void **)&job.new_k)) ||
+        (status = get_output(context, 2, one_v, 4, (void **)&job.new_v)))
         return status;
     return run_rows(context, self_row, &job, R);
 }
@@ -373,7 +373,7 @@ static OrtStatus *cross_compute(void *kernel, OrtKernelContext *context) {
             return error(op, "row_slot points outside the grid");
     const KernelState *state = kernel;
     Job job = {&state->products, q.data[0], keys.data, values.data, mask.data, cells, H, dk, S, W, NULL, NULL, NULL};
-    if ((status = get_output(context, 0, q.dims, q.rank, &job.out)))
+    if ((status = get_output(context, 0, q.dims, q.rank, (void **)&job.out)))
         return status;
     return run_rows(context, cross_row, &job, R);
 }
@@ -453,11 +453,8 @@ static OrtStatus *norm_compute(void *kernel, OrtKernelContext *context) {
                    *(const unsigned char *)in.data[5], in.d, NULL, NULL};
     if (!(job.scale > 0.0f))
         return error(op, "the scale must be positive");
-    OrtValue *normalized, *quantized;
-    if ((status = ort->KernelContext_GetOutput(context, 0, in.dims, in.rank, &normalized)) ||
-        (status = ort->KernelContext_GetOutput(context, 1, in.dims, in.rank, &quantized)) ||
-        (status = ort->GetTensorMutableData(normalized, (void **)&job.normalized)) ||
-        (status = ort->GetTensorMutableData(quantized, (void **)&job.quantized)))
+    if ((status = get_output(context, 0, in.dims, in.rank, (void **)&job.normalized)) ||
+        (status = get_output(context, 1, in.dims, in.rank, (void **)&job.quantized)))
         return status;
     return in.rows ? ort->KernelContext_ParallelFor(context, norm_row, (size_t)in.rows, 0, &job) : NULL;
 }
@@ -538,11 +535,8 @@ static OrtStatus *embed_compute(void *kernel, OrtKernelContext *context) {
     if (!(job.scale > 0.0f))
         return error(op, "the scale must be positive");
     const int64_t dims[3] = {R, 1, d};
-    OrtValue *embedded, *quantized;
-    if ((status = ort->KernelContext_GetOutput(context, 0, dims, 3, &embedded)) ||
-        (status = ort->KernelContext_GetOutput(context, 1, dims, 3, &quantized)) ||
-        (status = ort->GetTensorMutableData(embedded, (void **)&job.embedded)) ||
-        (status = ort->GetTensorMutableData(quantized, (void **)&job.quantized)))
+    if ((status = get_output(context, 0, dims, 3, (void **)&job.embedded)) ||
+        (status = get_output(context, 1, dims, 3, (void **)&job.quantized)))
         return status;
     return R ? ort->KernelContext_ParallelFor(context, embed_row, (size_t)R, 0, &job) : NULL;
 }
@@ -644,11 +638,8 @@ static OrtStatus *top_k_compute(void *kernel, OrtKernelContext *context) {
     const int64_t R = in.rows, V = in.d, k = *(const int64_t *)in.data[1], K = k < V ? k : V;
     const int64_t blocks = (V + TOP_K_BLOCK - 1) / TOP_K_BLOCK, out_dims[2] = {R, K};
     TopKJob job = {in.data[0], V, K, blocks, NULL, NULL, NULL, NULL};
-    OrtValue *values, *indices;
-    if ((status = ort->KernelContext_GetOutput(context, 0, out_dims, 2, &values)) ||
-        (status = ort->KernelContext_GetOutput(context, 1, out_dims, 2, &indices)) ||
-        (status = ort->GetTensorMutableData(values, (void **)&job.values)) ||
-        (status = ort->GetTensorMutableData(indices, (void **)&job.indices)))
+    if ((status = get_output(context, 0, out_dims, 2, (void **)&job.values)) ||
+        (status = get_output(context, 1, out_dims, 2, (void **)&job.indices)))
         return status;
     if (R == 0 || K == 0)
         return NULL;
