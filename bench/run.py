@@ -377,7 +377,7 @@ def main(argv: list[str] | None = None) -> None:
         {"engine": "parley", "precision": "int8", "lanes": 2},
         {"engine": "ctranslate2", "precision": "float32", "ct2_model": ct2["float32"], "lanes": 1},
         {"engine": "ctranslate2", "precision": "float32", "ct2_model": ct2["float32"], "lanes": 2},
-        {"engine": "ctranslate2", "precision": "int8", "ct2_model": ct2["int8"], "lanes": 1, "rounds": 1},
+        {"engine": "ctranslate2", "precision": "int8", "ct2_model": ct2["int8"], "lanes": 1},
         {"engine": "ctranslate2", "precision": "int8", "ct2_model": ct2["int8"], "lanes": 2},
         {"engine": "pytorch", "precision": "fp32", "lanes": 1, "rounds": 1},
     ]
