@@ -48,6 +48,7 @@ typedef struct {
     const void *data;
     int64_t dims[4];
     size_t rank;
+    ONNXTensorElementDataType type;
 } Tensor;
 
 static OrtStatus *error(const char *op, const char *message) {
@@ -62,7 +63,9 @@ static OrtStatus *get_input(OrtKernelContext *context, size_t index, size_t rank
     OrtStatus *status = ort->KernelContext_GetInput(context, index, &value);
     if (status || (status = ort->GetTensorTypeAndShape(value, &info)))
         return status;
-    status = ort->GetDimensionsCount(info, &tensor->rank);
+    status = ort->GetTensorElementType(info, &tensor->type);
+    if (!status)
+        status = ort->GetDimensionsCount(info, &tensor->rank);
     if (!status && tensor->rank == rank)
         status = ort->GetDimensions(info, tensor->dims, rank);
     ort->ReleaseTensorTypeAndShapeInfo(info);
@@ -74,17 +77,6 @@ static OrtStatus *get_input(OrtKernelContext *context, size_t index, size_t rank
         return error(op, message);
     }
     return ort->GetTensorData(value, &tensor->data);
-}
-
-static OrtStatus *element_type(OrtKernelContext *context, size_t index, ONNXTensorElementDataType *type) {
-    const OrtValue *value;
-    OrtTensorTypeAndShapeInfo *info;
-    OrtStatus *status = ort->KernelContext_GetInput(context, index, &value);
-    if (status || (status = ort->GetTensorTypeAndShape(value, &info)))
-        return status;
-    status = ort->GetTensorElementType(info, type);
-    ort->ReleaseTensorTypeAndShapeInfo(info);
-    return status;
 }
 
 /* The inputs of an op over rows of its first input's last axis: each input's data and element
@@ -501,19 +493,18 @@ static void embed_row(void *data, size_t r) {
 static OrtStatus *embed_compute(void *kernel, OrtKernelContext *context) {
     (void)kernel;
     const char *op = "TokenEmbedding";
-    Tensor tokens, positions, table, row_scale = {NULL, {0}, 0}, embed_scale, position_table, scale, zero_point;
+    Tensor tokens, positions, table, row_scale = {0}, embed_scale, position_table, scale, zero_point;
     const OrtValue *scales;
-    ONNXTensorElementDataType table_type;
     OrtStatus *status;
     if ((status = get_input(context, 0, 1, op, &tokens)) || (status = get_input(context, 1, 1, op, &positions)) ||
-        (status = get_input(context, 2, 2, op, &table)) || (status = element_type(context, 2, &table_type)) ||
+        (status = get_input(context, 2, 2, op, &table)) ||
         (status = ort->KernelContext_GetInput(context, 3, &scales)) ||
         (scales && (status = get_input(context, 3, 2, op, &row_scale))) ||
         (status = get_input(context, 4, 0, op, &embed_scale)) ||
         (status = get_input(context, 5, 2, op, &position_table)) || (status = get_input(context, 6, 0, op, &scale)) ||
         (status = get_input(context, 7, 0, op, &zero_point)))
         return status;
-    if (table_type != (scales ? ONNX_TENSOR_ELEMENT_DATA_TYPE_INT8 : ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT))
+    if (table.type != (scales ? ONNX_TENSOR_ELEMENT_DATA_TYPE_INT8 : ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT))
         return error(op, "the table must be int8 with row scales, or float without");
     const int64_t R = tokens.dims[0], V = table.dims[0], d = table.dims[1], P = position_table.dims[0];
     if (positions.dims[0] != R || (scales && (row_scale.dims[0] != V || row_scale.dims[1] != 1)) ||

@@ -255,6 +255,13 @@ def test_a_token_or_position_beyond_the_tables_is_refused(tokens, positions, nam
     assert f"the model has {VOCAB} tokens and {POSITIONS} positions" in str(error.value)
 
 
+def test_an_int8_table_without_its_row_scales_is_refused():
+    fused = fuse_embedding(embedding_graph())
+    fused.graph.node[0].input[3] = ""
+    with pytest.raises(Exception, match="the table must be int8 with row scales, or float without"):
+        fused_session(fused).run(None, {"tokens": np.array([3]), "positions": np.array([0])})
+
+
 def test_embeddings_quantized_with_per_row_scales_are_left_as_they_are():
     """Without calibration the first projection's scale is computed as the graph runs."""
     model = embedding_graph()
