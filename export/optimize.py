@@ -125,6 +125,11 @@ def fold_output_scales(model: onnx.ModelProto) -> tuple[onnx.ModelProto, list[tu
     return remove_unused_nodes(model), columns
 
 
+def int_attribute(node: onnx.NodeProto, name: str, default: int) -> int:
+    """An integer attribute of the node, or `default` where it has none."""
+    return next((a.i for a in node.attribute if a.name == name), default)
+
+
 def readers_of(graph: onnx.GraphProto) -> dict[str, list[onnx.NodeProto]]:
     """Each tensor's reading nodes (graph outputs are not nodes: check those apart)."""
     readers: dict[str, list[onnx.NodeProto]] = defaultdict(list)
@@ -323,6 +328,23 @@ class Constants:
             name = self.producer[name].input[0]
         return name if name in self.values else None
 
+    def made_by(self, name: str, op_type: str) -> onnx.NodeProto | None:
+        """The node of this type that produces `name`, if one does."""
+        node = self.producer.get(name)
+        return node if node is not None and node.op_type == op_type else None
+
+    def unit_axis(self, node: onnx.NodeProto | None, op_type: str, index: int) -> bool:
+        """node squeezes (a Gather of index 0) or unsqueezes axis 1, its constant input `index`."""
+        if node is None or node.op_type != op_type or len(node.input) <= index:
+            return False
+        constant = self.initializer(node.input[index])
+        if constant is None:
+            return False
+        value = self.values[constant]
+        if op_type == "Gather":
+            return value.ndim == 0 and int(value) == 0 and int_attribute(node, "axis", 0) == 1
+        return value.tolist() == [1]
+
     def static_levels(self, quantize: onnx.NodeProto) -> list[str] | None:
         """The scale and zero point of a QuantizeLinear to uint8 with one calibrated scale."""
         if quantize.op_type != "QuantizeLinear" or quantize.attribute or len(quantize.input) != 3:
@@ -395,14 +417,6 @@ def fuse_attention(model: onnx.ModelProto, max_positions: int) -> onnx.ModelProt
                              f"expected {op_type}")
         return node
 
-    def unit_axis(node: onnx.NodeProto | None, op_type: str, index: int) -> bool:
-        """node squeezes (a Gather of index 0) or unsqueezes axis 1, its constant input `index`."""
-        if node is None or node.op_type != op_type or node.input[index] not in constants:
-            return False
-        axis = next((a.i for a in node.attribute if a.name == "axis"), 0)
-        value = constants[node.input[index]]
-        return (value.ndim == 0 and int(value) == 0 and axis == 1) if op_type == "Gather" else value.tolist() == [1]
-
     fused: dict[str, onnx.NodeProto] = {}  # by the output the fused node takes over
     layers = sorted(int(i.name.rsplit("_", 1)[1]) for i in graph.input if i.name.startswith("cache_k_"))
     for layer in layers:
@@ -430,7 +444,8 @@ def fuse_attention(model: onnx.ModelProto, max_positions: int) -> onnx.ModelProt
             raise ValueError(f"fuse_attention: layer {layer}'s cross-attention does not use the query grid")
         query, result = to_grid.input[0], from_grid.output[0]
         squeeze, unsqueeze = producer.get(query), readers.get(result, [None])[0]
-        if unit_axis(squeeze, "Gather", 1) and len(readers[result]) == 1 and unit_axis(unsqueeze, "Unsqueeze", 1):
+        if known.unit_axis(squeeze, "Gather", 1) and len(readers[result]) == 1 \
+                and known.unit_axis(unsqueeze, "Unsqueeze", 1):
             query, result = squeeze.input[0], unsqueeze.output[0]
         fused[result] = helper.make_node(
             "DecoderCrossAttention", [query, names["cross_k"], names["cross_v"], "src_mask", "slot_row", "row_slot"],
@@ -459,10 +474,10 @@ def fuse_add_norm_quantize(model: onnx.ModelProto) -> onnx.ModelProto:
     dropped: set[int] = set()
     for norm in graph.node:
         attributes = {a.name: helper.get_attribute_value(a) for a in norm.attribute}
-        add = constants.producer.get(norm.input[0])
+        add = constants.made_by(norm.input[0], "Add")
         weights = [constants.initializer(name) for name in norm.input[1:3]]
         if norm.op_type != "LayerNormalization" or attributes.get("axis", -1) != -1 or None in weights \
-                or len(weights) != 2 or add is None or add.op_type != "Add" or len(readers[add.output[0]]) != 1 \
+                or len(weights) != 2 or add is None or len(readers[add.output[0]]) != 1 \
                 or any(constants.initializer(name) for name in add.input):
             continue
         width = constants.values[weights[0]].size
@@ -488,11 +503,9 @@ def fuse_add_norm_quantize(model: onnx.ModelProto) -> onnx.ModelProto:
 
 
 def _keeps_last_axis(gather: onnx.NodeProto, readers: dict, constants: Constants, width: int) -> bool:
-    """gather takes one constant position of axis 1 and its only reader is a QuantizeLinear whose
-    only reader is an integer projection of `width` inputs, so the norm's axis is still last."""
-    axis = next((a.i for a in gather.attribute if a.name == "axis"), 0)
-    index = constants.initializer(gather.input[1]) if len(gather.input) == 2 else None
-    if gather.op_type != "Gather" or axis != 1 or index is None or constants.values[index].ndim != 0:
+    """gather takes position 0 of axis 1 and its only reader is a QuantizeLinear whose only
+    reader is an integer projection of `width` inputs, so the norm's axis is still last."""
+    if not constants.unit_axis(gather, "Gather", 1):
         return False
     quantizers = readers[gather.output[0]]
     if len(quantizers) != 1 or quantizers[0].op_type != "QuantizeLinear" or len(readers[quantizers[0].output[0]]) != 1:
@@ -513,19 +526,14 @@ def fuse_embedding(model: onnx.ModelProto) -> onnx.ModelProto:
     tokens and positions graph inputs, constant tables, a calibrated scale) stays as it is."""
     graph = model.graph
     constants = Constants(graph)
-    producer = constants.producer
-
-    def made_by(name: str, op_type: str) -> onnx.NodeProto | None:
-        node = producer.get(name)
-        return node if node is not None and node.op_type == op_type else None
+    made_by = constants.made_by
 
     def rows_of(gather: onnx.NodeProto | None, source: str) -> str | None:
         """The constant table a Gather (axis 0) reads rows of, at `source` unsqueezed to (R, 1)."""
-        if gather is None or next((a.i for a in gather.attribute if a.name == "axis"), 0) != 0:
+        if gather is None or int_attribute(gather, "axis", 0) != 0:
             return None
         ids = made_by(gather.input[1], "Unsqueeze")
-        axes = constants.initializer(ids.input[1]) if ids is not None and len(ids.input) == 2 else None
-        if ids is None or ids.input[0] != source or axes is None or constants.values[axes].tolist() != [1]:
+        if not constants.unit_axis(ids, "Unsqueeze", 1) or ids.input[0] != source:
             return None
         return constants.initializer(gather.input[0])
 

@@ -36,7 +36,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from export.optimize import bias_add, inferred_dims, readers_of
+from export.optimize import bias_add, inferred_dims, int_attribute, readers_of
 
 GATHER_MIN_ROWS = 1024  # quantize vocabulary tables; small tables (positions) stay fp32
 
@@ -91,7 +91,7 @@ def quantize_int8(model: onnx.ModelProto, weight_bits: int = 8,
                 if rows is not None:
                     zero_points.setdefault(rows, zero_point)
         elif table is not None and len(table.dims) == 2 and table.dims[0] >= GATHER_MIN_ROWS \
-                and table.data_type == TensorProto.FLOAT and _attr(node, "axis", 0) == 0:
+                and table.data_type == TensorProto.FLOAT and int_attribute(node, "axis", 0) == 0:
             nodes, inits = _quantized_gather(node, numpy_helper.to_array(table))
         else:
             new_nodes.append(node)
@@ -113,13 +113,6 @@ def quantize_int8(model: onnx.ModelProto, weight_bits: int = 8,
     return model
 
 
-def _attr(node: onnx.NodeProto, name: str, default: int) -> int:
-    for attribute in node.attribute:
-        if attribute.name == name:
-            return attribute.i
-    return default
-
-
 def _drop_float_to_float_casts(model: onnx.ModelProto) -> None:
     """Cast nodes that turn a float tensor into a float tensor do nothing: their readers read
     the input instead."""
@@ -127,7 +120,7 @@ def _drop_float_to_float_casts(model: onnx.ModelProto) -> None:
     types = {v.name: v.type.tensor_type.elem_type for v in [*inferred.value_info, *inferred.input]}
     graph_outputs = {output.name for output in model.graph.output}
     aliases = {n.output[0]: n.input[0] for n in model.graph.node
-               if n.op_type == "Cast" and _attr(n, "to", 0) == TensorProto.FLOAT
+               if n.op_type == "Cast" and int_attribute(n, "to", 0) == TensorProto.FLOAT
                and types.get(n.input[0]) == TensorProto.FLOAT and n.output[0] not in graph_outputs}
     kept = [n for n in model.graph.node if not (n.op_type == "Cast" and n.output[0] in aliases)]
     for node in kept:
@@ -222,7 +215,8 @@ def convert_fp16(model: onnx.ModelProto, fp32_outputs: list[str]) -> onnx.ModelP
 
     _inline_initializer_identities(model)
     # Explicit casts to fp32 (the logits before log-softmax) must stay casts to fp32.
-    casts_to_fp32 = [n.name for n in model.graph.node if n.op_type == "Cast" and _attr(n, "to", 0) == TensorProto.FLOAT]
+    casts_to_fp32 = [n.name for n in model.graph.node
+                     if n.op_type == "Cast" and int_attribute(n, "to", 0) == TensorProto.FLOAT]
     converted = float16.convert_float_to_float16(
         model, keep_io_types=False, op_block_list=FP16_KEEP_FP32_OPS, node_block_list=casts_to_fp32,
         max_finite_val=65504.0,
