@@ -10,6 +10,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, star
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 ROW_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
+STEP_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0)
 RATIO_BUCKETS = (0.0, 0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.8, 1.0)
 
 
@@ -29,6 +30,9 @@ class Metrics:
         self.padding_ratio = Histogram("parley_padding_ratio",
                                        "Share of padded source positions per engine step.", ["model"],
                                        buckets=RATIO_BUCKETS, registry=r)
+        self.step_duration = Histogram("parley_step_duration_seconds",
+                                       "Time of one engine step (a decoder run and the search's choice) in a lane.",
+                                       ["model"], buckets=STEP_BUCKETS, registry=r)
         self.input_tokens = Counter("parley_input_tokens", "Source subword tokens translated.", ["model"],
                                     registry=r)
         self.generated_tokens = Counter("parley_generated_tokens", "Target subword tokens returned (best hypothesis).",

@@ -93,6 +93,7 @@ class Scheduler:
         self._queue_duration = metrics.queue_duration.labels(name)
         self._batch_size = metrics.batch_size.labels(name)
         self._padding_ratio = metrics.padding_ratio.labels(name)
+        self._step_duration = metrics.step_duration.labels(name)
         self._generated_tokens = metrics.generated_tokens.labels(name)
         self._lane_failures = metrics.lane_failures.labels(name)
         self._running_lanes = metrics.running_lanes.labels(name)
@@ -264,9 +265,10 @@ class Scheduler:
 
     def _on_report(self, lane: int, message: tuple) -> None:
         _, endings, stats = message
-        for rows, padding in stats:
+        for rows, padding, seconds in stats:
             self._batch_size.observe(rows)
             self._padding_ratio.observe(padding)
+            self._step_duration.observe(seconds)
         self.settle(lane, endings)
         self._admit()  # the lane has room again
 

@@ -19,7 +19,7 @@ LaneEngine.decode.
 Messages, pickled tuples on the pipe:
   parent -> lane: ("admit", [Job]), ("cancel", [key]), ("stop",)
   lane -> parent: ("ready", precision, device) or ("error", exception), once, after loading;
-                  then ("ended", [Ending], [(rows, padding ratio) of each step since the last])
+                  then ("ended", [Ending], [(rows, padding ratio, seconds) of each step since the last])
 Jobs and Endings travel as plain tuples (to_wire, from_wire): pickle handles those in C,
 while each dataclass it reduces and rebuilds in Python (a report of four endings: 38 -> 13
 us to pickle, 35 -> 11 to load, measured with the processor's caches cold, as they are
@@ -436,7 +436,7 @@ class _LaneLoop:
         self.next_deadline = math.inf  # the earliest of them: no text expires before
         self.endings: list[Ending] = []
         self.first_unsent = 0.0  # when the oldest of `endings` ended
-        self.stats: list[tuple[int, float]] = []
+        self.stats: list[tuple[int, float, float]] = []
 
     def run(self) -> None:
         while True:
@@ -519,7 +519,7 @@ class _LaneLoop:
 
     def _step(self) -> None:
         backend = self.batch.backend
-        self.stats.append((backend.rows, backend.padding_ratio))
+        rows, padding, started = backend.rows, backend.padding_ratio, time.perf_counter()
         try:
             finished = self.batch.step()
         except Exception as error:  # an engine failure fails the texts in the batch, not the lane
@@ -527,6 +527,7 @@ class _LaneLoop:
             self.deadlines.clear()
             self.batch = self.engine.new_search()
             return
+        self.stats.append((rows, padding, time.perf_counter() - started))
         for key, _ in finished:
             del self.deadlines[key]
         self._end([Ending(key, hypotheses) for key, hypotheses in finished])

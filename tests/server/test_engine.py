@@ -201,7 +201,7 @@ def test_lane_messages_cross_the_pipe_as_plain_tuples_and_arrive_whole():
     admit = ("admit", [Job(("req", 3), [5, 6, 7], DecodingParams(beam_size=4, num_hypotheses=2, length_penalty=0.6,
                                                                   max_length=30, min_length=2), 12.5)])
     ended = ("ended", [Ending(1, [Hypothesis((9, 8), -1.5), Hypothesis((9,), -2.0)]), Ending(2, []),
-                       Ending(3, reason="cancelled")], [(4, 0.25)])
+                       Ending(3, reason="cancelled")], [(4, 0.25, 0.0015)])
     for message in (admit, ended, ("cancel", [1, 2]), ("stop",)):
         wire = to_wire(message)
         # only tuples, lists and plain values: nothing pickle would reduce in Python

@@ -90,7 +90,7 @@ def test_the_event_loop_end_of_a_lane_pipe_speaks_connection_frames_without_bloc
         assert pipe.unsent, "the whole message was written: the test needs one the pipe cannot take"
         got = await asyncio.to_thread(lambda: [from_wire(lane_end.recv()), from_wire(lane_end.recv())])
         assert got == [big, ("cancel", [7])]
-        reports = [("ended", [], [(3, 0.5)]), ("ended", [Ending(i, []) for i in range(15_000)], [])]  # > one read
+        reports = [("ended", [], [(3, 0.5, 0.002)]), ("ended", [Ending(i, []) for i in range(15_000)], [])]  # > one read
         for report in reports:
             lane_end.send(to_wire(report))
         while len(received) < len(reports):

@@ -56,20 +56,21 @@ def test_concurrent_clients_get_sequential_results_and_are_batched(running):
     texts = [TEXTS[i % 3] + " ok" * (i % 4) for i in range(64)]
     sequential = [stub.Translate(request(t, beam_size=1 + i % 3)).translations[0].hypotheses[0].text
                   for i, t in enumerate(texts)]
-    before = batch_rows(running)
+    before = step_totals(running)
     with concurrent.futures.ThreadPoolExecutor(64) as pool:
         calls = [pool.submit(running.stub().Translate, request(t, beam_size=1 + i % 3)) for i, t in enumerate(texts)]
         concurrent_results = [c.result().translations[0].hypotheses[0].text for c in calls]
     assert concurrent_results == sequential
-    steps, rows = (a - b for a, b in zip(batch_rows(running), before))
+    steps, rows, timed_steps, seconds = (a - b for a, b in zip(step_totals(running), before))
     assert rows / steps > 4, f"{rows} rows over {steps} engine steps: concurrent calls were not batched"
+    assert timed_steps == steps and 0 < seconds / steps < 1.0  # every step timed too
 
 
-def batch_rows(server):
+def step_totals(server):
+    """Engine steps and their rows so far, and the steps timed and their seconds."""
     text = server.metrics_text()
-    count = float(re.search(r'parley_batch_size_count\{model="tiny"\} (\S+)', text).group(1))
-    total = float(re.search(r'parley_batch_size_sum\{model="tiny"\} (\S+)', text).group(1))
-    return count, total
+    return [float(re.search(rf'parley_{metric}_{part}\{{model="tiny"\}} (\S+)', text).group(1))
+            for metric in ("batch_size", "step_duration_seconds") for part in ("count", "sum")]
 
 
 def test_stream_sends_every_text_once_as_it_finishes(running):
