@@ -6,6 +6,10 @@ graph, before each integer GEMM, with one of two kinds of scale:
 - static (when calibration ranges are given; export/calibrate.py): one scale per
   projection, max |input| seen on real text / 127. Two nodes per GEMM, the bias inside:
       y = MatMulIntegerToFloat(QuantizeLinear(x, s, 128), W_s8, s, s_col, 128, bias)
+  A projection of a ReLU's output (the feed-forward's second) reads values >= 0 only: zero
+  point 0 and max / 255 give them all 255 levels instead of 127, and QuantizeLinear's clamp
+  at 0 is the ReLU itself, so the Relu node goes:
+      y = MatMulIntegerToFloat(QuantizeLinear(h, max / 255, 0), W_s8, ..., 0, bias)   (h: the ReLU's input)
 - per row (no ranges for a projection): s_row = max |x_row| / 127, computed as the graph
   runs. ONNX Runtime's DynamicQuantizeLinear takes one scale over the whole batch, so a
   sentence's translation would depend on what else shares its batch; per row, each row's
@@ -63,8 +67,10 @@ def quantize_int8(model: onnx.ModelProto, weight_bits: int = 8,
     zero_points: dict[tuple, str] = {}  # activations of one leading shape share a zero-point tensor
     readers, graph_outputs = readers_of(graph), {output.name for output in graph.output}
     folded_adds: set[str] = set()
+    relu_inputs = _relus_into_static_projections(graph, readers, graph_outputs, initializers, input_ranges)
     shared = [
         numpy_helper.from_array(np.array(128, dtype=np.uint8), "q8_zero_point"),
+        numpy_helper.from_array(np.array(0, dtype=np.uint8), "q8_zero_point_0"),
         numpy_helper.from_array(np.array([128], dtype=np.uint8), "q8_zero_point_row"),
         numpy_helper.from_array(np.array([-1], dtype=np.int64), "q8_last_axis"),
         numpy_helper.from_array(np.array(1e-12, dtype=np.float32), "q8_tiny"),
@@ -73,7 +79,7 @@ def quantize_int8(model: onnx.ModelProto, weight_bits: int = 8,
     for node in graph.node:
         weight = initializers.get(node.input[1]) if node.op_type == "MatMul" and len(node.input) == 2 else None
         table = initializers.get(node.input[0]) if node.op_type == "Gather" else None
-        if node.output[0] in folded_adds:
+        if node.output[0] in folded_adds or node.output[0] in relu_inputs:  # inside a GEMM / its quantizer now
             continue
         if weight is not None and len(weight.dims) == 2 and weight.data_type == TensorProto.FLOAT:
             weight_array = numpy_helper.to_array(weight)
@@ -82,7 +88,8 @@ def quantize_int8(model: onnx.ModelProto, weight_bits: int = 8,
                 add, _ = bias_add(node.output[0], readers, initializers, weight_array.shape[1])
                 if node.output[0] in graph_outputs:
                     add = None
-                nodes, inits = _static_quantized_matmul(node, weight_array, q_max, input_range, add)
+                nodes, inits = _static_quantized_matmul(node, weight_array, q_max, input_range, add,
+                                                        relu_inputs.get(node.input[0]))
                 if add is not None:
                     folded_adds.add(add.output[0])
             else:
@@ -142,19 +149,40 @@ def _weight_initializers(weight: np.ndarray, q_max: int, p: str) -> list[onnx.Te
             numpy_helper.from_array(col_scale.astype(np.float32), f"{p}/col_scale")]
 
 
+def _relus_into_static_projections(graph: onnx.GraphProto, readers: dict, graph_outputs: set, initializers: dict,
+                                   input_ranges: dict[bytes, float]) -> dict[str, str]:
+    """Relu output -> its input, for each Relu read only by projections with calibrated ranges
+    (their quantizers take the ReLU's place)."""
+    def static_projection(node: onnx.NodeProto) -> bool:
+        weight = initializers.get(node.input[1]) if node.op_type == "MatMul" and len(node.input) == 2 else None
+        if weight is None or len(weight.dims) != 2 or weight.data_type != TensorProto.FLOAT:
+            return False
+        return weight_key(numpy_helper.to_array(weight)[:, 0]) in input_ranges
+
+    return {n.output[0]: n.input[0] for n in graph.node
+            if n.op_type == "Relu" and n.output[0] not in graph_outputs and readers[n.output[0]]
+            and all(r.input[0] == n.output[0] and static_projection(r) for r in readers[n.output[0]])}
+
+
 def _static_quantized_matmul(node: onnx.NodeProto, weight: np.ndarray, q_max: int, input_range: float,
-                             add: onnx.NodeProto | None):
+                             add: onnx.NodeProto | None, relu_input: str | None):
     """QuantizeLinear with the calibrated scale, then the integer GEMM; with `add` (the Add of a
-    bias to the MatMul's output), its bias goes inside MatMulIntegerToFloat and its output is the GEMM's."""
+    bias to the MatMul's output), its bias goes inside MatMulIntegerToFloat and its output is the
+    GEMM's; with `relu_input` (the node reads a ReLU's output), the ReLU's input quantized with
+    zero point 0, which clamps it as the ReLU did."""
     p = node.name or node.output[0]
-    scale = np.array(max(input_range, 1e-12) / 127, dtype=np.float32)
+    if relu_input is None:
+        x, levels, zero_point = node.input[0], 127, "q8_zero_point"
+    else:
+        x, levels, zero_point = relu_input, 255, "q8_zero_point_0"
+    scale = np.array(max(input_range, 1e-12) / levels, dtype=np.float32)
     bias, y = "", node.output[0]
     if add is not None:
         bias, y = next(name for name in add.input if name != node.output[0]), add.output[0]
     nodes = [
-        helper.make_node("QuantizeLinear", [node.input[0], f"{p}/x_scale", "q8_zero_point"], [f"{p}/x_u8"]),
+        helper.make_node("QuantizeLinear", [x, f"{p}/x_scale", zero_point], [f"{p}/x_u8"]),
         helper.make_node("MatMulIntegerToFloat", [f"{p}/x_u8", f"{p}/w_s8", f"{p}/x_scale", f"{p}/col_scale",
-                                                  "q8_zero_point", "", bias], [y], domain="com.microsoft"),
+                                                  zero_point, "", bias], [y], domain="com.microsoft"),
     ]
     return nodes, _weight_initializers(weight, q_max, p) + [numpy_helper.from_array(scale, f"{p}/x_scale")]
 

@@ -252,6 +252,32 @@ def test_calibrated_int8_quantizes_with_fixed_scales_and_adds_biases_in_the_gemm
     assert gemms and all(len(n.input) == 7 and n.input[6] in vectors for n in gemms)  # every projection has one
 
 
+@pytest.mark.parametrize("graph,layers", [("encoder", "encoder_layers"), ("decoder_step", "decoder_layers")])
+def test_calibrated_int8_quantizes_relu_outputs_over_all_levels_without_the_relu(tiny_checkpoint, calibrated_package,
+                                                                                  graph, layers):
+    """A ReLU's output is >= 0: its projection's quantizer reads the ReLU's input with zero point
+    0 and scale max / 255 (QuantizeLinear's clamp at 0 is the ReLU), not zero point 128 and
+    max / 127, which left half the levels unused."""
+    package, model = ModelPackage.load(calibrated_package), load_model(tiny_checkpoint)
+    feed_forwards = [layer.feed_forward for layer in getattr(model, layers)]
+    int8 = onnx.load(str(package.graph_path("int8", graph))).graph
+    assert sum(n.op_type == "Relu" for n in onnx.load(str(package.graph_path("fp32", graph))).graph.node) == \
+        len(feed_forwards)
+    assert "Relu" not in {n.op_type for n in int8.node}
+    values = {init.name: onnx.numpy_helper.to_array(init) for init in int8.initializer}
+    nonnegative = [n for n in int8.node if n.op_type == "QuantizeLinear" and values[n.input[2]] == 0]
+    readers = {n.input[0]: n for n in int8.node if n.op_type == "MatMulIntegerToFloat"}
+    assert len(nonnegative) == len(feed_forwards)
+    assert all(values[readers[q.output[0]].input[4]] == 0 for q in nonnegative)  # the GEMM's zero point too
+    assert all(values[n.input[2]] == 128 for n in int8.node if n.op_type == "QuantizeLinear" and n not in nonnegative)
+    tokenizer = Tokenizer(calibrated_package / "spm.model")
+    sources = [ids for ids in tokenizer.encode(read_lines(split_path(DATA_DIR, "train", "en"))[:64])
+               if len(ids) < model.config.max_positions]
+    ranges = input_ranges(model, sources)
+    expected = [ranges[weight_key(f.linear2.weight[0].detach().numpy())] / 255 for f in feed_forwards]
+    assert sorted(float(values[q.input[1]]) for q in nonnegative) == pytest.approx(sorted(expected), rel=1e-6)
+
+
 def test_calibrated_int8_translates_like_pytorch_on_text_like_its_calibration(tiny_checkpoint, calibrated_package):
     """Held-out sentences of the calibration corpus. (Random token prefixes, as the logits check
     feeds, can leave the calibrated ranges and saturate: that check is for per-row scales.)"""
