@@ -77,11 +77,11 @@ def quantize_int8(model: onnx.ModelProto, weight_bits: int = 8,
         numpy_helper.from_array(np.array(1 / 127, dtype=np.float32), "q8_inv_127"),
     ]
     for node in graph.node:
-        weight = initializers.get(node.input[1]) if node.op_type == "MatMul" and len(node.input) == 2 else None
+        weight = _projection_weight(node, initializers)
         table = initializers.get(node.input[0]) if node.op_type == "Gather" else None
         if node.output[0] in folded_adds or node.output[0] in relu_inputs:  # inside a GEMM / its quantizer now
             continue
-        if weight is not None and len(weight.dims) == 2 and weight.data_type == TensorProto.FLOAT:
+        if weight is not None:
             weight_array = numpy_helper.to_array(weight)
             input_range = input_ranges.get(weight_key(weight_array[:, 0]))
             if input_range is not None:
@@ -149,15 +149,21 @@ def _weight_initializers(weight: np.ndarray, q_max: int, p: str) -> list[onnx.Te
             numpy_helper.from_array(col_scale.astype(np.float32), f"{p}/col_scale")]
 
 
+def _projection_weight(node: onnx.NodeProto, initializers: dict) -> onnx.TensorProto | None:
+    """The float (inputs, outputs) matrix a MatMul node multiplies by, if it is one: a projection."""
+    weight = initializers.get(node.input[1]) if node.op_type == "MatMul" and len(node.input) == 2 else None
+    if weight is None or len(weight.dims) != 2 or weight.data_type != TensorProto.FLOAT:
+        return None
+    return weight
+
+
 def _relus_into_static_projections(graph: onnx.GraphProto, readers: dict, graph_outputs: set, initializers: dict,
                                    input_ranges: dict[bytes, float]) -> dict[str, str]:
     """Relu output -> its input, for each Relu read only by projections with calibrated ranges
     (their quantizers take the ReLU's place)."""
     def static_projection(node: onnx.NodeProto) -> bool:
-        weight = initializers.get(node.input[1]) if node.op_type == "MatMul" and len(node.input) == 2 else None
-        if weight is None or len(weight.dims) != 2 or weight.data_type != TensorProto.FLOAT:
-            return False
-        return weight_key(numpy_helper.to_array(weight)[:, 0]) in input_ranges
+        weight = _projection_weight(node, initializers)
+        return weight is not None and weight_key(numpy_helper.to_array(weight)[:, 0]) in input_ranges
 
     return {n.output[0]: n.input[0] for n in graph.node
             if n.op_type == "Relu" and n.output[0] not in graph_outputs and readers[n.output[0]]
