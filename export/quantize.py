@@ -6,10 +6,6 @@ graph, before each integer GEMM, with one of two kinds of scale:
 - static (when calibration ranges are given; export/calibrate.py): one scale per
   projection, max |input| seen on real text / 127. Two nodes per GEMM, the bias inside:
       y = MatMulIntegerToFloat(QuantizeLinear(x, s, 128), W_s8, s, s_col, 128, bias)
-  A projection of a ReLU's output (the feed-forward's second) reads values >= 0 only: zero
-  point 0 and max / 255 give them all 255 levels instead of 127, and QuantizeLinear's clamp
-  at 0 is the ReLU itself, so the Relu node goes:
-      y = MatMulIntegerToFloat(QuantizeLinear(h, max / 255, 0), W_s8, ..., 0, bias)   (h: the ReLU's input)
 - per row (no ranges for a projection): s_row = max |x_row| / 127, computed as the graph
   runs. ONNX Runtime's DynamicQuantizeLinear takes one scale over the whole batch, so a
   sentence's translation would depend on what else shares its batch; per row, each row's
@@ -18,6 +14,12 @@ graph, before each integer GEMM, with one of two kinds of scale:
   scales MatMulIntegerToFloat's bias by it too. Opset 21's blocked QuantizeLinear takes
   the row scale; its zero point must have the scale's shape: one (rows..., 1) tensor of
   128s, made once for all activations of the same leading shape.
+
+A projection of a ReLU's output (the feed-forward's second) reads values >= 0 only: with
+either kind of scale it takes zero point 0 and max / 255, which gives them all 255 levels
+instead of 127, and QuantizeLinear's clamp at 0 is the ReLU itself, so the Relu node goes
+(per row, so does the Abs):
+    y = MatMulIntegerToFloat(QuantizeLinear(h, max / 255, 0), W_s8, ..., 0, ...)   (h: the ReLU's input)
 
 Both keep translations independent of batching. Static scales save about a tenth of an
 int8 step on the default model at the same BLEU; an activation beyond its calibrated
@@ -64,17 +66,19 @@ def quantize_int8(model: onnx.ModelProto, weight_bits: int = 8,
     initializers = {init.name: init for init in graph.initializer}
     new_nodes, new_inits, replaced = [], [], set()
     row_shapes = _leading_shapes(model)
-    zero_points: dict[tuple, str] = {}  # activations of one leading shape share a zero-point tensor
+    zero_points: dict[tuple, str] = {}  # (leading shape, a ReLU's?) -> the zero-point tensor they share
     readers, graph_outputs = readers_of(graph), {output.name for output in graph.output}
     folded_adds: set[str] = set()
-    relu_inputs = _relus_into_static_projections(graph, readers, graph_outputs, initializers, input_ranges)
+    relu_inputs = _relus_into_projections(graph, readers, graph_outputs, initializers)
     shared = [
         numpy_helper.from_array(np.array(128, dtype=np.uint8), "q8_zero_point"),
         numpy_helper.from_array(np.array(0, dtype=np.uint8), "q8_zero_point_0"),
         numpy_helper.from_array(np.array([128], dtype=np.uint8), "q8_zero_point_row"),
+        numpy_helper.from_array(np.array([0], dtype=np.uint8), "q8_zero_point_row_0"),
         numpy_helper.from_array(np.array([-1], dtype=np.int64), "q8_last_axis"),
         numpy_helper.from_array(np.array(1e-12, dtype=np.float32), "q8_tiny"),
         numpy_helper.from_array(np.array(1 / 127, dtype=np.float32), "q8_inv_127"),
+        numpy_helper.from_array(np.array(1 / 255, dtype=np.float32), "q8_inv_255"),
     ]
     for node in graph.node:
         weight = _projection_weight(node, initializers)
@@ -93,9 +97,11 @@ def quantize_int8(model: onnx.ModelProto, weight_bits: int = 8,
                 if add is not None:
                     folded_adds.add(add.output[0])
             else:
-                rows = row_shapes.get(node.input[0])
-                nodes, inits, zero_point = _quantized_matmul(node, weight_array, q_max, zero_points.get(rows))
-                if rows is not None:
+                relu_input = relu_inputs.get(node.input[0])
+                rows = row_shapes.get(node.input[0]), relu_input is not None
+                nodes, inits, zero_point = _quantized_matmul(node, weight_array, q_max, zero_points.get(rows),
+                                                             relu_input)
+                if rows[0] is not None:
                     zero_points.setdefault(rows, zero_point)
         elif table is not None and len(table.dims) == 2 and table.dims[0] >= GATHER_MIN_ROWS \
                 and table.data_type == TensorProto.FLOAT and int_attribute(node, "axis", 0) == 0:
@@ -157,17 +163,14 @@ def _projection_weight(node: onnx.NodeProto, initializers: dict) -> onnx.TensorP
     return weight
 
 
-def _relus_into_static_projections(graph: onnx.GraphProto, readers: dict, graph_outputs: set, initializers: dict,
-                                   input_ranges: dict[bytes, float]) -> dict[str, str]:
-    """Relu output -> its input, for each Relu read only by projections with calibrated ranges
-    (their quantizers take the ReLU's place)."""
-    def static_projection(node: onnx.NodeProto) -> bool:
-        weight = _projection_weight(node, initializers)
-        return weight is not None and weight_key(numpy_helper.to_array(weight)[:, 0]) in input_ranges
-
+def _relus_into_projections(graph: onnx.GraphProto, readers: dict, graph_outputs: set,
+                            initializers: dict) -> dict[str, str]:
+    """Relu output -> its input, for each Relu read only by projections (their quantizers take
+    the ReLU's place)."""
     return {n.output[0]: n.input[0] for n in graph.node
             if n.op_type == "Relu" and n.output[0] not in graph_outputs and readers[n.output[0]]
-            and all(r.input[0] == n.output[0] and static_projection(r) for r in readers[n.output[0]])}
+            and all(r.input[0] == n.output[0] and _projection_weight(r, initializers) is not None
+                    for r in readers[n.output[0]])}
 
 
 def _static_quantized_matmul(node: onnx.NodeProto, weight: np.ndarray, q_max: int, input_range: float,
@@ -193,23 +196,31 @@ def _static_quantized_matmul(node: onnx.NodeProto, weight: np.ndarray, q_max: in
     return nodes, _weight_initializers(weight, q_max, p) + [numpy_helper.from_array(scale, f"{p}/x_scale")]
 
 
-def _quantized_matmul(node: onnx.NodeProto, weight: np.ndarray, q_max: int, zero_point: str | None):
+def _quantized_matmul(node: onnx.NodeProto, weight: np.ndarray, q_max: int, zero_point: str | None,
+                      relu_input: str | None):
     """The int8 chain for one MatMul; returns its nodes, initializers and the name of its
-    (rows..., 1) zero-point tensor: `zero_point` if given (one of the same shape), else its own."""
+    (rows..., 1) zero-point tensor: `zero_point` if given (one of the same shape and kind), else
+    its own. With `relu_input` (the node reads a ReLU's output), the ReLU's input row by row over
+    255 levels from zero point 0, which clamps it as the ReLU did."""
     p = node.name or node.output[0]
-    x, y = node.input[0], node.output[0]
+    y = node.output[0]
+    if relu_input is None:  # each row's max |x| over the 127 levels either side of 128
+        x, inverse_levels, row_zero, gemm_zero = node.input[0], "q8_inv_127", "q8_zero_point_row", "q8_zero_point"
+        nodes = [helper.make_node("Abs", [x], [f"{p}/abs"]),
+                 helper.make_node("ReduceMax", [f"{p}/abs", "q8_last_axis"], [f"{p}/rowmax"], keepdims=1)]
+    else:
+        x, inverse_levels, row_zero, gemm_zero = relu_input, "q8_inv_255", "q8_zero_point_row_0", "q8_zero_point_0"
+        nodes = [helper.make_node("ReduceMax", [x, "q8_last_axis"], [f"{p}/rowmax"], keepdims=1)]
     # No bias input: with a per-row a_scale, ONNX Runtime 1.32 scales the bias by it too.
-    inputs = [f"{p}/x_u8", f"{p}/w_s8", f"{p}/row_scale", f"{p}/col_scale", "q8_zero_point"]
-    nodes = [
-        helper.make_node("Abs", [x], [f"{p}/abs"]),
-        helper.make_node("ReduceMax", [f"{p}/abs", "q8_last_axis"], [f"{p}/absmax"], keepdims=1),
-        helper.make_node("Max", [f"{p}/absmax", "q8_tiny"], [f"{p}/absmax_safe"]),
-        helper.make_node("Mul", [f"{p}/absmax_safe", "q8_inv_127"], [f"{p}/row_scale"]),
+    inputs = [f"{p}/x_u8", f"{p}/w_s8", f"{p}/row_scale", f"{p}/col_scale", gemm_zero]
+    nodes += [
+        helper.make_node("Max", [f"{p}/rowmax", "q8_tiny"], [f"{p}/rowmax_safe"]),
+        helper.make_node("Mul", [f"{p}/rowmax_safe", inverse_levels], [f"{p}/row_scale"]),
     ]
     if zero_point is None:  # blocked QuantizeLinear wants a zero point of its scale's shape
         zero_point = f"{p}/row_zero_point"
         nodes += [helper.make_node("Shape", [f"{p}/row_scale"], [f"{p}/rows"]),
-                  helper.make_node("Expand", ["q8_zero_point_row", f"{p}/rows"], [zero_point])]
+                  helper.make_node("Expand", [row_zero, f"{p}/rows"], [zero_point])]
     nodes += [
         helper.make_node("QuantizeLinear", [x, f"{p}/row_scale", zero_point], [f"{p}/x_u8"],
                          axis=-1, block_size=weight.shape[0]),

@@ -214,7 +214,33 @@ def test_int8_quantizes_each_activation_in_one_pass_with_shared_zero_points(tiny
     assert all({a.name for a in q.attribute} == {"axis", "block_size"} for q in quantizers)
     producer = {output: n.op_type for n in nodes for output in n.output}
     assert not [q.name for q in quantizers if producer.get(q.input[0]) == "Div"]
-    assert 1 <= len({q.input[2] for q in quantizers}) <= 2  # per graph: (rows, 1) and (rows, 1, 1)
+    # per graph: (rows, 1) and (rows, 1, 1), of 128s, and of 0s for the ReLUs' outputs
+    assert 1 <= len({q.input[2] for q in quantizers}) <= 4
+    assert not {"Relu", "DynamicQuantizeLinear"} & {n.op_type for n in nodes}
+
+
+def test_per_row_int8_quantizes_relu_outputs_from_zero_over_255_levels(tiny_package, tmp_path):
+    """Each row of a ReLU's input h: scale max(h_row) / 255, zero point 0, so that the quantizer
+    clamps negatives to 0 as the ReLU did and the positives get every level."""
+    model = onnx.load(str(ModelPackage.load(tiny_package).graph_path("int8", "encoder")))
+    producer = {output: n for n in model.graph.node for output in n.output}
+    from_zero = [n for n in model.graph.node if n.op_type == "QuantizeLinear"
+                 and producer[n.input[2]].input[0] == "q8_zero_point_row_0"]
+    assert len(from_zero) == ModelPackage.load(tiny_package).architecture["encoder_layers"]
+    quantizer = from_zero[0]
+    h, scale, x_u8 = quantizer.input[0], quantizer.input[1], quantizer.output[0]
+    assert producer[h].op_type == "Add"  # the first projection's bias: no Relu between
+    model.graph.output.extend(onnx.helper.make_empty_tensor_value_info(name) for name in (h, scale, x_u8))
+    path = tmp_path / "encoder.onnx"
+    onnx.save(model, str(path))
+    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    src = pad_batch([[5, 6, 7, 8, 2], [9, 10, 2]], pad_id=0)
+    h_values, scales, quantized = session.run([h, scale, x_u8], {"src_tokens": src})
+    assert (h_values < 0).any() and (h_values > 0).any()
+    assert np.allclose(scales, h_values.max(axis=-1, keepdims=True) / 255, rtol=1e-6)
+    expected = np.clip(np.rint(np.maximum(h_values, 0) / scales), 0, 255)
+    assert np.abs(quantized.astype(np.int64) - expected).max() <= 1  # rounding of x / s vs x * (1 / s)
+    assert quantized.max() == 255
 
 
 def test_calibration_records_each_projections_largest_input(tiny_checkpoint):

@@ -30,7 +30,12 @@ def test_default_model_translates(default_package, precision):
     texts = ["A man is riding a bike.", "Two dogs are playing in the snow."]
     greedy = engine.translate(texts, [DecodingParams(max_length=30)] * 2)
     beam = engine.translate(texts, [DecodingParams(beam_size=4, num_hypotheses=2, max_length=30)] * 2)
-    assert greedy[0][0].text == "Ein Mann fährt Fahrrad."
+    if precision == "fp32":
+        assert greedy[0][0].text == "Ein Mann fährt Fahrrad."
+    else:  # fp32 ranks two translations of this one within int8's rounding: int8 takes one of them
+        fp32 = Engine(default_package, precision="fp32", device="cpu")
+        two_best = fp32.translate(texts[:1], [DecodingParams(beam_size=4, num_hypotheses=2, max_length=30)])[0]
+        assert greedy[0][0].text in [h.text for h in two_best]
     assert greedy[1][0].text == "Zwei Hunde spielen im Schnee."
     assert [h.text for h in beam[1]][0] == "Zwei Hunde spielen im Schnee."
     assert beam[0][0].score >= beam[0][1].score
