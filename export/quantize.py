@@ -88,21 +88,21 @@ def quantize_int8(model: onnx.ModelProto, weight_bits: int = 8,
         if weight is not None:
             weight_array = numpy_helper.to_array(weight)
             input_range = input_ranges.get(weight_key(weight_array[:, 0]))
+            relu_input = relu_inputs.get(node.input[0])
             if input_range is not None:
                 add, _ = bias_add(node.output[0], readers, initializers, weight_array.shape[1])
                 if node.output[0] in graph_outputs:
                     add = None
-                nodes, inits = _static_quantized_matmul(node, weight_array, q_max, input_range, add,
-                                                        relu_inputs.get(node.input[0]))
+                nodes, inits = _static_quantized_matmul(node, weight_array, q_max, input_range, add, relu_input)
                 if add is not None:
                     folded_adds.add(add.output[0])
             else:
-                relu_input = relu_inputs.get(node.input[0])
-                rows = row_shapes.get(node.input[0]), relu_input is not None
-                nodes, inits, zero_point = _quantized_matmul(node, weight_array, q_max, zero_points.get(rows),
+                rows = row_shapes.get(node.input[0])
+                kind = rows, relu_input is not None
+                nodes, inits, zero_point = _quantized_matmul(node, weight_array, q_max, zero_points.get(kind),
                                                              relu_input)
-                if rows[0] is not None:
-                    zero_points.setdefault(rows, zero_point)
+                if rows is not None:
+                    zero_points.setdefault(kind, zero_point)
         elif table is not None and len(table.dims) == 2 and table.dims[0] >= GATHER_MIN_ROWS \
                 and table.data_type == TensorProto.FLOAT and int_attribute(node, "axis", 0) == 0:
             nodes, inits = _quantized_gather(node, numpy_helper.to_array(table))
