@@ -24,7 +24,7 @@ from export.calibrate import input_ranges
 from export.graphs import export_graphs
 from export.io import OPSET
 from export.optimize import (constants_as_initializers, fold_output_scales, fold_reshape_shapes,
-                             fuse_add_norm_quantize, fuse_attention, fuse_embedding, fuse_top_k,
+                             fuse_add_norm_quantize, fuse_attention, fuse_embedding, fuse_top_k, gemms_as_matmuls,
                              merge_parallel_matmuls, merge_reshape_chains, reshape_unit_axis_transposes)
 from export.package import FORMAT_VERSION, GRAPHS, MANIFEST_FILE, ModelPackage, file_record, name_problem
 from export.quantize import convert_fp16, quantize_int8, weight_key
@@ -217,7 +217,7 @@ def build_variants(model: Transformer, staging: Path, options: ExportOptions, ca
     log("exporting fp32 graphs")
     ranges = dict(calibration.ranges) if calibration else None
     for path in export_graphs(model, staging / "fp32"):
-        graph, rescaled = fold_output_scales(constants_as_initializers(onnx.load(str(path))))
+        graph, rescaled = fold_output_scales(gemms_as_matmuls(constants_as_initializers(onnx.load(str(path)))))
         for before, after in rescaled if ranges is not None else ():
             if weight_key(before) in ranges:  # the projection keeps its calibrated range under its new weights
                 ranges[weight_key(after)] = ranges[weight_key(before)]

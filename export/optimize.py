@@ -1,5 +1,8 @@
 """Graph rewrites applied at export, most of them before precision variants are derived.
 
+gemms_as_matmuls: Gemm nodes of constant weights (2-D projections) as MatMul and Add, the
+form every rewrite below and int8 quantization read.
+
 fold_reshape_shapes: constant target shapes for the Reshapes the tracer computes from
 other tensors' shapes (below), and with them the shape chains gone.
 
@@ -41,6 +44,33 @@ from collections import defaultdict
 import numpy as np
 import onnx
 from onnx import helper, numpy_helper
+
+
+def gemms_as_matmuls(model: onnx.ModelProto) -> onnx.ModelProto:
+    """Each Gemm of an activation by a constant weight (torch.nn.Linear on 2-D input exports as
+    one: the encoder's layers run on its packed positions, model.layers.Packing) becomes MatMul
+    and the Add of its bias, the projection form the rewrites here and int8 quantization read."""
+    graph = model.graph
+    constants = Constants(graph)
+    nodes = []
+    for node in graph.node:
+        weight = constants.initializer(node.input[1]) if node.op_type == "Gemm" else None
+        scaled = any(a.name in ("alpha", "beta") and a.f != 1.0 for a in node.attribute)
+        if weight is None or scaled or int_attribute(node, "transA", 0):
+            nodes.append(node)
+            continue
+        array = constants.values[weight]
+        name = node.name or node.output[0]
+        matrix = numpy_helper.from_array(np.ascontiguousarray(
+            array.T if int_attribute(node, "transB", 0) else array), f"{name}/weight")
+        graph.initializer.append(matrix)
+        if len(node.input) < 3 or not node.input[2]:
+            nodes.append(helper.make_node("MatMul", [node.input[0], matrix.name], list(node.output), name=name))
+            continue
+        product = f"{name}/product"
+        nodes += [helper.make_node("MatMul", [node.input[0], matrix.name], [product], name=name),
+                  helper.make_node("Add", [product, node.input[2]], list(node.output), name=f"{name}/bias")]
+    return with_nodes(model, nodes)
 
 
 def merge_parallel_matmuls(model: onnx.ModelProto) -> onnx.ModelProto:

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from model.config import ModelConfig
-from model.layers import DecoderLayer, EncoderLayer, sinusoidal_table
+from model.layers import DecoderLayer, EncoderLayer, Packing, sinusoidal_table
 
 
 class StepOutput(NamedTuple):
@@ -60,12 +60,13 @@ class Transformer(nn.Module):
     def encode(self, src: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """src (B, S) right-padded -> memory (B, S, D), src_mask (B, S)."""
         src_mask = padding_mask(src, self.config.pad_id)
+        packing = Packing(src_mask)  # the layers run on the real positions only
         positions = torch.arange(src.size(1), device=src.device).expand_as(src)
-        x = self.embed(src, positions)
+        x = self.embed(packing.pack(src), packing.pack(positions))  # (T, D)
         attn_mask = src_mask[:, None, None, :]  # (B, 1, 1, S)
         for layer in self.encoder_layers:
-            x = layer(x, attn_mask)
-        return self.encoder_norm(x), src_mask
+            x = layer(x, packing, attn_mask)
+        return packing.unpack(self.encoder_norm(x)), src_mask
 
     def cross_kv(self, memory: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """Cross-attention keys (B, H, dk, S) and values (B, H, S, dk) of every decoder layer, once per source."""

@@ -217,6 +217,8 @@ def test_int8_quantizes_each_activation_in_one_pass_with_shared_zero_points(tiny
     # per graph: (rows, 1) and (rows, 1, 1), of 128s, and of 0s for the ReLUs' outputs
     assert 1 <= len({q.input[2] for q in quantizers}) <= 4
     assert not {"Relu", "DynamicQuantizeLinear"} & {n.op_type for n in nodes}
+    matrices = {init.name for init in model.graph.initializer if len(init.dims) == 2}
+    assert not [n.name for n in nodes if n.op_type in ("MatMul", "Gemm") and set(n.input) & matrices]  # all int8
 
 
 def test_per_row_int8_quantizes_relu_outputs_from_zero_over_255_levels(tiny_package, tmp_path):

@@ -6,7 +6,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from decoding.grid import query_grid
 from export.optimize import (PARLEY_DOMAIN, fold_output_scales, fuse_add_norm_quantize, fuse_embedding,
-                             fuse_top_k, merge_reshape_chains)
+                             fuse_top_k, gemms_as_matmuls, merge_reshape_chains)
 from server.engine.session import fused_ops_library
 
 
@@ -63,6 +63,31 @@ def test_a_scalar_after_a_projection_moves_into_its_weights_unless_they_are_shar
     assert len(columns) == 2
     np.testing.assert_array_equal(columns[0][0], weight[:, 0])
     np.testing.assert_array_equal(columns[0][1], weight[:, 0] * np.float32(0.25))
+
+
+def test_a_projection_written_as_gemm_becomes_matmul_and_add_unless_it_scales():
+    """Linear on 2-D input exports as Gemm(transB=1) with a bias; without one, or with B as
+    it lies, the same; alpha or beta other than 1 is no plain projection and stays."""
+    rng = np.random.default_rng(0)
+    inits = [numpy_helper.from_array(rng.standard_normal(shape).astype(np.float32), name)
+             for name, shape in (("W", (3, 4)), ("b", (3,)), ("U", (4, 2)), ("V", (3, 4)))]
+    nodes = [helper.make_node("Gemm", ["x", "W", "b"], ["linear"], transB=1),
+             helper.make_node("Gemm", ["x", "U"], ["plain"]),
+             helper.make_node("Gemm", ["x", "V", "b"], ["scaled"], transB=1, alpha=0.5)]
+    outputs = [helper.make_tensor_value_info(name, TensorProto.FLOAT, None) for name in ("linear", "plain", "scaled")]
+    model = helper.make_model(helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 4])],
+                                                outputs, inits), opset_imports=[helper.make_opsetid("", 18)])
+    x = rng.standard_normal((2, 4)).astype(np.float32)
+    expected = run(model, x)
+
+    rewritten = gemms_as_matmuls(model)
+
+    assert [n.op_type for n in rewritten.graph.node] == ["MatMul", "Add", "MatMul", "Gemm"]
+    weights = {i.name: numpy_helper.to_array(i) for i in rewritten.graph.initializer}
+    assert weights[rewritten.graph.node[0].input[1]].shape == (4, 3)  # the transposed copy; W itself is gone
+    assert "W" not in weights
+    for got, want in zip(run(rewritten, x), expected):
+        np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
 
 
 def reshape_chains() -> onnx.ModelProto:

@@ -8,7 +8,7 @@ from decoding.padding import pad_batch
 from model.checkpoint import load_model, save_model
 from model.config import ModelConfig
 from model.generate import TorchStepBackend
-from model.layers import scaled_dot_product, sinusoidal_table
+from model.layers import Packing, scaled_dot_product, sinusoidal_table
 from model.transformer import causal_mask
 from tests.conftest import tiny_model
 
@@ -41,6 +41,29 @@ def test_source_padding_does_not_change_encoding(model):
     padded, mask = model.encode(batch)
     assert mask[0].tolist() == [True] * 4 + [False] * 3
     assert torch.allclose(padded[0, :4], alone[0], atol=1e-5)
+
+
+def test_the_encoder_layers_run_on_real_positions_only(model):
+    """Projections and feed-forward see each source's tokens, never its padding (Packing)."""
+    seen = []
+    hook = model.encoder_layers[0].feed_forward.linear1.register_forward_hook(
+        lambda _module, args, _out: seen.append(args[0].shape[0]))
+    batch = torch.from_numpy(pad_batch([[5, 6, 3], [8, 9, 10, 11, 12, 13, 3], [7, 3]], 0))
+    try:
+        model.encode(batch)
+    finally:
+        hook.remove()
+    assert seen == [3 + 7 + 2]
+
+
+def test_packing_keeps_the_real_positions_in_order_and_puts_them_back():
+    mask = torch.tensor([[True, True, False], [True, True, True], [True, False, False]])
+    packing = Packing(mask)
+    x = torch.arange(18.0).view(3, 3, 2)
+    packed = packing.pack(x)
+    assert packed.tolist() == x[mask].tolist()
+    assert torch.equal(packing.unpack(packed)[mask], x[mask])
+    assert torch.isfinite(packing.unpack(packed)).all()
 
 
 def test_causal_mask_forbids_the_future(model):
