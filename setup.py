@@ -1,7 +1,7 @@
 """The C parts of Parley; everything else is declared in pyproject.toml.
 
 decoding/_native.c: the search's and the backend's per-step bookkeeping (a Python module).
-server/engine/fused_ops.c: the int8 decoder step's fused attention and norms, an ONNX Runtime
+server/engine/fused_ops.c: the int8 graphs' fused attention, norms and integer GEMM, an ONNX Runtime
 custom-op library that sessions load (server.engine.session); built as an extension only so
 that it lands next to the code that loads it. -O3 vectorizes its loops over positions and
 dimensions.

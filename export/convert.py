@@ -25,7 +25,8 @@ from export.graphs import export_graphs
 from export.io import OPSET
 from export.optimize import (constants_as_initializers, fold_output_scales, fold_reshape_shapes,
                              fuse_add_norm_quantize, fuse_attention, fuse_embedding, fuse_top_k, gemms_as_matmuls,
-                             merge_parallel_matmuls, merge_reshape_chains, reshape_unit_axis_transposes)
+                             merge_parallel_matmuls, merge_reshape_chains, pack_int8_matmuls,
+                             reshape_unit_axis_transposes)
 from export.package import FORMAT_VERSION, GRAPHS, MANIFEST_FILE, ModelPackage, file_record, name_problem
 from export.quantize import convert_fp16, quantize_int8, weight_key
 from export.verify import Parity, check_variant
@@ -236,6 +237,7 @@ def build_variants(model: Transformer, staging: Path, options: ExportOptions, ca
                     converted = fuse_top_k(converted, model.config.vocab_size)
                     converted = fuse_add_norm_quantize(fuse_attention(converted, model.config.max_positions))
                     converted = fuse_embedding(converted)
+                converted = pack_int8_matmuls(converted)
             else:
                 converted = convert_fp16(source, fp32_outputs=["log_probs", "top_log_probs", "eos_log_probs"])
             onnx.checker.check_model(converted)

@@ -1,6 +1,6 @@
 """The model package: what the export tool writes and the only thing the server loads.
 
-    OUT_DIR/manifest.json        self-description (below), format_version 3
+    OUT_DIR/manifest.json        self-description (below), format_version 4
     OUT_DIR/spm.model            the SentencePiece model
     OUT_DIR/<precision>/encoder.onnx, decoder_step.onnx
 
@@ -15,12 +15,13 @@ import re
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
-# 3: the int8 decoder step's embeddings are Parley's TokenEmbedding op, which a server of format
-# 2 lacks; 2: the int8 decoder step runs Parley's fused attention, norm and top-k ops (domain
+# 4: the int8 graphs' GEMMs of 7-bit weights are Parley's Int8MatMul op, which a server of format
+# 3 lacks; 3: the int8 decoder step's embeddings are Parley's TokenEmbedding op, which a server
+# of format 2 lacks; 2: the int8 decoder step runs Parley's fused attention, norm and top-k ops (domain
 # ai.parley, server/engine/fused_ops.c), which a server of format 1 cannot load; 1: standard ONNX
 # ops only.
-FORMAT_VERSION = 3
-READABLE_FORMATS = (1, 2, 3)
+FORMAT_VERSION = 4
+READABLE_FORMATS = (1, 2, 3, 4)
 MANIFEST_FILE = "manifest.json"
 PRECISIONS = ("fp32", "int8", "fp16")
 GRAPHS = ("encoder", "decoder_step")

@@ -1,4 +1,5 @@
-/* Fused ONNX Runtime ops for the int8 decoder step (domain ai.parley, CPU).
+/* Fused ONNX Runtime ops for the int8 graphs (domain ai.parley, CPU): the decoder step's
+ * attention, norms, embeddings and top-k, and both graphs' integer GEMMs (Int8MatMul, below).
  *
  * A step runs at a few rows, where ONNX Runtime's dispatch of each node (0.2-0.3 us on a fast
  * CPU) weighs as much as the node's small kernel. Each layer's self-attention over its cache
@@ -24,7 +25,7 @@
  *   true at real tokens; slot_row (N * W) and row_slot (R) int64, decoding.grid's layout:
  *   row r reads source row_slot[r] / W.
  * The queries carry the 1/sqrt(dk) scale already (export.optimize.fold_output_scales).
- * AddLayerNormQuantize, TokenEmbedding and RowTopK: below, with their kernels.
+ * AddLayerNormQuantize, TokenEmbedding, RowTopK and Int8MatMul: below, with their kernels.
  *
  * This is a custom-op library: ONNX Runtime loads it (SessionOptions.register_custom_ops_library,
  * server.engine.session) and calls RegisterCustomOps; Python never imports it.
@@ -82,8 +83,8 @@ static OrtStatus *get_input(OrtKernelContext *context, size_t index, size_t rank
 /* The inputs of an op over rows of its first input's last axis: each input's data and element
  * count, and the first input's shape. */
 typedef struct {
-    const void *data[6];
-    size_t counts[6];
+    const void *data[8];
+    size_t counts[8]; /* 0 for an optional input the node leaves out */
     int64_t dims[8], rows, d;
     size_t rank;
 } RowInputs;
@@ -93,8 +94,14 @@ static OrtStatus *get_row_inputs(OrtKernelContext *context, size_t count, const 
     for (size_t i = 0; i < count; i++) {
         const OrtValue *value;
         OrtTensorTypeAndShapeInfo *info;
-        if ((status = ort->KernelContext_GetInput(context, i, &value)) ||
-            (status = ort->GetTensorTypeAndShape(value, &info)))
+        if ((status = ort->KernelContext_GetInput(context, i, &value)))
+            return status;
+        if (!value) { /* an optional input left out */
+            in->data[i] = NULL;
+            in->counts[i] = 0;
+            continue;
+        }
+        if ((status = ort->GetTensorTypeAndShape(value, &info)))
             return status;
         status = ort->GetTensorShapeElementCount(info, &in->counts[i]);
         if (!status && i == 0)
@@ -239,9 +246,12 @@ static Products best_products(void) {
     return (Products){score_portable, weigh_portable};
 }
 
-/* What a node's kernel keeps: the products it runs, and its epsilon attribute where it has one. */
+/* What a node's kernel keeps: the products it runs, whether its integer GEMM may use AVX2 (the
+ * same choice: the processor's, unless the node says "portable"), and its epsilon attribute
+ * where it has one. */
 typedef struct {
     Products products;
+    int vector_gemm;
     float epsilon;
 } KernelState;
 
@@ -645,11 +655,193 @@ static OrtStatus *top_k_compute(void *kernel, OrtKernelContext *context) {
     return status;
 }
 
+/* Int8MatMul(a, b, a_scale, b_scale, a_zero_point, b_column_sums, bias) -> y
+ *   A projection's integer GEMM for weights of 7 bits, MatMulIntegerToFloat's inputs in its
+ *   order (b's column sums where it takes b's zero point): a (..., K) uint8; b the (K, N) int8
+ *   weight packed by export.optimize.pack_int8_matmuls as (N / 16, K / 4, 64), each block of 16
+ *   columns a run of K / 4 steps of 4 inputs x 16 columns (columns 0-7, then 8-15, 4 inputs
+ *   each), zero-padded to whole blocks and steps, |b| <= 63; a_scale (float) and a_zero_point
+ *   (uint8), one value or one per row of a; b_scale (N); b_column_sums (N) int32, the sums of
+ *   b's columns; bias (N), optional.
+ *   y (..., N) = (a . b - a_zero_point x b_column_sums) x a_scale x b_scale + bias.
+ *   ONNX Runtime's MLAS ran these GEMMs at 8-47 GMAC/s on 1-4 rows (its packing and per-block
+ *   costs) and ~60-65 on 32; this kernel holds 4 rows x 16 columns of sums in eight registers
+ *   while the inputs stream past, ~40-55 GMAC/s at 1 row and ~70 at 4 to 32 rows on the AVX2
+ *   machine. VPMADDUBSW sums pairs of u8 x s8 products in int16, which 7-bit weights keep from
+ *   saturating (2 x 255 x 64 < 32768): the sums are exact, and so the same as the portable loops',
+ *   as is the scaling (one FMA a value in both). */
+#define GEMM_ROWS 4 /* rows a block of sums holds */
+#define GEMM_COLUMNS 16 /* columns a packed block holds */
+#define GEMM_PREFETCH 1024 /* bytes of weights ahead: a hint, so reads past the last block do no harm */
+#define GEMM_BLOCKS_PER_TASK 4 /* a task's columns: 64, 16 KB of weights at K = 256, shared by its rows */
+
+typedef struct {
+    const unsigned char *a;
+    const signed char *b;
+    const float *a_scale, *b_scale, *bias;
+    const unsigned char *a_zero_point;
+    const int32_t *column_sums;
+    int64_t rows, K, N, steps, blocks; /* steps: K / 4 rounded up; blocks: N / 16 rounded up */
+    int per_row_scale, per_row_zero_point, vector;
+    float *y;
+} GemmJob;
+
+/* Inputs k .. k + 3 of a row as one int32, zeros past K. */
+static int32_t four_inputs(const unsigned char *row, int64_t k, int64_t K) {
+    unsigned char bytes[4] = {0, 0, 0, 0};
+    memcpy(bytes, row + k, (size_t)(K - k < 4 ? K - k : 4));
+    int32_t word;
+    memcpy(&word, bytes, 4);
+    return word;
+}
+
+/* y[m, n .. n + width) from row m's integer sums of those columns, one FMA a value. */
+static void gemm_scale(const GemmJob *job, int64_t m, int64_t n, int64_t width, const int32_t *sums) {
+    const float a_scale = job->a_scale[job->per_row_scale ? m : 0];
+    const int32_t zero_point = job->a_zero_point[job->per_row_zero_point ? m : 0];
+    float *y = job->y + m * job->N + n;
+    for (int64_t c = 0; c < width; c++) {
+        const float product = (float)(sums[c] - zero_point * job->column_sums[n + c]);
+        y[c] = fmaf(product, a_scale * job->b_scale[n + c], job->bias ? job->bias[n + c] : 0.0f);
+    }
+}
+
+static void gemm_block_portable(const GemmJob *job, int64_t row, int64_t count, int64_t j) {
+    const signed char *block = job->b + j * job->steps * 64;
+    const int64_t n = j * GEMM_COLUMNS, width = job->N - n < GEMM_COLUMNS ? job->N - n : GEMM_COLUMNS;
+    for (int64_t r = 0; r < count; r++) {
+        const unsigned char *a = job->a + (row + r) * job->K;
+        int32_t sums[GEMM_COLUMNS] = {0};
+        for (int64_t step = 0; step < job->steps; step++)
+            for (int c = 0; c < GEMM_COLUMNS; c++)
+                for (int i = 0; i < 4 && step * 4 + i < job->K; i++)
+                    sums[c] += a[step * 4 + i] * block[step * 64 + c * 4 + i];
+        gemm_scale(job, row + r, n, width, sums);
+    }
+}
+
+#if defined(__x86_64__) && defined(__GNUC__)
+/* One step of four inputs for row r: word holds its four inputs. */
+#define GEMM_STEP(r, word)                                                                                      \
+    do {                                                                                                      \
+        const __m256i x = _mm256_set1_epi32(word);                                                            \
+        low[r] = _mm256_add_epi32(low[r], _mm256_madd_epi16(_mm256_maddubs_epi16(x, b_low), ones));          \
+        high[r] = _mm256_add_epi32(high[r], _mm256_madd_epi16(_mm256_maddubs_epi16(x, b_high), ones));       \
+    } while (0)
+
+/* gemm_scale's arithmetic on eight columns' sums held in a register. */
+AVX2 static inline __attribute__((always_inline)) void gemm_scale_avx2(const GemmJob *job, int64_t m, int64_t n,
+                                                                       __m256i sums) {
+    const __m256i zero_point = _mm256_set1_epi32(job->a_zero_point[job->per_row_zero_point ? m : 0]);
+    const __m256 a_scale = _mm256_set1_ps(job->a_scale[job->per_row_scale ? m : 0]);
+    const __m256i product =
+        _mm256_sub_epi32(sums, _mm256_mullo_epi32(zero_point, _mm256_loadu_si256((const __m256i *)(job->column_sums + n))));
+    const __m256 bias = job->bias ? _mm256_loadu_ps(job->bias + n) : _mm256_setzero_ps();
+    _mm256_storeu_ps(job->y + m * job->N + n, _mm256_fmadd_ps(_mm256_cvtepi32_ps(product),
+                                                             _mm256_mul_ps(a_scale, _mm256_loadu_ps(job->b_scale + n)), bias));
+}
+
+/* `count` rows (a constant where this is inlined, so the sums stay in registers) by block j's
+ * 16 columns. */
+AVX2 static inline __attribute__((always_inline)) void gemm_rows_avx2(const GemmJob *job, int64_t row, int count,
+                                                                      int64_t j) {
+    const int64_t K = job->K, whole = K / 4; /* steps whose four inputs all lie in the row */
+    const signed char *block = job->b + j * job->steps * 64;
+    const unsigned char *a = job->a + row * K;
+    const __m256i ones = _mm256_set1_epi16(1);
+    __m256i low[GEMM_ROWS], high[GEMM_ROWS];
+    for (int r = 0; r < count; r++)
+        low[r] = high[r] = _mm256_setzero_si256();
+    for (int64_t step = 0; step < whole; step++) {
+        _mm_prefetch((const char *)(block + step * 64 + GEMM_PREFETCH), _MM_HINT_T0);
+        const __m256i b_low = _mm256_loadu_si256((const __m256i *)(block + step * 64));
+        const __m256i b_high = _mm256_loadu_si256((const __m256i *)(block + step * 64 + 32));
+        for (int r = 0; r < count; r++) {
+            int32_t word;
+            memcpy(&word, a + r * K + step * 4, 4);
+            GEMM_STEP(r, word);
+        }
+    }
+    if (whole < job->steps) { /* the last inputs, fewer than four */
+        const __m256i b_low = _mm256_loadu_si256((const __m256i *)(block + whole * 64));
+        const __m256i b_high = _mm256_loadu_si256((const __m256i *)(block + whole * 64 + 32));
+        for (int r = 0; r < count; r++)
+            GEMM_STEP(r, four_inputs(a + r * K, whole * 4, K));
+    }
+    const int64_t n = j * GEMM_COLUMNS;
+    for (int r = 0; r < count; r++) {
+        if (n + GEMM_COLUMNS <= job->N) {
+            gemm_scale_avx2(job, row + r, n, low[r]);
+            gemm_scale_avx2(job, row + r, n + 8, high[r]);
+        } else { /* the last block, part padding */
+            int32_t sums[GEMM_COLUMNS];
+            _mm256_storeu_si256((__m256i *)sums, low[r]);
+            _mm256_storeu_si256((__m256i *)(sums + 8), high[r]);
+            gemm_scale(job, row + r, n, job->N - n, sums);
+        }
+    }
+}
+
+AVX2 static void gemm_block_avx2(const GemmJob *job, int64_t row, int64_t count, int64_t j) {
+    switch (count) {
+    case 1: gemm_rows_avx2(job, row, 1, j); break;
+    case 2: gemm_rows_avx2(job, row, 2, j); break;
+    case 3: gemm_rows_avx2(job, row, 3, j); break;
+    default: gemm_rows_avx2(job, row, 4, j); break;
+    }
+}
+#endif
+
+/* A task: GEMM_BLOCKS_PER_TASK blocks of columns, for every row. */
+static void gemm_task(void *data, size_t task) {
+    const GemmJob *job = data;
+    const int64_t first = (int64_t)task * GEMM_BLOCKS_PER_TASK;
+    const int64_t last = first + GEMM_BLOCKS_PER_TASK < job->blocks ? first + GEMM_BLOCKS_PER_TASK : job->blocks;
+    for (int64_t row = 0; row < job->rows; row += GEMM_ROWS) {
+        const int64_t count = job->rows - row < GEMM_ROWS ? job->rows - row : GEMM_ROWS;
+        for (int64_t j = first; j < last; j++) {
+#if defined(__x86_64__) && defined(__GNUC__)
+            if (job->vector) {
+                gemm_block_avx2(job, row, count, j);
+                continue;
+            }
+#endif
+            gemm_block_portable(job, row, count, j);
+        }
+    }
+}
+
+static OrtStatus *gemm_compute(void *kernel, OrtKernelContext *context) {
+    const char *op = "Int8MatMul";
+    RowInputs in;
+    OrtStatus *status = get_row_inputs(context, 7, op, &in);
+    if (status)
+        return status;
+    const int64_t rows = in.rows, K = in.d, N = (int64_t)in.counts[3];
+    const int64_t steps = (K + 3) / 4, blocks = (N + GEMM_COLUMNS - 1) / GEMM_COLUMNS;
+    if ((int64_t)in.counts[1] != blocks * steps * 64 || (int64_t)in.counts[5] != N || (in.data[6] && (int64_t)in.counts[6] != N))
+        return error(op, "shapes disagree (a (..., K); b packed (N/16, K/4, 64); b_scale, b_column_sums, bias (N))");
+    if ((in.counts[2] != 1 && (int64_t)in.counts[2] != rows) || (in.counts[4] != 1 && (int64_t)in.counts[4] != rows))
+        return error(op, "a_scale and a_zero_point take one value or one per row of a");
+    int64_t dims[8];
+    memcpy(dims, in.dims, in.rank * sizeof *dims);
+    dims[in.rank - 1] = N;
+    const KernelState *state = kernel;
+    GemmJob job = {in.data[0], in.data[1], in.data[2], in.data[3], in.data[6], in.data[4], in.data[5],
+                   rows, K, N, steps, blocks, in.counts[2] != 1, in.counts[4] != 1, state->vector_gemm, NULL};
+    if ((status = get_output(context, 0, dims, in.rank, (void **)&job.y)))
+        return status;
+    const int64_t tasks = (blocks + GEMM_BLOCKS_PER_TASK - 1) / GEMM_BLOCKS_PER_TASK;
+    return rows && tasks ? ort->KernelContext_ParallelFor(context, gemm_task, (size_t)tasks, 0, &job) : NULL;
+}
+
 /* What ONNX Runtime asks of each op, as data: one set of callbacks reads it for every op. */
 #define FLOAT ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT
 #define BOOL ONNX_TENSOR_ELEMENT_DATA_TYPE_BOOL
 #define INT64 ONNX_TENSOR_ELEMENT_DATA_TYPE_INT64
 #define UINT8 ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8
+#define INT8 ONNX_TENSOR_ELEMENT_DATA_TYPE_INT8
+#define INT32 ONNX_TENSOR_ELEMENT_DATA_TYPE_INT32
 #define ANY ONNX_TENSOR_ELEMENT_DATA_TYPE_UNDEFINED /* the kernel checks the type it gets */
 
 typedef struct {
@@ -675,6 +867,8 @@ static OpSpec specs[] = {
      .compute = embed_compute, .optional_inputs = 1 << 3},
     {.name = "RowTopK", .inputs = 2, .outputs = 2, .input_types = {FLOAT, INT64}, .output_types = {FLOAT, INT64},
      .compute = top_k_compute},
+    {.name = "Int8MatMul", .inputs = 7, .outputs = 1, .input_types = {UINT8, INT8, FLOAT, FLOAT, UINT8, INT32, FLOAT},
+     .output_types = {FLOAT}, .compute = gemm_compute, .optional_inputs = 1 << 6},
 };
 
 static const OpSpec *spec_of(const OrtCustomOp *op) { return (const OpSpec *)op; }
@@ -722,6 +916,7 @@ static OrtStatus *create_kernel(const OrtCustomOp *op, const OrtApi *api, const 
     if (!state)
         return api->CreateStatus(ORT_FAIL, "out of memory");
     OrtStatus *status = chosen_products(api, info, &state->products);
+    state->vector_gemm = state->products.score != score_portable; /* AVX2 and FMA, not asked for the portable loops */
     if (!status && spec_of(op)->has_epsilon)
         status = api->KernelInfoGetAttribute_float(info, "epsilon", &state->epsilon);
     if (status)

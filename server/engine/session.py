@@ -58,8 +58,8 @@ def int8_saturation_warning(package: ModelPackage, precision: str, device: str) 
 
 def fused_ops_library() -> str:
     """The path of Parley's fused ops' library (server/engine/fused_ops.c), which the int8
-    decoder step uses (export.optimize.fuse_attention, fuse_add_norm_quantize); built by the
-    package's install."""
+    graphs use (export.optimize.fuse_attention, fuse_add_norm_quantize, pack_int8_matmuls, ...);
+    built by the package's install."""
     spec = importlib.util.find_spec("server.engine._fused_ops")
     if spec is None or not spec.origin:
         raise RuntimeError("Parley's fused ops library (server/engine/fused_ops.c) is not built: "

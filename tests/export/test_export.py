@@ -30,6 +30,8 @@ from server.engine.engine import Engine
 from server.engine.session import fused_ops_library, open_sessions
 from tests.conftest import DATA_DIR, TINY_VOCAB, tiny_model
 
+INTEGER_GEMMS = ("MatMulIntegerToFloat", "Int8MatMul")  # ONNX Runtime's; Parley's, for 7-bit weights
+
 
 @pytest.fixture(scope="module")
 def calibrated_package(tiny_checkpoint, tmp_path_factory) -> Path:
@@ -53,7 +55,8 @@ def test_package_has_every_precision_with_checksums_and_parity(tiny_package):
     assert package.variant("fp16").parity["provider"] == "CPUExecutionProvider"
     graph = onnx.load(str(package.graph_path("int8", "decoder_step"))).graph
     weights = {init.name for init in graph.initializer}
-    assert {n.op_type for n in graph.node} >= {"QuantizeLinear", "MatMulIntegerToFloat"}
+    ops = {n.op_type for n in graph.node}
+    assert "QuantizeLinear" in ops and ops & set(INTEGER_GEMMS)
     assert "DynamicQuantizeLinear" not in {n.op_type for n in graph.node}  # per-tensor scales would break batching
     assert not [n.name for n in graph.node if n.op_type == "MatMul" and n.input[1] in weights]
 
@@ -207,10 +210,14 @@ def package_copy(tiny_package, tmp_path):
 def test_int8_quantizes_each_activation_in_one_pass_with_shared_zero_points(tiny_package, graph):
     """Blocked QuantizeLinear divides by the row scale itself (no Div pass); the (rows..., 1)
     zero points it needs are made once per leading shape, not once per matmul."""
-    model = onnx.load(str(ModelPackage.load(tiny_package).graph_path("int8", graph)))
+    package = ModelPackage.load(tiny_package)
+    model = onnx.load(str(package.graph_path("int8", graph)))
     nodes = model.graph.node
     quantizers = [n for n in nodes if n.op_type == "QuantizeLinear"]
-    assert len(quantizers) == sum(n.op_type == "MatMulIntegerToFloat" for n in nodes) > 0
+    assert len(quantizers) == sum(n.op_type in INTEGER_GEMMS for n in nodes) > 0
+    seven_bits = package.variant("int8").settings["int8_weight_bits"] == 7
+    assert {n.op_type for n in nodes if n.op_type in INTEGER_GEMMS} == {"Int8MatMul" if seven_bits else
+                                                                         "MatMulIntegerToFloat"}
     assert all({a.name for a in q.attribute} == {"axis", "block_size"} for q in quantizers)
     producer = {output: n.op_type for n in nodes for output in n.output}
     assert not [q.name for q in quantizers if producer.get(q.input[0]) == "Div"]
@@ -235,7 +242,9 @@ def test_per_row_int8_quantizes_relu_outputs_from_zero_over_255_levels(tiny_pack
     model.graph.output.extend(onnx.helper.make_empty_tensor_value_info(name) for name in (h, scale, x_u8))
     path = tmp_path / "encoder.onnx"
     onnx.save(model, str(path))
-    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    options = onnxruntime.SessionOptions()
+    options.register_custom_ops_library(fused_ops_library())  # its GEMMs: Int8MatMul
+    session = onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
     src = pad_batch([[5, 6, 7, 8, 2], [9, 10, 2]], pad_id=0)
     h_values, scales, quantized = session.run([h, scale, x_u8], {"src_tokens": src})
     assert (h_values < 0).any() and (h_values > 0).any()
@@ -276,7 +285,7 @@ def test_calibrated_int8_quantizes_with_fixed_scales_and_adds_biases_in_the_gemm
     # which the exporter writes behind a float-to-float Cast) is inside a GEMM now.
     vectors = {init.name for init in int8.initializer if len(init.dims) == 1}
     assert not [n.name for n in int8.node if n.op_type == "Add" and set(n.input) & vectors]
-    gemms = [n for n in int8.node if n.op_type == "MatMulIntegerToFloat"]
+    gemms = [n for n in int8.node if n.op_type in INTEGER_GEMMS]
     assert gemms and all(len(n.input) == 7 and n.input[6] in vectors for n in gemms)  # every projection has one
 
 
@@ -294,7 +303,7 @@ def test_calibrated_int8_quantizes_relu_outputs_over_all_levels_without_the_relu
     assert "Relu" not in {n.op_type for n in int8.node}
     values = {init.name: onnx.numpy_helper.to_array(init) for init in int8.initializer}
     nonnegative = [n for n in int8.node if n.op_type == "QuantizeLinear" and values[n.input[2]] == 0]
-    readers = {n.input[0]: n for n in int8.node if n.op_type == "MatMulIntegerToFloat"}
+    readers = {n.input[0]: n for n in int8.node if n.op_type in INTEGER_GEMMS}
     assert len(nonnegative) == len(feed_forwards)
     assert all(values[readers[q.output[0]].input[4]] == 0 for q in nonnegative)  # the GEMM's zero point too
     assert all(values[n.input[2]] == 128 for n in int8.node if n.op_type == "QuantizeLinear" and n not in nonnegative)
@@ -347,7 +356,7 @@ def test_int8_top_k_picks_what_a_full_sort_picks(tiny_package, top_k):
 def test_int8_attention_runs_as_one_fused_op_per_attention(tiny_package):
     graph = onnx.load(str(ModelPackage.load(tiny_package).graph_path("int8", "decoder_step"))).graph
     layers = ModelPackage.load(tiny_package).architecture["decoder_layers"]
-    fused = [n.op_type for n in graph.node if n.domain == PARLEY_DOMAIN and n.op_type != "RowTopK"]
+    fused = [n.op_type for n in graph.node if n.domain == PARLEY_DOMAIN and n.op_type not in ("RowTopK", "Int8MatMul")]
     assert sorted(fused) == ["DecoderCrossAttention"] * layers + ["DecoderSelfAttention"] * layers
     producers = {name: n.op_type for n in graph.node for name in n.output}
     assert {producers[f"new_{kv}_{layer}"] for kv in "kv" for layer in range(layers)} == {"DecoderSelfAttention"}
@@ -490,11 +499,12 @@ def test_missing_file_and_wrong_checksum_are_named_together(package_copy):
     assert "fp32/decoder_step.onnx does not match its sha256" in str(error.value)
 
 
-@pytest.mark.parametrize("earlier", [1, 2])
+@pytest.mark.parametrize("earlier", [1, 2, 3])
 def test_packages_of_earlier_formats_still_load(package_copy, earlier):
-    """1: before the fused ops, 2: before TokenEmbedding; this server runs what they hold."""
+    """1: before the fused ops, 2: before TokenEmbedding, 3: before Int8MatMul; this server runs
+    what they hold."""
     manifest = json.loads((package_copy / "manifest.json").read_text())
-    assert manifest["format_version"] == 3
+    assert manifest["format_version"] == 4
     manifest["format_version"] = earlier
     (package_copy / "manifest.json").write_text(json.dumps(manifest))
     assert ModelPackage.load(package_copy).name == manifest["name"]
@@ -512,7 +522,7 @@ def test_malformed_manifest_lists_every_problem(package_copy):
     with pytest.raises(PackageError) as error:
         ModelPackage.load(package_copy)
     message = str(error.value)
-    assert "format_version 99 is not supported (this Parley reads 1, 2, 3); upgrade Parley" in message
+    assert "format_version 99 is not supported (this Parley reads 1, 2, 3, 4); upgrade Parley" in message
     assert "special_tokens.eos" in message and "unknown precision 'int4'" in message
     assert "variants.fp32.files.encoder.path '../../elsewhere.onnx' leaves the package" in message
     assert "tokenizer.path '/etc/spm.model' leaves the package" in message

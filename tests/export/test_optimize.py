@@ -6,7 +6,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from decoding.grid import query_grid
 from export.optimize import (PARLEY_DOMAIN, fold_output_scales, fuse_add_norm_quantize, fuse_embedding,
-                             fuse_top_k, gemms_as_matmuls, merge_reshape_chains)
+                             fuse_top_k, gemms_as_matmuls, merge_reshape_chains, pack_int8_matmuls)
 from server.engine.session import fused_ops_library
 
 
@@ -88,6 +88,73 @@ def test_a_projection_written_as_gemm_becomes_matmul_and_add_unless_it_scales():
     assert "W" not in weights
     for got, want in zip(run(rewritten, x), expected):
         np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
+
+
+def integer_gemm(weight: np.ndarray, bias: np.ndarray | None, rows: list) -> onnx.ModelProto:
+    """a (rows..., K) uint8, a_scale and a_zero_point fed -> MatMulIntegerToFloat by the
+    constant int8 weight (K, N) with column scales and, optionally, a bias."""
+    n = weight.shape[1]
+    inits = [numpy_helper.from_array(weight, "w"),
+             numpy_helper.from_array(np.linspace(0.5, 2.0, n, dtype=np.float32) / 64, "w_scale")]
+    inputs = ["a", "w", "a_scale", "w_scale", "a_zero_point", ""]
+    if bias is not None:
+        inits.append(numpy_helper.from_array(bias, "bias"))
+        inputs.append("bias")
+    node = helper.make_node("MatMulIntegerToFloat", inputs, ["y"], domain="com.microsoft", name="gemm")
+    graph = helper.make_graph([node], "g", [
+        helper.make_tensor_value_info("a", TensorProto.UINT8, [*rows, weight.shape[0]]),
+        helper.make_tensor_value_info("a_scale", TensorProto.FLOAT, None),
+        helper.make_tensor_value_info("a_zero_point", TensorProto.UINT8, None),
+    ], [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21), helper.make_opsetid("com.microsoft", 1)])
+
+
+@pytest.mark.parametrize("k,n", [(32, 48), (18, 21), (256, 40)])
+@pytest.mark.parametrize("rows", [[0], [1], [3], [2, 5]])
+@pytest.mark.parametrize("per_row,biased", [(False, True), (True, False)])
+def test_the_packed_int8_gemm_computes_what_the_integer_product_is(k, n, rows, per_row, biased):
+    """Int8MatMul on 7-bit weights: every shape (inputs and columns past whole blocks, rows past
+    a block of four, leading axes), one scale and zero point or one per row; the AVX2 kernel
+    and the portable loops agree to the bit, and ONNX Runtime's GEMM to rounding."""
+    rng = np.random.default_rng(k * n + len(rows))
+    weight = rng.integers(-63, 64, (k, n), dtype=np.int8)
+    weight[:, 0] = -63  # extremes: the kernel's int16 pair sums must not saturate
+    bias = rng.standard_normal(n).astype(np.float32) if biased else None
+    a = rng.integers(0, 256, (*rows, k), dtype=np.uint8)
+    a.reshape(-1, k)[:1] = 255
+    count = int(np.prod(rows))
+    shape = (*rows, 1) if per_row else ()
+    a_scale = np.asarray(rng.uniform(0.01, 0.05, shape), np.float32)
+    a_zero_point = np.asarray(rng.integers(0, 2, shape) * 128, np.uint8)
+    feed = {"a": a, "a_scale": a_scale, "a_zero_point": a_zero_point}
+    model = integer_gemm(weight, bias, rows)
+
+    packed = pack_int8_matmuls(onnx.load_from_string(model.SerializeToString()))
+
+    assert [(node.op_type, node.domain) for node in packed.graph.node] == [("Int8MatMul", PARLEY_DOMAIN)]
+    got = fused_session(packed, threads=1).run(None, feed)[0]
+    portable = onnx.load_from_string(packed.SerializeToString())
+    portable.graph.node[0].attribute.append(helper.make_attribute("kernels", "portable"))
+    np.testing.assert_array_equal(fused_session(portable, threads=2).run(None, feed)[0], got)
+    products = (a.astype(np.int64) - a_zero_point.astype(np.int64)) @ weight.astype(np.int64)
+    expected = products * (a_scale.astype(np.float64) * numpy_helper.to_array(model.graph.initializer[1]))
+    expected += bias if biased else 0
+    assert got.shape == (*rows, n) and count * n == got.size
+    np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)
+    if not per_row:  # ONNX Runtime scales the bias by a per-row a_scale too (export.quantize)
+        np.testing.assert_allclose(got, run_feed(model, feed), rtol=1e-5, atol=1e-5)
+
+
+def test_an_8_bit_weight_keeps_onnx_runtimes_gemm():
+    """Weights beyond 7 bits could saturate the AVX2 kernel's pair sums: they stay as they were."""
+    weight = np.full((8, 16), 100, np.int8)
+    model = pack_int8_matmuls(integer_gemm(weight, None, [2]))
+    assert [node.op_type for node in model.graph.node] == ["MatMulIntegerToFloat"]
+
+
+def run_feed(model: onnx.ModelProto, feed: dict) -> np.ndarray:
+    session = onnxruntime.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    return session.run(None, feed)[0]
 
 
 def reshape_chains() -> onnx.ModelProto:
