@@ -666,10 +666,11 @@ static OrtStatus *top_k_compute(void *kernel, OrtKernelContext *context) {
  *   y (..., N) = (a . b - a_zero_point x b_column_sums) x a_scale x b_scale + bias.
  *   ONNX Runtime's MLAS ran these GEMMs at 8-47 GMAC/s on 1-4 rows (its packing and per-block
  *   costs) and ~60-65 on 32; this kernel holds 4 rows x 16 columns of sums in eight registers
- *   while the inputs stream past, ~40-55 GMAC/s at 1 row and ~70 at 4 to 32 rows on the AVX2
- *   machine. VPMADDUBSW sums pairs of u8 x s8 products in int16, which 7-bit weights keep from
- *   saturating (2 x 255 x 64 < 32768): the sums are exact, and so the same as the portable loops',
- *   as is the scaling (one FMA a value in both). */
+ *   while the inputs stream past, and in a decoding step runs at MLAS's speed at 32 rows and
+ *   faster at a few (bench/PERFORMANCE.md). VPMADDUBSW sums pairs of u8 x s8 products in int16,
+ *   which 7-bit weights keep from saturating (2 x 255 x 63 < 32768): the sums are exact, and so
+ *   the same as the portable loops', as is the scaling (one FMA a value in both). The portable
+ *   loops, for processors without AVX2, are much slower than ONNX Runtime's GEMM there. */
 #define GEMM_ROWS 4 /* rows a block of sums holds */
 #define GEMM_COLUMNS 16 /* columns a packed block holds */
 #define GEMM_PREFETCH 1024 /* bytes of weights ahead: a hint, so reads past the last block do no harm */
