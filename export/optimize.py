@@ -26,7 +26,7 @@ fuse_top_k, fuse_attention, fuse_add_norm_quantize, fuse_embedding (applied to t
 decoder step, a CPU graph, after quantization): Parley's fused ops (server/engine/fused_ops.c)
 in place of the many small nodes of the top-k over the vocabulary, each attention, each
 block's end and the token and position embeddings. pack_int8_matmuls (both int8 graphs, last):
-Parley's integer GEMM for 7-bit weights, several times as fast as ONNX Runtime's at a few rows.
+Parley's integer GEMM for 7-bit weights, faster than ONNX Runtime's at a few rows.
 
 reshape_unit_axis_transposes: a Transpose that moves only axes of size 1 leaves the data
 where it is; a Reshape, which ONNX Runtime runs without a copy, does the same. In the
@@ -60,16 +60,15 @@ def gemms_as_matmuls(model: onnx.ModelProto) -> onnx.ModelProto:
         if weight is None or scaled or int_attribute(node, "transA", 0):
             nodes.append(node)
             continue
-        array = constants.values[weight]
-        name = node.name or node.output[0]
-        matrix = numpy_helper.from_array(np.ascontiguousarray(
-            array.T if int_attribute(node, "transB", 0) else array), f"{name}/weight")
-        graph.initializer.append(matrix)
+        name, matrix = node.name or node.output[0], weight
+        if int_attribute(node, "transB", 0):  # Linear's (outputs, inputs) weight: MatMul takes it transposed
+            matrix = f"{name}/weight"
+            graph.initializer.append(numpy_helper.from_array(np.ascontiguousarray(constants.values[weight].T), matrix))
         if len(node.input) < 3 or not node.input[2]:
-            nodes.append(helper.make_node("MatMul", [node.input[0], matrix.name], list(node.output), name=name))
+            nodes.append(helper.make_node("MatMul", [node.input[0], matrix], list(node.output), name=name))
             continue
         product = f"{name}/product"
-        nodes += [helper.make_node("MatMul", [node.input[0], matrix.name], [product], name=name),
+        nodes += [helper.make_node("MatMul", [node.input[0], matrix], [product], name=name),
                   helper.make_node("Add", [product, node.input[2]], list(node.output), name=f"{name}/bias")]
     return with_nodes(model, nodes)
 
