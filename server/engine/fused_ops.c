@@ -246,12 +246,10 @@ static Products best_products(void) {
     return (Products){score_portable, weigh_portable};
 }
 
-/* What a node's kernel keeps: the products it runs, whether its integer GEMM may use AVX2 (the
- * same choice: the processor's, unless the node says "portable"), and its epsilon attribute
- * where it has one. */
+/* What a node's kernel keeps: the products it runs (the AVX2 ones tell Int8MatMul too to run its
+ * AVX2 kernel), and its epsilon attribute where it has one. */
 typedef struct {
     Products products;
-    int vector_gemm;
     float epsilon;
 } KernelState;
 
@@ -829,7 +827,8 @@ static OrtStatus *gemm_compute(void *kernel, OrtKernelContext *context) {
     dims[in.rank - 1] = N;
     const KernelState *state = kernel;
     GemmJob job = {in.data[0], in.data[1], in.data[2], in.data[3], in.data[6], in.data[4], in.data[5],
-                   rows, K, N, steps, blocks, in.counts[2] != 1, in.counts[4] != 1, state->vector_gemm, NULL};
+                   rows, K, N, steps, blocks, in.counts[2] != 1, in.counts[4] != 1,
+                   state->products.score != score_portable, NULL};
     if ((status = get_output(context, 0, dims, in.rank, (void **)&job.y)))
         return status;
     const int64_t tasks = (blocks + GEMM_BLOCKS_PER_TASK - 1) / GEMM_BLOCKS_PER_TASK;
@@ -917,7 +916,6 @@ static OrtStatus *create_kernel(const OrtCustomOp *op, const OrtApi *api, const 
     if (!state)
         return api->CreateStatus(ORT_FAIL, "out of memory");
     OrtStatus *status = chosen_products(api, info, &state->products);
-    state->vector_gemm = state->products.score != score_portable; /* AVX2 and FMA, not asked for the portable loops */
     if (!status && spec_of(op)->has_epsilon)
         status = api->KernelInfoGetAttribute_float(info, "epsilon", &state->epsilon);
     if (status)

@@ -10,9 +10,13 @@ from export.optimize import (PARLEY_DOMAIN, fold_output_scales, fuse_add_norm_qu
 from server.engine.session import fused_ops_library
 
 
-def run(model: onnx.ModelProto, x: np.ndarray) -> list[np.ndarray]:
+def run_feed(model: onnx.ModelProto, feed: dict) -> list[np.ndarray]:
     session = onnxruntime.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
-    return session.run(None, {"x": x})
+    return session.run(None, feed)
+
+
+def run(model: onnx.ModelProto, x: np.ndarray) -> list[np.ndarray]:
+    return run_feed(model, {"x": x})
 
 
 def fused_session(model: onnx.ModelProto, threads: int = 0) -> onnxruntime.InferenceSession:
@@ -142,7 +146,7 @@ def test_the_packed_int8_gemm_computes_what_the_integer_product_is(k, n, rows, p
     assert got.shape == (*rows, n) and count * n == got.size
     np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)
     if not per_row:  # ONNX Runtime scales the bias by a per-row a_scale too (export.quantize)
-        np.testing.assert_allclose(got, run_feed(model, feed), rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(got, run_feed(model, feed)[0], rtol=1e-5, atol=1e-5)
 
 
 def test_an_8_bit_weight_keeps_onnx_runtimes_gemm():
@@ -150,11 +154,6 @@ def test_an_8_bit_weight_keeps_onnx_runtimes_gemm():
     weight = np.full((8, 16), 100, np.int8)
     model = pack_int8_matmuls(integer_gemm(weight, None, [2]))
     assert [node.op_type for node in model.graph.node] == ["MatMulIntegerToFloat"]
-
-
-def run_feed(model: onnx.ModelProto, feed: dict) -> np.ndarray:
-    session = onnxruntime.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
-    return session.run(None, feed)[0]
 
 
 def reshape_chains() -> onnx.ModelProto:
